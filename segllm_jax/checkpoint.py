@@ -1,0 +1,156 @@
+"""Our checkpoint format: ``config.json`` (kind + config) and ``params/`` (orbax), and its one loader.
+
+A converted or trained checkpoint folder looks like::
+
+    DIR/config.json     {"format": "segllm-jax", "kind": "llama", "config": {...dataclass fields...}}
+    DIR/params/         orbax PyTree checkpoint of the model's nnx.Param values (nested dict)
+    DIR/tokenizer*      tokenizer files, when the source had them
+
+``load_model(DIR)`` rebuilds the model from the config and restores the parameters strictly:
+missing, extra or mis-shaped entries are named in one :class:`CheckpointError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from segllm_jax.config import LlamaConfig, ProjectorConfig, VisionConfig
+from segllm_jax.errors import CheckpointError
+
+FORMAT = "segllm-jax"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelKind:
+    """How to rebuild one kind of model from its config dict."""
+
+    config_type: type
+    build: Callable[[Any, nnx.Rngs], nnx.Module]
+
+
+def _kinds() -> dict[str, ModelKind]:
+    from segllm_jax.models.clip_vision import ClipVision
+    from segllm_jax.models.llama import Llama
+    from segllm_jax.models.projector import MlpProjector
+
+    return {
+        "llama": ModelKind(LlamaConfig, lambda c, r: Llama(c, rngs=r)),
+        "clip_vision": ModelKind(VisionConfig, lambda c, r: ClipVision(c, rngs=r)),
+        "mlp_projector": ModelKind(ProjectorConfig, lambda c, r: MlpProjector(c, rngs=r)),
+    }
+
+
+def model_kinds() -> dict[str, ModelKind]:
+    return _kinds()
+
+
+def build_model(kind: str, config: Any, *, abstract: bool = False, seed: int = 0) -> nnx.Module:
+    """A model of ``kind`` with random weights (or shapes only, with ``abstract=True``: no memory)."""
+    kinds = _kinds()
+    if kind not in kinds:
+        raise CheckpointError(f"unknown model kind {kind!r}; known kinds: {', '.join(sorted(kinds))}.")
+    make = lambda: kinds[kind].build(config, nnx.Rngs(seed))  # noqa: E731
+    return nnx.eval_shape(make) if abstract else make()
+
+
+def config_from_dict(kind: str, fields: Mapping[str, Any]) -> Any:
+    config_type = _kinds()[kind].config_type
+    known = {f.name for f in dataclasses.fields(config_type)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise CheckpointError(f"config for {kind!r} has unknown fields: {', '.join(unknown)}.")
+    return config_type(**fields)
+
+
+def _nest(flat: Mapping[str, np.ndarray]) -> dict:
+    tree: dict = {}
+    for path, value in flat.items():
+        node = tree
+        *parents, leaf = path.split("/")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return tree
+
+
+def _flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, f"{prefix}{k}/"))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def save(directory: str | Path, kind: str, config: Any, arrays: Mapping[str, np.ndarray]) -> Path:
+    """Writes a checkpoint folder from '/'-joined parameter paths -> arrays."""
+    import orbax.checkpoint as ocp
+
+    directory = Path(directory).absolute()
+    directory.mkdir(parents=True, exist_ok=True)
+    params_dir = directory / "params"
+    if params_dir.exists():
+        raise CheckpointError(f"{params_dir} already exists; choose an empty output folder.")
+    with ocp.PyTreeCheckpointer() as ckptr:
+        ckptr.save(params_dir, _nest({k: np.asarray(v) for k, v in arrays.items()}))
+    meta = {"format": FORMAT, "kind": kind, "config": dataclasses.asdict(config)}
+    (directory / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return directory
+
+
+def read_config(directory: str | Path) -> tuple[str, Any]:
+    """(kind, config) of a checkpoint folder."""
+    path = Path(directory) / "config.json"
+    if not path.exists():
+        raise CheckpointError(f"{directory} is not a segllm-jax checkpoint (no config.json); "
+                              "convert PyTorch weights with `segllm-jax convert SRC DST` first.")
+    meta = json.loads(path.read_text())
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a segllm-jax config (it may be a PyTorch/HF checkpoint: "
+                              "convert it with `segllm-jax convert`).")
+    return meta["kind"], config_from_dict(meta["kind"], meta["config"])
+
+
+def restore_arrays(directory: str | Path, module: nnx.Module) -> nnx.Module:
+    """Restores ``params/`` into ``module`` (concrete or abstract), strictly."""
+    import orbax.checkpoint as ocp
+
+    params_dir = Path(directory).absolute() / "params"
+    if not params_dir.exists():
+        raise CheckpointError(f"{params_dir} is missing; the checkpoint folder is incomplete.")
+    state = nnx.state(module, nnx.Param)
+    flat = nnx.to_flat_state(state)
+    want = {"/".join(map(str, p)): v for p, v in flat}
+    with ocp.PyTreeCheckpointer() as ckptr:
+        stored = _flatten(ckptr.metadata(params_dir).item_metadata.tree)
+    extra, missing = sorted(set(stored) - set(want)), sorted(set(want) - set(stored))
+    bad = sorted(f"{k}: stored {tuple(stored[k].shape)}, model needs {tuple(want[k].shape)}"
+                 for k in set(stored) & set(want) if tuple(stored[k].shape) != tuple(want[k].shape))
+    if extra or missing or bad:
+        parts = [f"{title} ({len(keys)}): {', '.join(keys)}" for title, keys in
+                 (("unexpected", extra), ("missing", missing), ("mis-shaped", bad)) if keys]
+        raise CheckpointError(f"{params_dir} does not match the model: " + "; ".join(parts) + ".")
+    with ocp.PyTreeCheckpointer() as ckptr:
+        target = _nest({k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in want.items()})
+        restored = _flatten(ckptr.restore(params_dir, args=ocp.args.PyTreeRestore(
+            item=target, restore_args=jax.tree.map(lambda s: ocp.RestoreArgs(restore_type=np.ndarray), target))))
+    for path, var in flat:
+        var.set_value(jnp.asarray(restored["/".join(map(str, path))], dtype=var.get_value().dtype))
+    graphdef, _ = nnx.split(module)
+    return nnx.merge(graphdef, nnx.from_flat_state(flat), nnx.state(module, nnx.Not(nnx.Param)))
+
+
+def load_model(directory: str | Path) -> tuple[str, Any, nnx.Module]:
+    """(kind, config, model) of a segllm-jax checkpoint folder."""
+    kind, config = read_config(directory)
+    model = build_model(kind, config, abstract=True)
+    return kind, config, restore_arrays(directory, model)
