@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from segllm_jax.config import LlamaConfig, ProjectorConfig, VisionConfig
+from segllm_jax.config import HipieConfig, LlamaConfig, ProjectorConfig, SegLLMConfig, VisionConfig
 from segllm_jax.errors import CheckpointError
 
 FORMAT = "segllm-jax"
@@ -35,16 +35,30 @@ class ModelKind:
     config_type: type
     build: Callable[[Any, nnx.Rngs], nnx.Module]
 
+    def config_from(self, fields: Mapping[str, Any]) -> Any:
+        if hasattr(self.config_type, "from_dict"):  # nested configs (SegLLMConfig)
+            return self.config_type.from_dict(fields)
+        known = {f.name for f in dataclasses.fields(self.config_type)}
+        unknown = sorted(set(fields) - known)
+        if unknown:
+            raise CheckpointError(f"config for {self.config_type.__name__} has unknown fields: "
+                                  f"{', '.join(unknown)}.")
+        return self.config_type(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+
 
 def _kinds() -> dict[str, ModelKind]:
     from segllm_jax.models.clip_vision import ClipVision
+    from segllm_jax.models.hipie.model import Hipie
     from segllm_jax.models.llama import Llama
     from segllm_jax.models.projector import MlpProjector
+    from segllm_jax.models.segllm import SegLLM
 
     return {
         "llama": ModelKind(LlamaConfig, lambda c, r: Llama(c, rngs=r)),
         "clip_vision": ModelKind(VisionConfig, lambda c, r: ClipVision(c, rngs=r)),
         "mlp_projector": ModelKind(ProjectorConfig, lambda c, r: MlpProjector(c, rngs=r)),
+        "hipie": ModelKind(HipieConfig, lambda c, r: Hipie(c, rngs=r)),
+        "segllm": ModelKind(SegLLMConfig, lambda c, r: SegLLM(c, rngs=r)),
     }
 
 
@@ -62,12 +76,10 @@ def build_model(kind: str, config: Any, *, abstract: bool = False, seed: int = 0
 
 
 def config_from_dict(kind: str, fields: Mapping[str, Any]) -> Any:
-    config_type = _kinds()[kind].config_type
-    known = {f.name for f in dataclasses.fields(config_type)}
-    unknown = sorted(set(fields) - known)
-    if unknown:
-        raise CheckpointError(f"config for {kind!r} has unknown fields: {', '.join(unknown)}.")
-    return config_type(**fields)
+    kinds = _kinds()
+    if kind not in kinds:
+        raise CheckpointError(f"unknown model kind {kind!r}; known kinds: {', '.join(sorted(kinds))}.")
+    return kinds[kind].config_from(fields)
 
 
 def _nest(flat: Mapping[str, np.ndarray]) -> dict:

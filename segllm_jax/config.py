@@ -191,3 +191,79 @@ def load_json(path: str | Path) -> dict[str, Any]:
 def to_dict(cfg: Any) -> dict[str, Any]:
     """A config as a JSON-ready dict (nested configs included)."""
     return dataclasses.asdict(cfg)
+
+
+# HIPIE's config lives next to its model (every field is a HIPIE hyper-parameter); re-exported here
+# so every config type of the package is importable from one place.
+from segllm_jax.models.hipie.config import HipieConfig  # noqa: E402
+
+
+@dataclasses.dataclass(frozen=True)
+class SegLLMConfig:
+    """The assembled model: LLaVA half + [SEG] predictor + box encoder + HIPIE (spec §0, §9)."""
+
+    llm: LlamaConfig
+    vision: VisionConfig
+    hipie: HipieConfig
+    num_image_tokens: int = 256  # <video> tokens of the image (= CLIP patches)
+    eval_reference_gate: float = 0.5  # mask/box-encode ×0.5 at evaluation (spec §3 step 5)
+    max_length: int = 2048  # model_max_length of the original tokenizer/collator (spec §1.2)
+    hipie_image_size: int = 1024  # HIPIE input side (spec §1.3)
+
+    def __post_init__(self) -> None:
+        if self.num_image_tokens != self.vision.num_patches:
+            raise ConfigError(f"num_image_tokens={self.num_image_tokens} but the vision tower makes "
+                              f"{self.vision.num_patches} patches.")
+
+    @property
+    def projector(self) -> ProjectorConfig:
+        return ProjectorConfig.for_models(self.vision, self.llm)
+
+    @property
+    def predictor(self) -> ProjectorConfig:
+        """``segmentator_predictor``: mlp2x_gelu hidden -> hidden -> prompt_tokens * text_dim (spec §4.1)."""
+        return ProjectorConfig(self.llm.hidden_size, self.hipie.prompt_tokens * self.hipie.text_dim,
+                               hidden_features=self.llm.hidden_size, param_dtype=self.llm.param_dtype,
+                               dtype=self.llm.dtype)
+
+    @classmethod
+    def segllm_7b(cls, vocab_size: int = 32011, **overrides: Any) -> "SegLLMConfig":
+        """The released SegLLM: LLaVA-1.5-7B + CLIP ViT-L/14 (224) + HIPIE R50."""
+        return cls(LlamaConfig.llava_7b(vocab_size), VisionConfig.clip_vit_l14(),
+                   HipieConfig.hipie_r50_segllm(), **overrides)
+
+    @classmethod
+    def tiny(cls, vocab_size: int = 32011, **overrides: Any) -> "SegLLMConfig":
+        vision = VisionConfig.tiny()
+        return cls(LlamaConfig.tiny(vocab_size), vision, HipieConfig.tiny(),
+                   num_image_tokens=vision.num_patches, hipie_image_size=64, **overrides)
+
+    @classmethod
+    def from_release(cls, config: Mapping[str, Any], vision: VisionConfig | None = None,
+                     hipie: HipieConfig | None = None) -> "SegLLMConfig":
+        """From a released checkpoint's ``config.json`` (``model_type`` llava with the ``mm_*`` fields).
+
+        The release does not describe the CLIP tower (the original downloads
+        ``mm_vision_tower``); ViT-L/14 is assumed unless ``vision`` is given.
+        """
+        if config.get("segmentator") != "hipie":
+            raise ConfigError(f"config.json has segmentator={config.get('segmentator')!r}; "
+                              "a SegLLM checkpoint has 'hipie'.")
+        if config.get("mm_projector_type", "mlp2x_gelu") != "mlp2x_gelu":
+            raise ConfigError(f"mm_projector_type={config['mm_projector_type']!r} is not supported.")
+        vision = vision or VisionConfig.clip_vit_l14()
+        vision = dataclasses.replace(vision, select_layer=int(config.get("mm_vision_select_layer", -2)),
+                                     select_feature=config.get("mm_vision_select_feature", "patch"))
+        if int(config.get("mm_hidden_size", vision.hidden_size)) != vision.hidden_size:
+            raise ConfigError(f"mm_hidden_size={config['mm_hidden_size']} does not match the vision tower "
+                              f"width {vision.hidden_size}; pass the right vision config.")
+        return cls(LlamaConfig.from_hf_dict(config), vision, hipie or HipieConfig.hipie_r50_segllm(),
+                   num_image_tokens=vision.num_patches)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "SegLLMConfig":
+        """Inverse of ``dataclasses.asdict`` (nested configs; tuples restored)."""
+        hipie_fields = {f.name: f for f in dataclasses.fields(HipieConfig)}
+        hipie = {k: tuple(v) if isinstance(v, list) else v for k, v in d["hipie"].items() if k in hipie_fields}
+        rest = {k: v for k, v in d.items() if k not in ("llm", "vision", "hipie")}
+        return cls(LlamaConfig(**d["llm"]), VisionConfig(**d["vision"]), HipieConfig(**hipie), **rest)

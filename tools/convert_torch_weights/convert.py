@@ -14,12 +14,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 from segllm_jax import checkpoint
-from segllm_jax.config import LlamaConfig, VisionConfig, load_json
+from segllm_jax.config import HipieConfig, LlamaConfig, SegLLMConfig, VisionConfig, load_json
 from segllm_jax.errors import CheckpointError
 from segllm_jax_convert.clip import clip_vision_table
 from segllm_jax_convert.engine import MappingTable, convert, flat_targets
+from segllm_jax_convert.hipie import hipie_table
 from segllm_jax_convert.io import TensorSource, open_checkpoint
 from segllm_jax_convert.llama import llama_table
+from segllm_jax_convert.segllm import segllm_table
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +34,7 @@ class SourceKind:
     """One convertible source: how to read its config and which table maps it."""
 
     model_kind: str
-    read_config: Callable[[Path, TensorSource], Any]
+    read_config: Callable[[Path, TensorSource, VisionConfig | None], Any]
     table: Callable[[Any], MappingTable]
 
 
@@ -40,28 +42,56 @@ def _hf_config(src: Path) -> dict:
     return load_json(src / "config.json") if src.is_dir() else {}
 
 
+def _hipie_config(_src: Path, source: TensorSource, _vision) -> HipieConfig:
+    """SegLLM's HIPIE; the foreground query count is read from the checkpoint's ``tgt_embed`` (G1)."""
+    key = next((k for k in source if k.endswith("detr.detr.transformer.tgt_embed.weight")), None)
+    num_queries = 100 if key is None else min(100, source[key].shape[0])
+    return HipieConfig.hipie_r50_segllm(num_queries=num_queries)
+
+
 SOURCE_KINDS: dict[str, SourceKind] = {
-    "llama": SourceKind("llama", lambda src, _: LlamaConfig.from_hf_dict(_hf_config(src)), llama_table),
-    "clip_vision": SourceKind("clip_vision", lambda src, _: VisionConfig.from_hf_dict(_hf_config(src)),
+    "llama": SourceKind("llama", lambda src, _s, _v: LlamaConfig.from_hf_dict(_hf_config(src)), llama_table),
+    "clip_vision": SourceKind("clip_vision", lambda src, _s, _v: VisionConfig.from_hf_dict(_hf_config(src)),
                               clip_vision_table),
+    "hipie": SourceKind("hipie", _hipie_config, lambda cfg: hipie_table(cfg.num_queries)),
+    "segllm": SourceKind("segllm", lambda src, s, v: SegLLMConfig.from_release(_hf_config(src), v,
+                                                                             _hipie_config(src, s, v)),
+                         segllm_table),
 }
+
+
+def _with_param_dtype(config: Any, dtype: str) -> Any:
+    if isinstance(config, SegLLMConfig):  # the LLaVA half; HIPIE stays float32 as in the original's fp32 paths
+        return dataclasses.replace(config, llm=dataclasses.replace(config.llm, param_dtype=dtype),
+                                   vision=dataclasses.replace(config.vision, param_dtype=dtype))
+    return dataclasses.replace(config, param_dtype=dtype)
 
 
 def detect_kind(src: Path, source: TensorSource) -> str:
     """The source kind from ``config.json`` or, for a bare state dict, from its keys."""
-    model_type = _hf_config(src).get("model_type") if src.is_dir() and (src / "config.json").exists() else None
+    config = _hf_config(src) if src.is_dir() and (src / "config.json").exists() else {}
+    model_type = config.get("model_type")
+    if model_type == "llava" and config.get("segmentator") == "hipie":
+        return "segllm"
     if model_type == "llama":
         return "llama"
     if model_type in ("clip", "clip_vision_model"):
         return "clip_vision"
+    if model_type is None and any(k.startswith("detr.") for k in source):
+        return "hipie"
     known = ", ".join(sorted(SOURCE_KINDS))
     raise CheckpointError(f"cannot tell what {src} holds (model_type={model_type!r}, first key "
                           f"{next(iter(source), None)!r}); pass --kind, one of: {known}.")
 
 
 def convert_checkpoint(src: str | Path, dst: str | Path, *, kind: str | None = None,
-                       param_dtype: str | None = None, progress: bool = True) -> Path:
-    """Converts SRC into the folder DST (created; must not hold a checkpoint already)."""
+                       param_dtype: str | None = None, vision_config: str | Path | None = None,
+                       progress: bool = True) -> Path:
+    """Converts SRC into the folder DST (created; must not hold a checkpoint already).
+
+    ``vision_config``: a CLIP ``config.json`` for a SegLLM release whose tower is not ViT-L/14
+    (a release names its tower only as a hub id).
+    """
     src, dst = Path(src), Path(dst)
     if (dst / "params").exists():
         raise CheckpointError(f"{dst} already holds a checkpoint; choose an empty output folder.")
@@ -70,9 +100,10 @@ def convert_checkpoint(src: str | Path, dst: str | Path, *, kind: str | None = N
     if kind not in SOURCE_KINDS:
         raise CheckpointError(f"unknown kind {kind!r}; known: {', '.join(sorted(SOURCE_KINDS))}.")
     spec = SOURCE_KINDS[kind]
-    config = spec.read_config(src, source)
+    vision = VisionConfig.from_hf_dict(load_json(vision_config)) if vision_config else None
+    config = spec.read_config(src, source, vision)
     if param_dtype:
-        config = dataclasses.replace(config, param_dtype=param_dtype)
+        config = _with_param_dtype(config, param_dtype)
     model = checkpoint.build_model(spec.model_kind, config, abstract=True)
     log.info("converting %s (%s, %.1f MB) -> %s", src, kind, source.nbytes / 2**20, dst)
     arrays = convert(source, spec.table(config), flat_targets(model), progress=progress)

@@ -1,0 +1,201 @@
+"""``MultiRoundSession``: one image, many rounds, earlier answers usable as [REF:k] (spec §3, §8).
+
+The original rebuilds and re-runs the whole conversation every round. Here work is done once:
+
+* per image: CLIP patch features (-> projected image embeddings) and HIPIE's backbone pass;
+* per round: only the round's new tokens go through the LLM, on top of the KV cache of the
+  earlier rounds (causal attention makes this exact), then HIPIE decodes the one new prompt.
+
+``mode="recompute"`` rebuilds the whole conversation each round like the original; both modes
+give the same hidden states and masks (tested). Reference products are computed when a round
+finishes, as the original CLI stores them: the masked crop of the 1024 HIPIE frame (CLIP
+preprocessed) and the box ``[y0, x0, y1, x1] / 1024``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from PIL import Image
+
+from segllm_jax import preprocess
+from segllm_jax.errors import InputError
+from segllm_jax.models.hipie.model import image_features_jit, predict
+from segllm_jax.models.llama import KVCache
+from segllm_jax.models.segllm import SegLLM
+from segllm_jax.tokenizer import (ConversationEncoder, EncodedConversation, Round, SegTokenizer, check_fits,
+                                  parse_references)
+
+Mode = Literal["incremental", "recompute"]
+CHUNK_BUCKET = 64  # round chunks are padded to a multiple of this: few shapes, few compilations
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundResult:
+    """One round's answer. Boxes are ``(x0, y0, x1, y1)`` pixels."""
+
+    index: int  # 1-based round number, as [REF:k] counts
+    text: str  # the question with its [REF:k] tags removed
+    refs: tuple[int, ...]
+    mask: np.ndarray  # [H, W] bool at the original image resolution
+    mask_frame: np.ndarray  # [S, S] bool in HIPIE's resized-and-padded frame
+    box_frame: np.ndarray  # [4] in the frame, not clipped (the original does not clip)
+    box: np.ndarray  # [4] in original-image pixels, clipped to the image
+    score: float
+    prompt_hidden: np.ndarray  # [D] hidden state before <seg> (the [SEG] prompt's input)
+    prompt: np.ndarray  # [8, 768] HIPIE prompt tokens
+    ref_crop: np.ndarray  # [224, 224, 3] CLIP-preprocessed masked crop (for later references)
+    ref_box: np.ndarray  # [4] [y0, x0, y1, x1] / frame (for later references)
+
+    @property
+    def empty(self) -> bool:
+        return not bool(self.mask.any())
+
+
+@nnx.jit
+def _image_embeds(model: SegLLM, clip_pixels: jax.Array) -> jax.Array:
+    return model.image_embeds(clip_pixels)
+
+
+@nnx.jit
+def _reference_embeds(model: SegLLM, crops: jax.Array, boxes: jax.Array, gate: float) -> tuple[jax.Array, jax.Array]:
+    return gate * model.mask_encode(crops), gate * model.box_encode(boxes)
+
+
+@nnx.jit
+def _llm_chunk(model: SegLLM, ids: jax.Array, token_mask: jax.Array, cols: jax.Array, values: jax.Array,
+               cache: KVCache, prompt_col: jax.Array):
+    """Pushes one chunk ``[1, T]`` through the LLM on top of ``cache``; returns the prompt's hidden state."""
+    embeds = model.inputs_embeds(ids, jnp.zeros_like(cols), cols, values)
+    out = model.run_llm(embeds, token_mask, cache)
+    hidden = out.hidden[0, prompt_col]  # [D]
+    prompt = model.seg_prompts(out.hidden, jnp.zeros((1,), jnp.int32), prompt_col[None])[0]  # [8, 768]
+    return hidden, prompt, out.cache
+
+
+class MultiRoundSession:
+    """Multi-round segmentation of one image. ``ask(text)`` runs a round; ``[REF:k]`` cites round k."""
+
+    def __init__(self, model: SegLLM, tokenizer: SegTokenizer, image: preprocess.ImageSource, *,
+                 mode: Mode = "incremental"):
+        if mode not in ("incremental", "recompute"):
+            raise InputError(f"mode must be 'incremental' or 'recompute', not {mode!r}.")
+        self.model, self.tokenizer, self.mode = model, tokenizer, mode
+        cfg = model.cfg
+        self.encoder = ConversationEncoder(tokenizer, cfg.num_image_tokens)
+        self.image = preprocess.load_image(image)
+        frame_size = cfg.hipie_image_size
+        self.frame_u8, self.resized_hw = preprocess.hipie_image(self.image, frame_size)  # [S, S, 3], (h', w')
+        clip = preprocess.clip_image(self.image, cfg.vision.image_size)
+        self._image_embeds = _image_embeds(model, jnp.asarray(clip)[None])[0]  # [P, D], once per image
+        self._levels = image_features_jit(model.segmentator, jnp.asarray(self.frame_u8)[None])  # once per image
+        self.clear()
+
+    # ---- public API ----------------------------------------------------------------------------
+    def clear(self) -> None:
+        """Forgets the conversation (keeps the per-image features)."""
+        self.rounds: list[RoundResult] = []
+        self._conversation = EncodedConversation(np.zeros(0, np.int32), np.zeros(0, np.int32), ())
+        self._refs_per_round: list[tuple[int, ...]] = []
+        self._cache = KVCache.empty(self.model.cfg.llm, 1, self._capacity)
+
+    def ask(self, text: str) -> RoundResult:
+        """Runs one round. Bad input raises :class:`InputError` and leaves the session unchanged."""
+        question, refs = parse_references(text, num_previous_rounds=len(self.rounds))
+        if not question.strip():
+            raise InputError("The question is empty; type what to segment.")
+        conversation = self.encoder.append(self._conversation, Round(question, len(refs), not self.rounds))
+        self._check_length(conversation)
+        if self.mode == "incremental":
+            hidden, prompt, cache = self._run_incremental(conversation, refs)
+        else:
+            hidden, prompt, cache = self._run_recompute(conversation, refs)
+        result = self._segment(len(self.rounds) + 1, question, refs, hidden, prompt)
+        # commit only after everything succeeded: a failed round leaves the session as it was
+        self._conversation, self._cache = conversation, cache
+        self._refs_per_round.append(tuple(refs))
+        self.rounds.append(result)
+        return result
+
+    def overlay(self, result: RoundResult, color: tuple[int, int, int] = (255, 0, 0)) -> Image.Image:
+        """The original CLI's picture: mask pixels = 0.5 image + 0.5 colour, at the original size."""
+        arr = np.asarray(self.image, np.float32)
+        blend = np.where(result.mask[..., None], 0.5 * arr + 0.5 * np.asarray(color, np.float32), arr)
+        return Image.fromarray(blend.astype(np.uint8))
+
+    # ---- internals ---------------------------------------------------------------------------
+    @property
+    def _capacity(self) -> int:
+        return self.model.cfg.max_length + CHUNK_BUCKET
+
+    def _check_length(self, conversation: EncodedConversation) -> None:
+        try:
+            check_fits(conversation, self.model.cfg.max_length)
+        except InputError as e:
+            raise InputError(f"{e} Start a new conversation (clear history) to go on.") from None
+
+    def _slot_values(self, conversation: EncodedConversation, start: int,
+                     refs: list[int], round_ids: range) -> tuple[np.ndarray, jax.Array]:
+        """Columns (relative to ``start``) and values of every <video> slot in rounds ``round_ids``."""
+        cols, values = [], []
+        for r in round_ids:
+            layout = conversation.rounds[r]
+            if layout.image_positions.size:
+                cols.append(layout.image_positions - start)
+                values.append(self._image_embeds)
+            round_refs = refs if r == len(conversation.rounds) - 1 else self._refs_per_round[r]
+            if round_refs:
+                crops = jnp.asarray(np.stack([self.rounds[k - 1].ref_crop for k in round_refs]))
+                boxes = jnp.asarray(np.stack([self.rounds[k - 1].ref_box for k in round_refs]))
+                mask_emb, box_emb = _reference_embeds(self.model, crops, boxes, self.model.cfg.eval_reference_gate)
+                cols += [layout.mask_encode_positions - start, layout.box_encode_positions - start]
+                values += [mask_emb, box_emb]
+        return np.concatenate(cols).astype(np.int32), jnp.concatenate(values, axis=0)
+
+    def _run_chunk(self, conversation: EncodedConversation, start: int, round_ids: range, refs: list[int],
+                   cache: KVCache):
+        ids = conversation.input_ids[start:]
+        t = ids.shape[0]
+        padded = -(-t // CHUNK_BUCKET) * CHUNK_BUCKET
+        if int(cache.end) + padded > cache.capacity:
+            padded = t  # no room left for padding: one more compilation instead
+        ids_p = np.zeros((1, padded), np.int32)
+        ids_p[0, :t] = ids
+        token_mask = np.arange(padded)[None] < t
+        cols, values = self._slot_values(conversation, start, refs, round_ids)
+        prompt_col = jnp.asarray(conversation.rounds[-1].seg_position - 1 - start, jnp.int32)
+        return _llm_chunk(self.model, jnp.asarray(ids_p), jnp.asarray(token_mask), jnp.asarray(cols), values,
+                          cache, prompt_col)
+
+    def _run_incremental(self, conversation: EncodedConversation, refs: list[int]):
+        start = conversation.rounds[-1].start
+        n = len(conversation.rounds)
+        return self._run_chunk(conversation, start, range(n - 1, n), refs, self._cache)
+
+    def _run_recompute(self, conversation: EncodedConversation, refs: list[int]):
+        cache = KVCache.empty(self.model.cfg.llm, 1, self._capacity)
+        return self._run_chunk(conversation, 0, range(len(conversation.rounds)), refs, cache)
+
+    def _segment(self, index: int, question: str, refs: list[int], hidden: jax.Array,
+                 prompt: jax.Array) -> RoundResult:
+        pred = predict(self.model.segmentator, None, prompt[None], [0], levels=self._levels)
+        mask_frame, box_frame = pred.masks[0], pred.boxes_xyxy[0]
+        frame = self.model.cfg.hipie_image_size
+        x0, y0, x1, y1 = preprocess.reference_box(box_frame, frame)
+        crop = preprocess.clip_image(preprocess.masked_crop(self.frame_u8, mask_frame, (x0, y0, x1, y1)),
+                                     self.model.cfg.vision.image_size)
+        h, w = self.resized_hw
+        width, height = self.image.size
+        mask = np.asarray(Image.fromarray(mask_frame[:h, :w]).resize((width, height), Image.NEAREST))
+        scale = np.asarray([width / w, height / h, width / w, height / h])
+        box = np.clip(box_frame * scale, 0, [width, height, width, height])
+        return RoundResult(
+            index=index, text=question, refs=tuple(refs), mask=mask, mask_frame=mask_frame, box_frame=box_frame,
+            box=box.astype(np.float32), score=float(pred.scores[0]), prompt_hidden=np.asarray(hidden),
+            prompt=np.asarray(prompt), ref_crop=crop,
+            ref_box=np.asarray([y0, x0, y1, x1], np.float32) / frame)

@@ -1,0 +1,59 @@
+"""Fixtures for the assembled SegLLM: the golden release folder, converted with the real converter."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def golden_segllm_dir() -> Path:
+    return Path(os.environ.get("SEGLLM_GOLDEN_SEGLLM", REPO.parent / "shared" / "golden" / "segllm"))
+
+
+def golden_files() -> list[Path]:
+    folder = golden_segllm_dir()
+    return sorted(folder.glob("seed*.npz")) if folder.is_dir() else []
+
+
+def _recipe(folder: Path):
+    spec = importlib.util.spec_from_file_location("segllm_recipe", folder / "make_segllm_state_dict.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_release_folder(dst: Path, seed: int) -> Path:
+    """A release-layout SegLLM folder: the golden checkpoint files + the recipe weights as safetensors."""
+    folder = golden_segllm_dir()
+    keys = json.loads((folder / "state_dict_keys.json").read_text())["keys"]
+    state = _recipe(folder).make_segllm_state_dict(keys, seed)
+    shutil.copytree(folder / "checkpoint_files", dst)
+    save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, dst / "model.safetensors")
+    return dst
+
+
+@pytest.fixture(scope="session")
+def golden_segllm_checkpoints(tmp_path_factory):
+    """seed -> converted segllm-jax checkpoint folder (built once per seed and session)."""
+    from segllm_jax_convert.convert import convert_checkpoint
+
+    cache: dict[int, Path] = {}
+
+    def get(seed: int) -> Path:
+        if seed not in cache:
+            root = tmp_path_factory.mktemp(f"segllm_seed{seed}")
+            release = write_release_folder(root / "release", seed)
+            cache[seed] = convert_checkpoint(release, root / "converted", progress=False,
+                                             vision_config=golden_segllm_dir() / "clip_vision_config.json")
+        return cache[seed]
+
+    return get
