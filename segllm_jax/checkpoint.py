@@ -72,7 +72,8 @@ def build_model(kind: str, config: Any, *, abstract: bool = False, seed: int = 0
     if kind not in kinds:
         raise CheckpointError(f"unknown model kind {kind!r}; known kinds: {', '.join(sorted(kinds))}.")
     make = lambda: kinds[kind].build(config, nnx.Rngs(seed))  # noqa: E731
-    return nnx.eval_shape(make) if abstract else make()
+    # one compiled initialiser instead of one small compilation per parameter
+    return nnx.eval_shape(make) if abstract else nnx.jit(make)()
 
 
 def config_from_dict(kind: str, fields: Mapping[str, Any]) -> Any:
@@ -166,3 +167,27 @@ def load_model(directory: str | Path) -> tuple[str, Any, nnx.Module]:
     kind, config = read_config(directory)
     model = build_model(kind, config, abstract=True)
     return kind, config, restore_arrays(directory, model)
+
+
+@dataclasses.dataclass(frozen=True)
+class Loaded:
+    """A checkpoint folder, loaded: the model plus its tokenizer (None if the folder has none)."""
+
+    kind: str
+    config: Any
+    model: nnx.Module
+    tokenizer: Any
+    directory: Path
+
+
+def load(directory: str | Path) -> Loaded:
+    """``segllm_jax.load(DIR)``: model and tokenizer of a converted or trained checkpoint folder."""
+    from segllm_jax.tokenizer import SegTokenizer
+
+    directory = Path(directory)
+    kind, config, model = load_model(directory)
+    has_tokenizer = any((directory / f).exists() for f in ("tokenizer.json", "tokenizer.model"))
+    tokenizer = SegTokenizer.from_pretrained(directory) if has_tokenizer else None
+    if tokenizer is not None and kind == "segllm":
+        tokenizer.check_vocab_size(config.llm.vocab_size)
+    return Loaded(kind, config, model, tokenizer, directory)

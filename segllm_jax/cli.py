@@ -10,7 +10,9 @@ import argparse
 import logging
 import sys
 
-from segllm_jax.errors import SegLLMError
+from pathlib import Path
+
+from segllm_jax.errors import InputError, SegLLMError
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -28,6 +30,23 @@ def _check_conversion(args: argparse.Namespace) -> int:
     report = check_conversion(args.src, args.dst, seed=args.seed)
     print(report.table())
     return 0 if report.passed else 1
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from segllm_jax.chat import run_chat
+    from segllm_jax.checkpoint import load
+
+    loaded = load(args.checkpoint)
+    if args.script:
+        try:
+            stream = open(args.script, encoding="utf-8")
+        except OSError as e:
+            raise InputError(f"cannot read the script {args.script}: {e.strerror}.") from None
+        with stream:
+            failures = run_chat(loaded, args.image, stream, Path(args.out), interactive=False, mode=args.mode)
+        return 1 if failures else 0
+    run_chat(loaded, args.image, sys.stdin, Path(args.out), interactive=True, mode=args.mode)
+    return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -55,6 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dst")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=_check_conversion)
+
+    p = sub.add_parser("chat", help="multi-round segmentation of an image, interactive or scripted")
+    p.add_argument("--checkpoint", required=True, help="converted segllm-jax checkpoint folder")
+    p.add_argument("--image", default=None, help="image to start with (asked for if absent)")
+    p.add_argument("--script", default=None, help="file with one query per line (non-interactive)")
+    p.add_argument("--out", default="chat_out", help="where overlays, masks and results.json go")
+    p.add_argument("--mode", default="incremental", choices=["incremental", "recompute"])
+    p.set_defaults(run=_chat)
 
     p = sub.add_parser("demo", help="tiny end-to-end forward pass (the README's first command)")
     p.add_argument("--out", default="demo_out")

@@ -216,6 +216,11 @@ class SegLLMConfig:
                               f"{self.vision.num_patches} patches.")
 
     @property
+    def context_length(self) -> int:
+        """Tokens a conversation may have: the tokenizer limit, capped by the LLM's positions."""
+        return min(self.max_length, self.llm.max_position_embeddings)
+
+    @property
     def projector(self) -> ProjectorConfig:
         return ProjectorConfig.for_models(self.vision, self.llm)
 
@@ -234,9 +239,10 @@ class SegLLMConfig:
 
     @classmethod
     def tiny(cls, vocab_size: int = 32011, **overrides: Any) -> "SegLLMConfig":
-        vision = VisionConfig.tiny()
-        return cls(LlamaConfig.tiny(vocab_size), vision, HipieConfig.tiny(),
-                   num_image_tokens=vision.num_patches, hipie_image_size=64, **overrides)
+        base = dict(llm=LlamaConfig.tiny(vocab_size), vision=VisionConfig.tiny(), hipie=HipieConfig.tiny(),
+                    hipie_image_size=64)
+        base.update(overrides)
+        return cls(**{"num_image_tokens": base["vision"].num_patches, **base})
 
     @classmethod
     def from_release(cls, config: Mapping[str, Any], vision: VisionConfig | None = None,
@@ -244,8 +250,15 @@ class SegLLMConfig:
         """From a released checkpoint's ``config.json`` (``model_type`` llava with the ``mm_*`` fields).
 
         The release does not describe the CLIP tower (the original downloads
-        ``mm_vision_tower``); ViT-L/14 is assumed unless ``vision`` is given.
+        ``mm_vision_tower``); ViT-L/14 is assumed unless ``vision`` is given. A ``segllm_jax``
+        entry in ``config.json`` (our extension, used by tiny test checkpoints) may carry
+        ``vision`` (CLIP config fields), ``hipie`` (HipieConfig fields) and ``hipie_image_size``.
         """
+        ext = config.get("segllm_jax", {})
+        if vision is None and "vision" in ext:
+            vision = VisionConfig.from_hf_dict(ext["vision"])
+        if hipie is None and "hipie" in ext:
+            hipie = HipieConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in ext["hipie"].items()})
         if config.get("segmentator") != "hipie":
             raise ConfigError(f"config.json has segmentator={config.get('segmentator')!r}; "
                               "a SegLLM checkpoint has 'hipie'.")
@@ -258,7 +271,8 @@ class SegLLMConfig:
             raise ConfigError(f"mm_hidden_size={config['mm_hidden_size']} does not match the vision tower "
                               f"width {vision.hidden_size}; pass the right vision config.")
         return cls(LlamaConfig.from_hf_dict(config), vision, hipie or HipieConfig.hipie_r50_segllm(),
-                   num_image_tokens=vision.num_patches)
+                   num_image_tokens=vision.num_patches,
+                   hipie_image_size=int(ext.get("hipie_image_size", 1024)))
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "SegLLMConfig":

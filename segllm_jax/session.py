@@ -24,6 +24,7 @@ from flax import nnx
 from PIL import Image
 
 from segllm_jax import preprocess
+from segllm_jax.checkpoint import Loaded
 from segllm_jax.errors import InputError
 from segllm_jax.models.hipie.model import image_features_jit, predict
 from segllm_jax.models.llama import KVCache
@@ -81,8 +82,14 @@ def _llm_chunk(model: SegLLM, ids: jax.Array, token_mask: jax.Array, cols: jax.A
 class MultiRoundSession:
     """Multi-round segmentation of one image. ``ask(text)`` runs a round; ``[REF:k]`` cites round k."""
 
-    def __init__(self, model: SegLLM, tokenizer: SegTokenizer, image: preprocess.ImageSource, *,
-                 mode: Mode = "incremental"):
+    def __init__(self, model: SegLLM | Loaded, image: preprocess.ImageSource, tokenizer: SegTokenizer | None = None,
+                 *, mode: Mode = "incremental"):
+        if isinstance(model, Loaded):
+            model, tokenizer = model.model, tokenizer or model.tokenizer
+        if not isinstance(model, SegLLM):
+            raise InputError(f"MultiRoundSession needs a SegLLM checkpoint, got {type(model).__name__}.")
+        if tokenizer is None:
+            raise InputError("This checkpoint has no tokenizer files; pass tokenizer=SegTokenizer.from_pretrained(...).")
         if mode not in ("incremental", "recompute"):
             raise InputError(f"mode must be 'incremental' or 'recompute', not {mode!r}.")
         self.model, self.tokenizer, self.mode = model, tokenizer, mode
@@ -92,6 +99,7 @@ class MultiRoundSession:
         frame_size = cfg.hipie_image_size
         self.frame_u8, self.resized_hw = preprocess.hipie_image(self.image, frame_size)  # [S, S, 3], (h', w')
         clip = preprocess.clip_image(self.image, cfg.vision.image_size)
+        self._clip_pixels = clip  # [224, 224, 3]
         self._image_embeds = _image_embeds(model, jnp.asarray(clip)[None])[0]  # [P, D], once per image
         self._levels = image_features_jit(model.segmentator, jnp.asarray(self.frame_u8)[None])  # once per image
         self.clear()
@@ -131,11 +139,11 @@ class MultiRoundSession:
     # ---- internals ---------------------------------------------------------------------------
     @property
     def _capacity(self) -> int:
-        return self.model.cfg.max_length + CHUNK_BUCKET
+        return self.model.cfg.context_length + CHUNK_BUCKET
 
     def _check_length(self, conversation: EncodedConversation) -> None:
         try:
-            check_fits(conversation, self.model.cfg.max_length)
+            check_fits(conversation, self.model.cfg.context_length)
         except InputError as e:
             raise InputError(f"{e} Start a new conversation (clear history) to go on.") from None
 
@@ -155,6 +163,8 @@ class MultiRoundSession:
                 mask_emb, box_emb = _reference_embeds(self.model, crops, boxes, self.model.cfg.eval_reference_gate)
                 cols += [layout.mask_encode_positions - start, layout.box_encode_positions - start]
                 values += [mask_emb, box_emb]
+        if not cols:  # a later round without references: nothing to add
+            return np.zeros(0, np.int32), jnp.zeros((0, self.model.cfg.llm.hidden_size), jnp.float32)
         return np.concatenate(cols).astype(np.int32), jnp.concatenate(values, axis=0)
 
     def _run_chunk(self, conversation: EncodedConversation, start: int, round_ids: range, refs: list[int],

@@ -57,3 +57,24 @@ def golden_segllm_checkpoints(tmp_path_factory):
         return cache[seed]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """(root, loaded): a tiny release folder converted and loaded, plus ``root/scene.png`` (80x48)."""
+    import segllm_jax
+    from PIL import Image
+    from segllm_jax_convert.convert import convert_checkpoint
+
+    from .tiny_release import write_tiny_release
+
+    if not (golden_segllm_dir() / "state_dict_keys.json").exists():
+        pytest.skip("the release key list comes from ../shared/golden/segllm")
+    root = tmp_path_factory.mktemp("tiny_segllm")
+    release = write_tiny_release(root / "release")
+    assert (release / "model.safetensors.index.json").exists() and (release / "tokenizer.json").exists()
+    convert_checkpoint(release, root / "converted", progress=False)
+    image = np.random.default_rng(0).integers(0, 255, (48, 80, 3), dtype=np.uint8)
+    image[10:30, 10:30] = (255, 0, 0)
+    Image.fromarray(image).save(root / "scene.png")
+    return root, segllm_jax.load(root / "converted")

@@ -49,14 +49,18 @@ def _hipie_config(_src: Path, source: TensorSource, _vision) -> HipieConfig:
     return HipieConfig.hipie_r50_segllm(num_queries=num_queries)
 
 
+def _segllm_config(src: Path, source: TensorSource, vision: VisionConfig | None) -> SegLLMConfig:
+    config = _hf_config(src)
+    custom_hipie = "hipie" in config.get("segllm_jax", {})
+    return SegLLMConfig.from_release(config, vision, None if custom_hipie else _hipie_config(src, source, vision))
+
+
 SOURCE_KINDS: dict[str, SourceKind] = {
     "llama": SourceKind("llama", lambda src, _s, _v: LlamaConfig.from_hf_dict(_hf_config(src)), llama_table),
     "clip_vision": SourceKind("clip_vision", lambda src, _s, _v: VisionConfig.from_hf_dict(_hf_config(src)),
                               clip_vision_table),
     "hipie": SourceKind("hipie", _hipie_config, lambda cfg: hipie_table(cfg.num_queries)),
-    "segllm": SourceKind("segllm", lambda src, s, v: SegLLMConfig.from_release(_hf_config(src), v,
-                                                                             _hipie_config(src, s, v)),
-                         segllm_table),
+    "segllm": SourceKind("segllm", lambda src, s, v: _segllm_config(src, s, v), segllm_table),
 }
 
 

@@ -1,0 +1,118 @@
+"""Teacher-forced batches of whole conversations: the path evaluation and training use.
+
+The original runs one forward per conversation over all its rounds (teacher forcing, spec §1.7).
+:func:`collate` packs many conversations into one right-padded batch with flat, per-slot
+bookkeeping (row, column, what to add), and :func:`forward` runs it: every ``<video>`` slot gets
+its image patch feature or gated reference encoding added, the LLM runs once, and one HIPIE
+prompt is read before every ``<seg>``. Host-side packing is NumPy; :func:`forward` is jit-able.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from segllm_jax.errors import InputError
+from segllm_jax.models.llama import LlamaOutput
+from segllm_jax.models.segllm import SegLLM
+from segllm_jax.tokenizer import EncodedConversation
+
+
+@dataclasses.dataclass(frozen=True)
+class Reference:
+    """One reference's inputs: the CLIP-preprocessed masked crop and the ``[r0, c0, r1, c1]/1024`` box."""
+
+    crop: np.ndarray  # [224, 224, 3] float32
+    box: np.ndarray  # [4] float32
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ConversationBatch:
+    input_ids: jax.Array  # [B, T] int32, right-padded
+    token_mask: jax.Array  # [B, T] bool
+    labels: jax.Array  # [B, T] int32, -100 = ignored (padding too)
+    clip_images: jax.Array  # [I, H, W, 3] CLIP-preprocessed images
+    image_slot_rows: jax.Array  # [B * P] row of each image <video> slot
+    image_slot_cols: jax.Array  # [B * P] its column
+    image_slot_image: jax.Array  # [B * P] which image
+    image_slot_patch: jax.Array  # [B * P] which patch
+    ref_rows: jax.Array  # [R]
+    ref_mask_cols: jax.Array  # [R] column of the mask-encode slot
+    ref_box_cols: jax.Array  # [R] column of the box-encode slot
+    ref_crops: jax.Array  # [R, H, W, 3]
+    ref_boxes: jax.Array  # [R, 4]
+    ref_gates: jax.Array  # [R, 2] multipliers of (mask, box) encodings: 0.5 at eval, Bernoulli in training
+    seg_rows: jax.Array  # [N] one per <seg>, row-major over (batch, position) like the original
+    seg_cols: jax.Array  # [N] column of the <seg> (the prompt is read at column - 1)
+
+
+def collate(conversations: Sequence[EncodedConversation], clip_images: np.ndarray, image_of_row: Sequence[int],
+            references: Sequence[Sequence[Sequence[Reference]]], *, gate: float = 0.5,
+            pad_to: int | None = None) -> ConversationBatch:
+    """Packs conversations; ``references[b][r]`` lists round r's references of conversation b, in order."""
+    lengths = [c.num_tokens for c in conversations]
+    t = max(lengths) if pad_to is None else pad_to
+    if max(lengths) > t:
+        raise InputError(f"a conversation has {max(lengths)} tokens, more than the batch length {t}.")
+    b = len(conversations)
+    ids = np.zeros((b, t), np.int32)
+    labels = np.full((b, t), -100, np.int32)
+    mask = np.zeros((b, t), bool)
+    img_rows, img_cols, img_image, img_patch = [], [], [], []
+    ref_rows, ref_mcols, ref_bcols, crops, boxes = [], [], [], [], []
+    seg_rows, seg_cols = [], []
+    for row, (conv, image, refs) in enumerate(zip(conversations, image_of_row, references)):
+        n = conv.num_tokens
+        ids[row, :n], labels[row, :n], mask[row, :n] = conv.input_ids, conv.labels, True
+        if len(refs) != len(conv.rounds):
+            raise InputError(f"conversation {row} has {len(conv.rounds)} rounds but references for {len(refs)}.")
+        for layout, round_refs in zip(conv.rounds, refs):
+            p = layout.image_positions
+            img_rows.append(np.full(p.size, row))
+            img_cols.append(p)
+            img_image.append(np.full(p.size, image))
+            img_patch.append(np.arange(p.size))
+            if len(round_refs) != layout.mask_encode_positions.size:
+                raise InputError(f"conversation {row}: a round has {layout.mask_encode_positions.size} reference "
+                                 f"slots but {len(round_refs)} references were given.")
+            for ref, mcol, bcol in zip(round_refs, layout.mask_encode_positions, layout.box_encode_positions):
+                ref_rows.append(row)
+                ref_mcols.append(mcol)
+                ref_bcols.append(bcol)
+                crops.append(ref.crop)
+                boxes.append(ref.box)
+            seg_rows.append(row)
+            seg_cols.append(layout.seg_position)
+    crop_shape = clip_images.shape[1:]
+    i32 = lambda xs: jnp.asarray(np.concatenate(xs) if xs and np.ndim(xs[0]) else np.asarray(xs), jnp.int32)  # noqa: E731
+    return ConversationBatch(
+        input_ids=jnp.asarray(ids), token_mask=jnp.asarray(mask), labels=jnp.asarray(labels),
+        clip_images=jnp.asarray(clip_images),
+        image_slot_rows=i32(img_rows), image_slot_cols=i32(img_cols), image_slot_image=i32(img_image),
+        image_slot_patch=i32(img_patch),
+        ref_rows=i32(ref_rows), ref_mask_cols=i32(ref_mcols), ref_box_cols=i32(ref_bcols),
+        ref_crops=jnp.asarray(np.stack(crops) if crops else np.zeros((0, *crop_shape), np.float32)),
+        ref_boxes=jnp.asarray(np.stack(boxes) if boxes else np.zeros((0, 4), np.float32)),
+        ref_gates=jnp.full((len(crops), 2), gate, jnp.float32),
+        seg_rows=i32(seg_rows), seg_cols=i32(seg_cols))
+
+
+def forward(model: SegLLM, batch: ConversationBatch) -> tuple[LlamaOutput, jax.Array]:
+    """One teacher-forced pass: LLM outputs and the HIPIE prompts ``[N, 8, 768]`` of every ``<seg>``."""
+    image_embeds = model.image_embeds(batch.clip_images)  # [I, P, D]
+    values = [image_embeds[batch.image_slot_image, batch.image_slot_patch]]
+    rows, cols = [batch.image_slot_rows], [batch.image_slot_cols]
+    if batch.ref_rows.shape[0]:
+        values += [batch.ref_gates[:, :1] * model.mask_encode(batch.ref_crops),
+                   batch.ref_gates[:, 1:] * model.box_encode(batch.ref_boxes)]
+        rows += [batch.ref_rows, batch.ref_rows]
+        cols += [batch.ref_mask_cols, batch.ref_box_cols]
+    embeds = model.inputs_embeds(batch.input_ids, jnp.concatenate(rows), jnp.concatenate(cols),
+                                 jnp.concatenate(values))
+    out = model.run_llm(embeds, batch.token_mask)
+    return out, model.seg_prompts(out.hidden, batch.seg_rows, batch.seg_cols - 1)

@@ -1,0 +1,256 @@
+"""Multi-scale deformable attention: reference vs transformers, Pallas kernels vs reference.
+
+The Pallas kernels run in interpret mode on CPU (``impl="pallas"`` is the
+Triton GPU kernel, ``impl="pallas_tpu"`` the Mosaic TPU kernel under
+``pltpu.InterpretParams``), so shapes are kept tiny.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.test_util
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+from transformers.models.mask2former.modeling_mask2former import multi_scale_deformable_attention
+
+from pallas_kernels import ms_deform_attn
+from pallas_kernels.ms_deform_attn.api import _resolve_impl
+
+KERNELS = ("pallas", "pallas_tpu")
+ALL_IMPLS = ("xla",) + KERNELS
+# Non-square levels, a 1x1 level, and a width-1 level.
+SHAPES = ((6, 8), (3, 4), (2, 1), (1, 1))
+
+
+def _starts(shapes) -> tuple[int, ...]:
+    return tuple(int(s) for s in np.cumsum([0] + [h * w for h, w in shapes])[:-1])
+
+
+def _inputs(shapes, batch=2, queries=5, heads=2, head_dim=6, points=3, seed=0, low=-0.1, high=1.1, dtype=np.float32):
+    """Random value/locations/weights; head_dim=6 and points=3 are deliberately not powers of two
+    (the Triton kernel pads them); kernel tests about other things use points=2 to compile faster."""
+    rng = np.random.default_rng(seed)
+    seq = sum(h * w for h, w in shapes)
+    value = rng.standard_normal((batch, seq, heads, head_dim)).astype(dtype)
+    loc = rng.uniform(low, high, (batch, queries, heads, len(shapes), points, 2)).astype(dtype)
+    aw = rng.random((batch, queries, heads, len(shapes), points)).astype(dtype)
+    return value, loc, aw
+
+
+def _torch_msda(shapes, value, loc, aw) -> np.ndarray:
+    out = multi_scale_deformable_attention(
+        torch.from_numpy(np.array(value, np.float32)),
+        [tuple(s) for s in shapes],
+        torch.from_numpy(np.array(loc, np.float32)),
+        torch.from_numpy(np.array(aw, np.float32)),
+    )
+    return out.numpy()
+
+
+def _rel_err(actual, expected) -> float:
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    return float(np.abs(actual - expected).max() / max(np.abs(expected).max(), 1e-30))
+
+
+def _grads(impl, shapes, value, loc, aw, cotangent):
+    def loss(v, l, a):
+        return jnp.sum(ms_deform_attn(v, shapes, _starts(shapes), l, a, impl=impl) * cotangent)
+
+    return jax.grad(loss, argnums=(0, 1, 2))(value, loc, aw)
+
+
+def test_xla_forward_and_grads_match_transformers():
+    shapes = ((32, 32), (16, 16), (8, 8), (4, 4))  # SegLLM's level ratios, scaled down
+    value, loc, aw = _inputs(shapes, batch=2, queries=40, heads=8, head_dim=32, points=4)
+    out = ms_deform_attn(value, shapes, _starts(shapes), loc, aw, impl="xla")
+    expected = _torch_msda(shapes, value, loc, aw)
+    assert out.shape == (2, 40, 8 * 32)
+    assert _rel_err(out, expected) <= 1e-5
+
+    cotangent = np.random.default_rng(1).standard_normal(expected.shape).astype(np.float32)
+    tensors = [torch.from_numpy(x).requires_grad_() for x in (value, loc, aw)]
+    (multi_scale_deformable_attention(tensors[0], list(shapes), tensors[1], tensors[2]) * torch.from_numpy(cotangent)).sum().backward()
+    for got, t in zip(_grads("xla", shapes, value, loc, aw, cotangent), tensors):
+        assert _rel_err(got, t.grad.numpy()) <= 1e-5
+
+
+@pytest.mark.parametrize("impl", KERNELS)
+def test_kernel_forward_matches_transformers(impl):
+    value, loc, aw = _inputs(SHAPES)
+    out = ms_deform_attn(value, SHAPES, _starts(SHAPES), loc, aw, impl=impl)
+    assert out.shape == (2, 5, 2 * 6)
+    assert _rel_err(out, _torch_msda(SHAPES, value, loc, aw)) <= 1e-5
+
+
+@pytest.mark.parametrize("impl", KERNELS)
+def test_kernel_grads_match_reference(impl):
+    value, loc, aw = _inputs(SHAPES, seed=2)
+    cotangent = np.random.default_rng(3).standard_normal((2, 5, 12)).astype(np.float32)
+    expected = _grads("xla", SHAPES, value, loc, aw, cotangent)
+    got = _grads(impl, SHAPES, value, loc, aw, cotangent)
+    for name, g, e in zip(("value", "sampling_locations", "attention_weights"), got, expected):
+        assert g.shape == e.shape and g.dtype == e.dtype, name
+        assert _rel_err(g, e) <= 1e-5, name
+
+
+def _off_lattice_locations(shapes, batch, queries, heads, points, rng) -> np.ndarray:
+    """Locations whose pixel coordinates stay >= 0.1 px from cell edges (floor is not differentiable there)."""
+    locs = []
+    for height, width in shapes:
+        size = np.array([width, height], np.float64)
+        cell = rng.integers(-1, np.maximum(size, 1) + 1, (batch, queries, heads, points, 2))
+        frac = rng.uniform(0.1, 0.9, cell.shape)
+        locs.append((cell + frac + 0.5) / size)
+    return np.stack(locs, axis=3)
+
+
+@pytest.mark.parametrize(
+    "impl,dtype,eps,tol",
+    # The TPU kernel computes in float32 (TPUs have no float64): checked in float32, looser.
+    [("xla", "float64", 1e-4, 1e-5), ("pallas", "float64", 1e-4, 1e-5), ("pallas_tpu", "float32", 1e-3, 1e-2)],
+)
+def test_check_grads_numerically(impl, dtype, eps, tol):
+    shapes = ((3, 4), (1, 2))
+    rng = np.random.default_rng(4)
+    with jax.enable_x64(dtype == "float64"):
+        value = jnp.asarray(rng.standard_normal((1, 14, 2, 3)), dtype)
+        loc = jnp.asarray(_off_lattice_locations(shapes, 1, 3, 2, 2, rng), dtype)
+        aw = jnp.asarray(rng.random((1, 3, 2, 2, 2)), dtype)
+        fn = functools.partial(ms_deform_attn, spatial_shapes=shapes, level_start_index=_starts(shapes), impl=impl)
+        assert fn(value, sampling_locations=loc, attention_weights=aw).dtype == jnp.dtype(dtype)
+        jax.test_util.check_grads(
+            lambda v, l, a: fn(v, sampling_locations=l, attention_weights=a),
+            (value, loc, aw),
+            order=1,
+            modes=("rev",),
+            eps=eps,
+            atol=tol,
+            rtol=tol,
+        )
+
+
+@pytest.mark.parametrize("impl", ALL_IMPLS)
+def test_exact_lattice_and_border_locations(impl):
+    shapes = ((2, 3), (1, 1))
+    value = np.arange(1, 8, dtype=np.float32).reshape(1, 7, 1, 1)  # level 0 rows 1..6, level 1 row 7
+    # Level-0 samples (one point each, other level weight 0):
+    #   pixel centre of (y=1, x=2) -> exactly value 6; loc (0, 0) -> 0.25 * corner (0, 0) = 0.25;
+    #   loc (1, 1) -> 0.25 * corner (1, 2) = 1.5; loc (1, 0.5) -> half of the last column: 0.5 * (3 + 6) / 2;
+    #   far outside -> 0.
+    level0 = [((2.5 / 3, 1.5 / 2), 6.0), ((0.0, 0.0), 0.25), ((1.0, 1.0), 1.5), ((1.0, 0.5), 2.25), ((-3.0, 2.0), 0.0)]
+    # Level-1 (1x1): centre -> 7, on the border x = 1 -> 3.5, exactly outside by half a pixel -> 0.
+    level1 = [((0.5, 0.5), 7.0), ((1.0, 0.5), 3.5), ((1.5, 0.5), 0.0)]
+    queries = len(level0) + len(level1)
+    loc = np.zeros((1, queries, 1, 2, 1, 2), np.float32)
+    aw = np.zeros((1, queries, 1, 2, 1), np.float32)
+    expected = []
+    for q, (level, (xy, want)) in enumerate([(0, s) for s in level0] + [(1, s) for s in level1]):
+        loc[0, q, 0, level, 0] = xy
+        aw[0, q, 0, level, 0] = 1.0
+        expected.append(want)
+    out = ms_deform_attn(value, shapes, _starts(shapes), loc, aw, impl=impl)
+    np.testing.assert_allclose(np.asarray(out)[0, :, 0], expected, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(out, _torch_msda(shapes, value, loc, aw), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", KERNELS)
+@pytest.mark.parametrize(
+    "shapes,queries",
+    [(((5, 3),), 4), (SHAPES, 1)],
+    ids=["one_level", "one_query"],
+)
+def test_kernel_small_configs(impl, shapes, queries):
+    value, loc, aw = _inputs(shapes, batch=1, queries=queries, points=2, low=-0.3, high=1.3, seed=5)
+    out = ms_deform_attn(value, shapes, _starts(shapes), loc, aw, impl=impl)
+    assert _rel_err(out, _torch_msda(shapes, value, loc, aw)) <= 1e-5
+    cotangent = np.ones(out.shape, np.float32)
+    for g, e in zip(_grads(impl, shapes, value, loc, aw, cotangent), _grads("xla", shapes, value, loc, aw, cotangent)):
+        assert _rel_err(g, e) <= 1e-5
+
+
+@pytest.mark.parametrize("impl", ALL_IMPLS)
+def test_bfloat16_inputs(impl):
+    value, loc, aw = _inputs(SHAPES, points=2, seed=6)
+    bf16 = [jnp.asarray(x, jnp.bfloat16) for x in (value, loc, aw)]
+    out = ms_deform_attn(bf16[0], SHAPES, _starts(SHAPES), bf16[1], bf16[2], impl=impl)
+    assert out.dtype == jnp.bfloat16
+    # Same bf16 inputs evaluated in float32: only the final bf16 rounding may differ.
+    expected = _torch_msda(SHAPES, *[np.asarray(x.astype(jnp.float32)) for x in bf16])
+    assert _rel_err(out.astype(jnp.float32), expected) <= 2**-8
+    grads = _grads(impl, SHAPES, *bf16, jnp.ones(out.shape, jnp.bfloat16))
+    assert [g.dtype for g in grads] == [jnp.bfloat16] * 3
+    expected_grads = _grads("xla", SHAPES, *[x.astype(jnp.float32) for x in bf16], jnp.ones(out.shape))
+    for g, e in zip(grads, expected_grads):
+        assert _rel_err(g.astype(jnp.float32), e) <= 2**-7
+
+
+@pytest.mark.parametrize("impl", ALL_IMPLS)
+def test_jit_and_vmap(impl):
+    value, loc, aw = _inputs(SHAPES, batch=1, queries=3, points=2, seed=7)
+    stacked = [np.stack([x, 2 * x]) for x in (value, loc, aw)]  # extra leading axis of size 2
+    fn = jax.jit(functools.partial(ms_deform_attn, spatial_shapes=SHAPES, level_start_index=_starts(SHAPES), impl=impl))
+    batched = jax.vmap(lambda v, l, a: fn(v, sampling_locations=l, attention_weights=a))(*stacked)
+    for i in range(2):
+        expected = _torch_msda(SHAPES, stacked[0][i], stacked[1][i], stacked[2][i])
+        assert _rel_err(batched[i], expected) <= 1e-5
+
+
+@pytest.mark.parametrize("impl", ALL_IMPLS)
+def test_shard_map_over_batch(impl):
+    if len(jax.devices()) < 2:
+        pytest.skip("needs >= 2 devices (tests/conftest.py forces 8 CPU devices)")
+    mesh = Mesh(np.array(jax.devices()[:2]), ("data",))
+    value, loc, aw = _inputs(SHAPES, batch=2, queries=3, points=2, seed=8)
+    starts = _starts(SHAPES)
+
+    # JAX's HLO interpreter (used for the Triton kernel off-GPU) does not track
+    # varying mesh axes inside the kernel body, so that one case runs unchecked.
+    check_vma = impl != "pallas"
+
+    @jax.jit
+    @functools.partial(
+        jax.shard_map, mesh=mesh, in_specs=(P("data"),) * 3, out_specs=P("data"), check_vma=check_vma
+    )
+    def sharded(v, l, a):
+        return ms_deform_attn(v, SHAPES, starts, l, a, impl=impl)
+
+    args = [jax.device_put(x, NamedSharding(mesh, P("data"))) for x in (value, loc, aw)]
+    out = sharded(*args)
+    assert out.sharding.spec == P("data")
+    assert _rel_err(out, _torch_msda(SHAPES, value, loc, aw)) <= 1e-5
+    grads = jax.grad(lambda v, l, a: jnp.sum(sharded(v, l, a) ** 2), argnums=(0, 1, 2))(*args)
+    expected = _grads("xla", SHAPES, value, loc, aw, 2 * np.asarray(out))
+    for g, e in zip(grads, expected):
+        assert _rel_err(g, e) <= 1e-5
+
+
+def test_auto_resolves_to_xla_on_cpu():
+    assert jax.default_backend() == "cpu"
+    assert _resolve_impl("auto") == "xla"
+    assert _resolve_impl("pallas") == "pallas_gpu"
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(value=np.zeros((2, 50, 2, 6))), r"value has S=50"),
+        (dict(value=np.zeros((2, 56, 6))), r"value must have shape \[B, S, H, Dh\]"),
+        (dict(loc=np.zeros((2, 5, 2, 3, 3, 2))), r"sampling_locations must have shape \[B=2, Q, H=2, L=4, P, 2\]"),
+        (dict(aw=np.zeros((2, 5, 2, 4, 2))), r"attention_weights must have shape \(2, 5, 2, 4, 3\)"),
+        (dict(starts=(0, 48, 60, 61)), r"level_start_index must be the exclusive prefix sums"),
+        (dict(shapes=((6, 8, 1),)), r"spatial_shapes must have shape \[L, 2\]"),
+        (dict(value=np.zeros((2, 63, 2, 6), np.int32)), r"value must be a floating array"),
+        (dict(impl="cuda"), r"impl must be one of"),
+    ],
+)
+def test_invalid_arguments_raise(kwargs, match):
+    value, loc, aw = _inputs(SHAPES)
+    args = dict(value=value, shapes=SHAPES, starts=_starts(SHAPES), loc=loc, aw=aw, impl="xla") | kwargs
+    with pytest.raises(ValueError, match=match):
+        ms_deform_attn(args["value"], args["shapes"], args["starts"], args["loc"], args["aw"], impl=args["impl"])

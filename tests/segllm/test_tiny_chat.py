@@ -1,0 +1,73 @@
+"""A tiny SegLLM release folder -> convert -> load -> 4-round scripted chat, three ways that must agree."""
+
+from __future__ import annotations
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+import segllm_jax
+from segllm_jax import batch as batching
+from segllm_jax.cli import main
+from segllm_jax.session import MultiRoundSession
+
+from .conftest import golden_segllm_dir
+
+pytestmark = pytest.mark.skipif(not (golden_segllm_dir() / "state_dict_keys.json").exists(),
+                                reason="the release key list comes from ../shared/golden/segllm")
+
+SCRIPT = ["Segment the red square.", "Segment the shape next to it.[REF:1]", "Segment the largest shape.",
+          "Segment the shape left of it.[REF:3]"]
+
+
+def test_release_converts_and_loads(tiny):
+    _, loaded = tiny
+    assert loaded.kind == "segllm" and loaded.tokenizer.vocab_size == loaded.config.llm.vocab_size == 32011
+    assert loaded.config.num_image_tokens == 16 and loaded.config.hipie_image_size == 64
+
+
+def test_incremental_recompute_and_batch_agree(tiny):
+    root, loaded = tiny
+    inc = MultiRoundSession(loaded, root / "scene.png", mode="incremental")
+    rec = MultiRoundSession(loaded, root / "scene.png", mode="recompute")
+    for text in SCRIPT:
+        a, b = inc.ask(text), rec.ask(text)
+        np.testing.assert_allclose(a.prompt_hidden, b.prompt_hidden, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(a.prompt, b.prompt, rtol=1e-5, atol=1e-5)
+        assert (a.mask_frame == b.mask_frame).mean() > 0.999
+        assert a.mask.shape == (48, 80)
+    assert [r.refs for r in inc.rounds] == [(), (1,), (), (3,)]
+
+    # the teacher-forced batch path (two copies of the conversation, one padded) gives the same prompts
+    conv = inc._conversation
+    refs = [[batching.Reference(inc.rounds[k - 1].ref_crop, inc.rounds[k - 1].ref_box) for k in r.refs]
+            for r in inc.rounds]
+    clip = inc._clip_pixels[None]
+    batch = batching.collate([conv, conv], clip, [0, 0], [refs, refs], pad_to=conv.num_tokens + 7)
+    _, prompts = batching.forward(loaded.model, batch)
+    want = np.stack([r.prompt for r in inc.rounds])
+    np.testing.assert_allclose(np.asarray(prompts[:4]), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(prompts[4:]), want, rtol=1e-5, atol=1e-5)
+
+
+def test_cli_chat_script_writes_results(tiny, tmp_path, capsys):
+    root, _ = tiny
+    script = tmp_path / "script.txt"
+    script.write_text("\n".join(SCRIPT) + "\n")
+    out = tmp_path / "out"
+    code = main(["chat", "--checkpoint", str(root / "converted"), "--image", str(root / "scene.png"),
+                 "--script", str(script), "--out", str(out)])
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert [r["refs"] for r in results["rounds"]] == [[], [1], [], [3]]
+    for r in range(1, 5):
+        overlay = Image.open(out / f"round_{r}.png")
+        mask = np.asarray(Image.open(out / f"round_{r}_mask.png"))
+        assert overlay.size == (80, 48) and mask.shape == (48, 80)
+        assert results["rounds"][r - 1]["mask"] == f"round_{r}_mask.png"
+    transcript = capsys.readouterr().out
+    assert "round 4" in transcript
+    print(transcript)
