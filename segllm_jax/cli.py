@@ -92,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for noisy in ("absl", "orbax", "jax"):  # checkpoint-library chatter is not for people
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return args.run(args)
     except SegLLMError as e:

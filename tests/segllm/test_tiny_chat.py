@@ -71,3 +71,13 @@ def test_cli_chat_script_writes_results(tiny, tmp_path, capsys):
     transcript = capsys.readouterr().out
     assert "round 4" in transcript
     print(transcript)
+
+
+def test_check_conversion_covers_the_whole_model(tiny, capsys):
+    root, _ = tiny
+    assert main(["check-conversion", str(root / "release"), str(root / "converted")]) == 0
+    out = capsys.readouterr().out
+    for part in ("llm.layers.0", "vision_tower.layers.0", "mm_projector", "mask_enc_head", "segmentator_predictor"):
+        assert f"| {part}" in out
+    assert "PASS" in out
+    print(out)
