@@ -83,6 +83,12 @@ def config_from_dict(kind: str, fields: Mapping[str, Any]) -> Any:
     return kinds[kind].config_from(fields)
 
 
+def flat_arrays(module: nnx.Module) -> dict[str, np.ndarray]:
+    """'/'-joined path -> value of every ``nnx.Param`` of a concrete module (what :func:`save` takes)."""
+    return {"/".join(map(str, path)): np.asarray(var[...])
+            for path, var in nnx.to_flat_state(nnx.state(module, nnx.Param))}
+
+
 def _nest(flat: Mapping[str, np.ndarray]) -> dict:
     tree: dict = {}
     for path, value in flat.items():

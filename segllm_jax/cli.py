@@ -16,11 +16,21 @@ from segllm_jax.errors import InputError, SegLLMError
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from segllm_jax_convert.convert import convert_checkpoint
+    from segllm_jax_convert.convert import convert_checkpoint, convert_training_init
 
-    dst = convert_checkpoint(args.src, args.dst, kind=args.kind, param_dtype=args.dtype,
+    init_sources = (args.llava, args.clip, args.hipie)
+    if any(init_sources):
+        if not all(init_sources) or len(args.paths) != 1:
+            raise InputError("a training init needs --llava, --clip and --hipie, and one output folder.")
+        dst = convert_training_init(args.llava, args.clip, args.hipie, args.paths[0], progress=not args.quiet)
+        print(f"training init from {args.llava}, {args.clip}, {args.hipie} -> {dst}")
+        return 0
+    if len(args.paths) != 2:
+        raise InputError("convert takes SRC and DST (or --llava/--clip/--hipie and DST).")
+    src, dst = args.paths
+    dst = convert_checkpoint(src, dst, kind=args.kind, param_dtype=args.dtype, vision_config=args.vision_config,
                              progress=not args.quiet)
-    print(f"converted {args.src} -> {dst}")
+    print(f"converted {src} -> {dst}")
     return 0
 
 
@@ -62,9 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("convert", help="convert a PyTorch/HF checkpoint to a segllm-jax checkpoint")
-    p.add_argument("src", help="checkpoint folder or file (.safetensors, .bin, .pth)")
-    p.add_argument("dst", help="output folder")
+    p.add_argument("paths", nargs="+", metavar="SRC DST",
+                   help="checkpoint folder or file (.safetensors, .bin, .pth), then the output folder")
     p.add_argument("--kind", default=None, help="source kind, if it cannot be detected")
+    p.add_argument("--vision-config", default=None, help="CLIP config.json, for a SegLLM release whose tower "
+                   "is not ViT-L/14")
+    p.add_argument("--llava", default=None, help="training init: LLaVA-1.5 folder")
+    p.add_argument("--clip", default=None, help="training init: CLIP ViT folder")
+    p.add_argument("--hipie", default=None, help="training init: HIPIE r50_parts.pth")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="parameter dtype")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_convert)

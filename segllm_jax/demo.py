@@ -40,10 +40,7 @@ def _random_tiny_checkpoint(directory: Path, seed: int) -> Path:
     tokenizer = SegTokenizer.from_pretrained(directory)
     cfg = SegLLMConfig.tiny(vocab_size=tokenizer.vocab_size)
     model = checkpoint.build_model("segllm", cfg, seed=seed)
-    from flax import nnx
-
-    arrays = {"/".join(map(str, p)): np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-    checkpoint.save(directory, "segllm", cfg, arrays)
+    checkpoint.save(directory, "segllm", cfg, checkpoint.flat_arrays(model))
     tokenizer.save(directory)
     return directory
 

@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-from flax import nnx
 
 from hf_fixtures import save_hf, tiny_clip_vision_hf, tiny_llama_hf
 from segllm_jax import checkpoint
@@ -25,7 +24,7 @@ def test_wrong_conversion_fails(tmp_path, capsys):
     save_hf(tiny_llama_hf(), tmp_path / "src")
     convert_checkpoint(tmp_path / "src", tmp_path / "dst", progress=False)
     kind, cfg, model = checkpoint.load_model(tmp_path / "dst")
-    arrays = {"/".join(map(str, p)): np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(model))}
+    arrays = checkpoint.flat_arrays(model)
     arrays["layers/1/mlp/up_proj/kernel"] = arrays["layers/1/mlp/up_proj/kernel"] * 1.01
     checkpoint.save(tmp_path / "bad", kind, cfg, arrays)
     assert main(["check-conversion", str(tmp_path / "src"), str(tmp_path / "bad")]) == 1

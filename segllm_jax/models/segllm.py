@@ -31,15 +31,25 @@ from segllm_jax.models.llama import KVCache, Llama, LlamaOutput
 from segllm_jax.models.projector import MlpProjector
 
 
+def box_encoder(cfg: SegLLMConfig, rngs: nnx.Rngs) -> Linear:
+    """``mask_enc_head``: Linear(4 -> D); new in SegLLM, so training starts from PyTorch's default init."""
+    return Linear(4, cfg.llm.hidden_size, axes=(None, "embed"), rngs=rngs, param_dtype=cfg.llm.param_dtype,
+                  dtype=cfg.llm.dtype)
+
+
+def seg_predictor(cfg: SegLLMConfig, rngs: nnx.Rngs) -> MlpProjector:
+    """``segmentator_predictor``: mlp2x_gelu D -> D -> 8 * 768; new in SegLLM like the box encoder."""
+    return MlpProjector(cfg.predictor, rngs=rngs, in_axis="embed", out_axis="hipie_text")
+
+
 class SegLLM(nnx.Module):
     def __init__(self, cfg: SegLLMConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         self.llm = Llama(cfg.llm, rngs=rngs)
         self.vision_tower = ClipVision(cfg.vision, rngs=rngs)
         self.mm_projector = MlpProjector(cfg.projector, rngs=rngs)
-        self.mask_enc_head = Linear(4, cfg.llm.hidden_size, axes=(None, "embed"), rngs=rngs,
-                                    param_dtype=cfg.llm.param_dtype, dtype=cfg.llm.dtype)
-        self.segmentator_predictor = MlpProjector(cfg.predictor, rngs=rngs, in_axis="embed", out_axis="hipie_text")
+        self.mask_enc_head = box_encoder(cfg, rngs)
+        self.segmentator_predictor = seg_predictor(cfg, rngs)
         self.segmentator = Hipie(cfg.hipie, rngs=rngs)
 
     # ---- what enters the LLM -------------------------------------------------------------------

@@ -81,3 +81,27 @@ def test_check_conversion_covers_the_whole_model(tiny, capsys):
         assert f"| {part}" in out
     assert "PASS" in out
     print(out)
+
+
+def test_training_init_from_three_sources(tmp_path, tiny):
+    """llava-v1.5 folder + CLIP folder + r50_parts.pth -> one SegLLM checkpoint that runs a round."""
+    from .tiny_release import write_tiny_training_sources
+
+    root, _ = tiny
+    llava, clip, hipie, state = write_tiny_training_sources(tmp_path / "sources")
+    assert main(["convert", "--llava", str(llava), "--clip", str(clip), "--hipie", str(hipie),
+                 str(tmp_path / "init"), "--quiet"]) == 0
+    loaded = segllm_jax.load(tmp_path / "init")
+    embed = np.asarray(loaded.model.llm.embed_tokens.embedding[...])
+    assert loaded.tokenizer.vocab_size == embed.shape[0] == 32011
+    np.testing.assert_array_equal(embed[:32000], state["model.embed_tokens.weight"][:32000])
+    new_rows = embed[32000:]
+    assert 0.01 < new_rows.std() < 0.03 and not np.allclose(new_rows, embed[32000 - 11:32000])
+    head = np.asarray(loaded.model.llm.lm_head.kernel[...])
+    np.testing.assert_array_equal(head[:, :32000], state["lm_head.weight"][:32000].T)
+    np.testing.assert_array_equal(np.asarray(loaded.model.segmentator.level_embed.embedding[...]),
+                                  state["model.segmentator.hipie.detr.detr.transformer.level_embed"])
+    bound = 1 / np.sqrt(4)  # PyTorch's default Linear init for the new box encoder
+    box = np.asarray(loaded.model.mask_enc_head.kernel[...])
+    assert np.abs(box).max() <= bound and box.std() > bound / 3
+    MultiRoundSession(loaded, root / "scene.png").ask("Segment the red square.")

@@ -68,7 +68,8 @@ def _random_params(model, seed: int) -> dict[str, np.ndarray]:
     return out
 
 
-def write_tiny_release(dst: Path, seed: int = 0, num_shards: int = 3) -> Path:
+def tiny_state(seed: int = 0) -> tuple[SegLLMConfig, dict[str, np.ndarray]]:
+    """The tiny config and a release-style state dict (real key names, tiny shapes)."""
     cfg = tiny_config()
     params = _random_params(build_model("segllm", cfg, abstract=True), seed)
     table = segllm_table(cfg)
@@ -80,7 +81,32 @@ def write_tiny_release(dst: Path, seed: int = 0, num_shards: int = 3) -> Path:
             state[key] = np.ascontiguousarray(_to_source(transform, params[target]))
             filled.add(target)
     assert filled == set(params), f"targets without a release key: {sorted(set(params) - filled)[:5]}"
+    return cfg, state
 
+
+def _clip_hf_fields(cfg: SegLLMConfig) -> dict:
+    v = cfg.vision
+    return {"hidden_size": v.hidden_size, "intermediate_size": v.intermediate_size,
+            "num_hidden_layers": v.num_layers, "num_attention_heads": v.num_heads,
+            "image_size": v.image_size, "patch_size": v.patch_size}
+
+
+def release_config(cfg: SegLLMConfig, with_vision: bool = True) -> dict:
+    """The golden release ``config.json`` with tiny sizes, plus our ``segllm_jax`` extension."""
+    release = json.loads((golden_segllm_dir() / "checkpoint_files" / "config.json").read_text())
+    llm = cfg.llm
+    release.update(hidden_size=llm.hidden_size, intermediate_size=llm.intermediate_size,
+                   num_hidden_layers=llm.num_layers, num_attention_heads=llm.num_heads,
+                   num_key_value_heads=llm.num_kv_heads, head_dim=llm.head_dim, vocab_size=llm.vocab_size,
+                   max_position_embeddings=llm.max_position_embeddings, mm_hidden_size=cfg.vision.hidden_size)
+    release["segllm_jax"] = {"hipie": dataclasses.asdict(cfg.hipie), "hipie_image_size": cfg.hipie_image_size}
+    if with_vision:
+        release["segllm_jax"]["vision"] = _clip_hf_fields(cfg)
+    return release
+
+
+def write_tiny_release(dst: Path, seed: int = 0, num_shards: int = 3) -> Path:
+    cfg, state = tiny_state(seed)
     dst.mkdir(parents=True)
     names = sorted(state)
     weight_map = {}
@@ -89,22 +115,35 @@ def write_tiny_release(dst: Path, seed: int = 0, num_shards: int = 3) -> Path:
         save_file({k: state[k] for k in chunk}, dst / fname)
         weight_map.update({k: fname for k in chunk})
     (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-
-    release = json.loads((golden_segllm_dir() / "checkpoint_files" / "config.json").read_text())
-    llm = cfg.llm
-    release.update(hidden_size=llm.hidden_size, intermediate_size=llm.intermediate_size,
-                   num_hidden_layers=llm.num_layers, num_attention_heads=llm.num_heads,
-                   num_key_value_heads=llm.num_kv_heads, head_dim=llm.head_dim, vocab_size=llm.vocab_size,
-                   max_position_embeddings=llm.max_position_embeddings, mm_hidden_size=cfg.vision.hidden_size)
-    v = cfg.vision
-    release["segllm_jax"] = {
-        "vision": {"hidden_size": v.hidden_size, "intermediate_size": v.intermediate_size,
-                   "num_hidden_layers": v.num_layers, "num_attention_heads": v.num_heads,
-                   "image_size": v.image_size, "patch_size": v.patch_size},
-        "hipie": dataclasses.asdict(cfg.hipie),
-        "hipie_image_size": cfg.hipie_image_size,
-    }
-    (dst / "config.json").write_text(json.dumps(release, indent=2))
+    (dst / "config.json").write_text(json.dumps(release_config(cfg), indent=2))
     make_llama_tokenizer_dir(dst, with_config=True)
     SegTokenizer.from_pretrained(dst).save(dst)
     return dst
+
+
+def write_tiny_training_sources(root: Path, seed: int = 0) -> tuple[Path, Path, Path, dict[str, np.ndarray]]:
+    """The three sources SegLLM training starts from, tiny: a LLaVA-1.5 folder (32000-token vocabulary,
+    LLaMA + mm_projector), a CLIP vision folder and a HIPIE ``r50_parts.pth``. Also returns the state."""
+    import torch
+
+    cfg, state = tiny_state(seed)
+    base = 32000
+    llava, clip = root / "llava-v1.5", root / "clip-vit"
+    llava.mkdir(parents=True)
+    llava_state = {k: (v[:base] if k in ("model.embed_tokens.weight", "lm_head.weight") else v)
+                   for k, v in state.items()
+                   if not k.startswith(("model.vision_tower.", "model.mask_enc_head.", "model.segmentator"))}
+    save_file(llava_state, llava / "model.safetensors")
+    llava_cfg = release_config(cfg, with_vision=False)
+    llava_cfg.update(vocab_size=base)
+    del llava_cfg["segmentator"]
+    (llava / "config.json").write_text(json.dumps(llava_cfg, indent=2))
+    make_llama_tokenizer_dir(llava, with_config=True)
+    clip.mkdir()
+    prefix = "model.vision_tower.vision_tower."
+    save_file({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, clip / "model.safetensors")
+    (clip / "config.json").write_text(json.dumps({"model_type": "clip_vision_model", **_clip_hf_fields(cfg)}))
+    hipie_prefix = "model.segmentator.hipie."
+    torch.save({k[len(hipie_prefix):]: torch.from_numpy(v.copy()) for k, v in state.items()
+                if k.startswith(hipie_prefix)}, root / "r50_parts.pth")
+    return llava, clip, root / "r50_parts.pth", state

@@ -13,15 +13,18 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
+from flax import nnx
+
 from segllm_jax import checkpoint
 from segllm_jax.config import HipieConfig, LlamaConfig, SegLLMConfig, VisionConfig, load_json
 from segllm_jax.errors import CheckpointError
+from segllm_jax.models.segllm import box_encoder, seg_predictor
 from segllm_jax_convert.clip import clip_vision_table
 from segllm_jax_convert.engine import MappingTable, convert, flat_targets
 from segllm_jax_convert.hipie import hipie_table
 from segllm_jax_convert.io import TensorSource, open_checkpoint
 from segllm_jax_convert.llama import llama_table
-from segllm_jax_convert.segllm import segllm_table
+from segllm_jax_convert.segllm import added_token_rows, llava_table, segllm_table
 
 log = logging.getLogger(__name__)
 
@@ -116,4 +119,51 @@ def convert_checkpoint(src: str | Path, dst: str | Path, *, kind: str | None = N
         for name in TOKENIZER_FILES:
             if (src / name).exists():
                 shutil.copy2(src / name, dst / name)
+    return dst
+
+
+def convert_training_init(llava: str | Path, clip: str | Path, hipie: str | Path, dst: str | Path, *,
+                          seed: int = 0, progress: bool = True) -> Path:
+    """SegLLM's starting point for training (spec §5.1) from its three sources, as one checkpoint.
+
+    ``llava``: a LLaVA-1.5 folder (LLaMA + ``mm_projector``, 32000-token vocabulary, tokenizer);
+    ``clip``: a CLIP ViT folder (``openai/clip-vit-large-patch14``); ``hipie``: ``r50_parts.pth``.
+    SegLLM's 11 tokens are added to the tokenizer and their embedding / LM-head rows initialised as
+    the original's transformers did; ``mask_enc_head`` and ``segmentator_predictor`` start from
+    PyTorch's default Linear init (seeded).
+    """
+    from segllm_jax.tokenizer import SegTokenizer
+
+    llava, clip, hipie, dst = Path(llava), Path(clip), Path(hipie), Path(dst)
+    if (dst / "params").exists():
+        raise CheckpointError(f"{dst} already holds a checkpoint; choose an empty output folder.")
+    llava_config = _hf_config(llava)
+    tokenizer = SegTokenizer.from_pretrained(llava)
+    base_vocab = int(llava_config["vocab_size"])
+    sources = {"llava": open_checkpoint(llava), "clip": open_checkpoint(clip), "hipie": open_checkpoint(hipie)}
+    vision = VisionConfig.from_hf_dict(load_json(clip / "config.json"))
+    release_like = {**llava_config, "segmentator": "hipie", "vocab_size": tokenizer.vocab_size}
+    custom_hipie = "hipie" in llava_config.get("segllm_jax", {})
+    config = SegLLMConfig.from_release(release_like, vision,
+                                       None if custom_hipie else _hipie_config(hipie, sources["hipie"], vision))
+    model = checkpoint.build_model("segllm", config, abstract=True)
+    targets = flat_targets(model)
+    parts = {
+        "llava": (llava_table(config, added_token_rows(tokenizer.vocab_size - base_vocab, seed)),
+                  ("llm/", "mm_projector/")),
+        "clip": (clip_vision_table(config.vision).under("", "vision_tower/"), ("vision_tower/",)),
+        "hipie": (hipie_table(config.hipie.num_queries).under("", "segmentator/"), ("segmentator/",)),
+    }
+    arrays: dict[str, Any] = {}
+    for name, (table, prefixes) in parts.items():
+        wanted = {k: v for k, v in targets.items() if k.startswith(prefixes)}
+        arrays.update(convert(sources[name], table, wanted, progress=progress))
+    rngs = nnx.Rngs(seed)
+    for name, head in (("mask_enc_head", box_encoder(config, rngs)), ("segmentator_predictor",
+                                                                      seg_predictor(config, rngs))):
+        arrays.update({f"{name}/{path}": v for path, v in checkpoint.flat_arrays(head).items()})
+    log.info("training init: %d new token rows, fresh mask_enc_head and segmentator_predictor",
+             tokenizer.vocab_size - base_vocab)
+    checkpoint.save(dst, "segllm", config, arrays)
+    tokenizer.save(dst)
     return dst

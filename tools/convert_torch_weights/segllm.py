@@ -9,9 +9,13 @@ sub-model's prefix but not to its table are reported as unknown, never silently 
 
 from __future__ import annotations
 
+from typing import Callable
+
+import numpy as np
+
 from segllm_jax.config import SegLLMConfig
 from segllm_jax_convert.clip import clip_vision_table
-from segllm_jax_convert.engine import MappingTable, Rule, linear_kernel
+from segllm_jax_convert.engine import MappingTable, Rule, Transform, linear_kernel
 from segllm_jax_convert.hipie import SEGLLM_PREFIX, hipie_table
 from segllm_jax_convert.llama import llama_table
 from segllm_jax_convert.projector import mlp_projector_table
@@ -20,19 +24,50 @@ _SUBMODEL_PREFIXES = (r"model\.vision_tower\.", r"model\.mm_projector\.", r"mode
                       r"model\.segmentator_predictor\.", r"model\.segmentator\.")
 
 
-def segllm_table(cfg: SegLLMConfig) -> MappingTable:
+def added_token_rows(new_rows: int, seed: int) -> Callable[[int], Transform]:
+    """Appends ``new_rows`` rows drawn N(0, 0.02) to a ``[vocab, D]`` table (stream ``which``: 0 embed, 1 head).
+
+    This is what ``resize_token_embeddings`` did in the transformers release SegLLM trained with
+    (4.43: the new module is initialised with ``_init_weights``, normal(0, initializer_range=0.02),
+    then the old rows are copied back); those rows are then frozen (spec §2, §5.1).
+    """
+    def for_table(which: int) -> Transform:
+        def add(x: np.ndarray) -> np.ndarray:
+            rows = np.random.default_rng([seed, which]).normal(0.0, 0.02, (new_rows, x.shape[1]))
+            return np.concatenate([x, rows.astype(x.dtype)], axis=0)
+        return add
+    return for_table
+
+
+def llava_table(cfg: SegLLMConfig, vocab_rows: Callable[[int], Transform] | None = None) -> MappingTable:
+    """The LLaVA-1.5 part (LLaMA at ``model.*``/``lm_head`` and ``model.mm_projector.*``).
+
+    ``vocab_rows(which)`` transforms ``embed_tokens`` (0) / ``lm_head`` (1): training init adds rows.
+    """
     llm = llama_table(cfg.llm)
     # the LLaMA rules are anchored at "model." / "lm_head": keep them off the sub-model prefixes
     guard = "(?!" + "|".join(_SUBMODEL_PREFIXES) + ")"
-    llm = MappingTable(llm.name, tuple(Rule(guard + r.source, "llm/" + r.target, r.transform) for r in llm.rules),
-                       llm.ignore)
+    rules = []
+    for r in llm.rules:
+        transform = r.transform
+        if vocab_rows is None:
+            pass
+        elif r.target == "embed_tokens/embedding":
+            transform = vocab_rows(0)
+        elif r.target == "lm_head/kernel":
+            transform = lambda x, rows=vocab_rows(1), inner=r.transform: inner(rows(x))  # noqa: E731  rows first
+        rules.append(Rule(guard + r.source, "llm/" + r.target, transform))
+    return (MappingTable("llava", tuple(rules), llm.ignore)
+            + mlp_projector_table("mm_projector").under("model.mm_projector.", "mm_projector/"))
+
+
+def segllm_table(cfg: SegLLMConfig) -> MappingTable:
     box = MappingTable("mask_enc_head", (
         Rule(r"model\.mask_enc_head\.weight", "mask_enc_head/kernel", linear_kernel),
         Rule(r"model\.mask_enc_head\.bias", "mask_enc_head/bias"),
     ))
-    return (llm
+    return (llava_table(cfg)
             + clip_vision_table(cfg.vision).under("model.vision_tower.vision_tower.", "vision_tower/")
-            + mlp_projector_table("mm_projector").under("model.mm_projector.", "mm_projector/")
             + box
             + mlp_projector_table("segmentator_predictor").under("model.segmentator_predictor.",
                                                                  "segmentator_predictor/")
