@@ -59,6 +59,18 @@ def _chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def _infer(args: argparse.Namespace) -> int:
+    from segllm_jax.checkpoint import load
+    from segllm_jax.infer import run_infer
+
+    results = run_infer(load(args.checkpoint), args.manifest, args.out, batch_size=args.batch_size)
+    failed = [r for r in results if r["error"]]
+    for r in failed:
+        print(f"{r['id']}: {r['error']}", file=sys.stderr)
+    print(f"{len(results) - len(failed)}/{len(results)} conversations done -> {Path(args.out) / 'results.json'}")
+    return 1 if failed else 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from segllm_jax.demo import run_demo
 
@@ -97,6 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="chat_out", help="where overlays, masks and results.json go")
     p.add_argument("--mode", default="incremental", choices=["incremental", "recompute"])
     p.set_defaults(run=_chat)
+
+    p = sub.add_parser("infer", help="batched inference over a manifest of images x conversations")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--manifest", required=True, help='JSON lines: {"image": PATH, "queries": [...]}')
+    p.add_argument("--out", default="infer_out")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.set_defaults(run=_infer)
 
     p = sub.add_parser("demo", help="tiny end-to-end forward pass (the README's first command)")
     p.add_argument("--out", default="demo_out")

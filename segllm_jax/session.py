@@ -25,6 +25,7 @@ from PIL import Image
 
 from segllm_jax import preprocess
 from segllm_jax.checkpoint import Loaded
+from segllm_jax.config import SegLLMConfig
 from segllm_jax.errors import InputError
 from segllm_jax.models.hipie.model import image_features_jit, predict
 from segllm_jax.models.llama import KVCache
@@ -56,6 +57,47 @@ class RoundResult:
     @property
     def empty(self) -> bool:
         return not bool(self.mask.any())
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageContext:
+    """Host-side views of one image: the picture, HIPIE's frame and CLIP's input."""
+
+    image: Image.Image  # RGB, EXIF orientation applied
+    frame_u8: np.ndarray  # [S, S, 3] resized (long side S) and zero-padded
+    resized_hw: tuple[int, int]  # (h', w') of the image inside the frame
+    clip_pixels: np.ndarray  # [224, 224, 3] CLIP-preprocessed
+
+    @classmethod
+    def prepare(cls, source: preprocess.ImageSource, cfg: SegLLMConfig) -> "ImageContext":
+        image = preprocess.load_image(source)
+        frame_u8, resized_hw = preprocess.hipie_image(image, cfg.hipie_image_size)
+        return cls(image, frame_u8, resized_hw, preprocess.clip_image(image, cfg.vision.image_size))
+
+
+def round_result(ctx: ImageContext, cfg: SegLLMConfig, index: int, question: str, refs: list[int],
+                 mask_frame: np.ndarray, box_frame: np.ndarray, score: float, hidden, prompt) -> RoundResult:
+    """A round's answer in the user's frame, plus the products later references need (spec §3, §8)."""
+    frame = cfg.hipie_image_size
+    x0, y0, x1, y1 = preprocess.reference_box(box_frame, frame)
+    crop = preprocess.clip_image(preprocess.masked_crop(ctx.frame_u8, mask_frame, (x0, y0, x1, y1)),
+                                 cfg.vision.image_size)
+    h, w = ctx.resized_hw
+    width, height = ctx.image.size
+    mask = np.asarray(Image.fromarray(mask_frame[:h, :w]).resize((width, height), Image.NEAREST))
+    scale = np.asarray([width / w, height / h, width / w, height / h])
+    box = np.clip(box_frame * scale, 0, [width, height, width, height])
+    return RoundResult(
+        index=index, text=question, refs=tuple(refs), mask=mask, mask_frame=mask_frame, box_frame=box_frame,
+        box=box.astype(np.float32), score=float(score), prompt_hidden=np.asarray(hidden), prompt=np.asarray(prompt),
+        ref_crop=crop, ref_box=np.asarray([y0, x0, y1, x1], np.float32) / frame)
+
+
+def blend(image: Image.Image, mask: np.ndarray, color: tuple[int, int, int] = (255, 0, 0)) -> Image.Image:
+    """The original CLI's overlay: mask pixels = 0.5 image + 0.5 colour."""
+    arr = np.asarray(image, np.float32)
+    out = np.where(mask[..., None], 0.5 * arr + 0.5 * np.asarray(color, np.float32), arr)
+    return Image.fromarray(out.astype(np.uint8))
 
 
 @nnx.jit
@@ -95,13 +137,9 @@ class MultiRoundSession:
         self.model, self.tokenizer, self.mode = model, tokenizer, mode
         cfg = model.cfg
         self.encoder = ConversationEncoder(tokenizer, cfg.num_image_tokens)
-        self.image = preprocess.load_image(image)
-        frame_size = cfg.hipie_image_size
-        self.frame_u8, self.resized_hw = preprocess.hipie_image(self.image, frame_size)  # [S, S, 3], (h', w')
-        clip = preprocess.clip_image(self.image, cfg.vision.image_size)
-        self._clip_pixels = clip  # [224, 224, 3]
-        self._image_embeds = _image_embeds(model, jnp.asarray(clip)[None])[0]  # [P, D], once per image
-        self._levels = image_features_jit(model.segmentator, jnp.asarray(self.frame_u8)[None])  # once per image
+        self.ctx = ImageContext.prepare(image, cfg)
+        self._image_embeds = _image_embeds(model, jnp.asarray(self.ctx.clip_pixels)[None])[0]  # [P, D], once
+        self._levels = image_features_jit(model.segmentator, jnp.asarray(self.ctx.frame_u8)[None])  # once
         self.clear()
 
     # ---- public API ----------------------------------------------------------------------------
@@ -130,11 +168,13 @@ class MultiRoundSession:
         self.rounds.append(result)
         return result
 
+    @property
+    def image(self) -> Image.Image:
+        return self.ctx.image
+
     def overlay(self, result: RoundResult, color: tuple[int, int, int] = (255, 0, 0)) -> Image.Image:
         """The original CLI's picture: mask pixels = 0.5 image + 0.5 colour, at the original size."""
-        arr = np.asarray(self.image, np.float32)
-        blend = np.where(result.mask[..., None], 0.5 * arr + 0.5 * np.asarray(color, np.float32), arr)
-        return Image.fromarray(blend.astype(np.uint8))
+        return blend(self.ctx.image, result.mask, color)
 
     # ---- internals ---------------------------------------------------------------------------
     @property
@@ -194,18 +234,5 @@ class MultiRoundSession:
     def _segment(self, index: int, question: str, refs: list[int], hidden: jax.Array,
                  prompt: jax.Array) -> RoundResult:
         pred = predict(self.model.segmentator, None, prompt[None], [0], levels=self._levels)
-        mask_frame, box_frame = pred.masks[0], pred.boxes_xyxy[0]
-        frame = self.model.cfg.hipie_image_size
-        x0, y0, x1, y1 = preprocess.reference_box(box_frame, frame)
-        crop = preprocess.clip_image(preprocess.masked_crop(self.frame_u8, mask_frame, (x0, y0, x1, y1)),
-                                     self.model.cfg.vision.image_size)
-        h, w = self.resized_hw
-        width, height = self.image.size
-        mask = np.asarray(Image.fromarray(mask_frame[:h, :w]).resize((width, height), Image.NEAREST))
-        scale = np.asarray([width / w, height / h, width / w, height / h])
-        box = np.clip(box_frame * scale, 0, [width, height, width, height])
-        return RoundResult(
-            index=index, text=question, refs=tuple(refs), mask=mask, mask_frame=mask_frame, box_frame=box_frame,
-            box=box.astype(np.float32), score=float(pred.scores[0]), prompt_hidden=np.asarray(hidden),
-            prompt=np.asarray(prompt), ref_crop=crop,
-            ref_box=np.asarray([y0, x0, y1, x1], np.float32) / frame)
+        return round_result(self.ctx, self.model.cfg, index, question, refs, pred.masks[0], pred.boxes_xyxy[0],
+                            pred.scores[0], hidden, prompt)

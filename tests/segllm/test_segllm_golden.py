@@ -44,7 +44,7 @@ def test_golden_multiround_replay(path, mode, golden_segllm_checkpoints):
     assert tokenizer.video_id == int(g["video_token_id"]) and tokenizer.seg_id == int(g["seg_token_id"])
     image = REPO.parent / "shared" / "images" / "wii.jpg"
     session = MultiRoundSession(model, image, tokenizer, mode=mode)
-    np.testing.assert_array_equal(session.frame_u8, g["hipie_image_u8"].transpose(1, 2, 0))
+    np.testing.assert_array_equal(session.ctx.frame_u8, g["hipie_image_u8"].transpose(1, 2, 0))
     for k in range(1, int(g["num_rounds"]) + 1):
         text = str(g["round_texts"][k - 1])
         result = session.ask(text)

@@ -45,7 +45,7 @@ def test_incremental_recompute_and_batch_agree(tiny):
     conv = inc._conversation
     refs = [[batching.Reference(inc.rounds[k - 1].ref_crop, inc.rounds[k - 1].ref_box) for k in r.refs]
             for r in inc.rounds]
-    clip = inc._clip_pixels[None]
+    clip = inc.ctx.clip_pixels[None]
     batch = batching.collate([conv, conv], clip, [0, 0], [refs, refs], pad_to=conv.num_tokens + 7)
     _, prompts = batching.forward(loaded.model, batch)
     want = np.stack([r.prompt for r in inc.rounds])
@@ -105,3 +105,26 @@ def test_training_init_from_three_sources(tmp_path, tiny):
     box = np.asarray(loaded.model.mask_enc_head.kernel[...])
     assert np.abs(box).max() <= bound and box.std() > bound / 3
     MultiRoundSession(loaded, root / "scene.png").ask("Segment the red square.")
+
+
+def test_batched_infer_matches_sessions(tiny, tmp_path):
+    """`segllm-jax infer` batches conversations per round; each answer equals its own session's."""
+    root, loaded = tiny
+    other = tmp_path / "other.png"
+    Image.fromarray(np.random.default_rng(5).integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(other)
+    convs = [(root / "scene.png", SCRIPT), (other, SCRIPT[:2]), (root / "scene.png", ["Segment it.[REF:3]"]),
+             (tmp_path / "missing.png", SCRIPT[:1])]
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text("\n".join(json.dumps({"image": str(i), "queries": q}) for i, q in convs) + "\n")
+    assert main(["infer", "--checkpoint", str(root / "converted"), "--manifest", str(manifest),
+                 "--out", str(tmp_path / "out"), "--batch-size", "3"]) == 1  # two conversations fail
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert "round 1" in results[2]["error"] and "does not exist" in results[3]["error"]
+    for (image, queries), entry in zip(convs[:2], results[:2]):
+        session = MultiRoundSession(loaded, image)
+        assert entry["error"] is None and len(entry["rounds"]) == len(queries)
+        for q, got in zip(queries, entry["rounds"]):
+            want = session.ask(q)
+            mask = np.asarray(Image.open(tmp_path / "out" / got["mask"])) > 0
+            assert (mask == want.mask).mean() > 0.999
+            np.testing.assert_allclose(got["box"], want.box, atol=0.02)

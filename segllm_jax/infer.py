@@ -1,0 +1,148 @@
+"""``segllm-jax infer``: many images x conversations, batched, for GPU inference jobs.
+
+The manifest is JSON lines, one conversation per line: ``{"image": PATH, "queries": [q1, q2, ...]}``
+(queries may carry ``[REF:k]``; an optional ``"id"`` names the output folder). Conversations are
+processed in groups of ``--batch-size``: per round, every conversation of the group that still has
+a query is rebuilt and run in ONE teacher-forced batch (:mod:`segllm_jax.batch`), then HIPIE
+decodes all of the group's new ``<seg>`` prompts together, each on its own image's backbone
+features (computed once per image). Rounds within a conversation stay sequential, because a
+reference needs the earlier round's mask. A conversation with bad input is recorded with its
+error in ``results.json`` and skipped; the others go on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from PIL import Image
+from tqdm.auto import tqdm
+
+from segllm_jax import batch as batching
+from segllm_jax.checkpoint import Loaded
+from segllm_jax.errors import InputError, SegLLMError
+from segllm_jax.models.hipie.model import image_features_jit, predict
+from segllm_jax.session import ImageContext, RoundResult, blend, round_result
+from segllm_jax.tokenizer import ConversationEncoder, EncodedConversation, Round, check_fits, parse_references
+
+LENGTH_BUCKET = 64  # batches are padded to a multiple of this: few shapes, few compilations
+
+
+@dataclasses.dataclass
+class _Conversation:
+    id: str
+    image: str
+    queries: list[str]
+    ctx: ImageContext | None = None
+    encoded: EncodedConversation | None = None
+    refs: list[list[int]] = dataclasses.field(default_factory=list)
+    results: list[RoundResult] = dataclasses.field(default_factory=list)
+    error: str | None = None
+
+
+def read_manifest(path: str | Path) -> list[_Conversation]:
+    items = []
+    for n, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+            queries = [str(q) for q in entry["queries"]]
+            image = str(entry["image"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise InputError(f"{path}, line {n}: expected {{\"image\": PATH, \"queries\": [...]}}.") from None
+        items.append(_Conversation(str(entry.get("id", f"{n:05d}_{Path(image).stem}")), image, queries))
+    return items
+
+
+@nnx.jit
+def _forward_prompts(model, batch: batching.ConversationBatch) -> tuple[jax.Array, jax.Array]:
+    out, prompts = batching.forward(model, batch)
+    return out.hidden[batch.seg_rows, batch.seg_cols - 1], prompts  # [N, D], [N, 8, 768]
+
+
+def _step_round(loaded: Loaded, encoder: ConversationEncoder, group: list[_Conversation], r: int, levels) -> None:
+    cfg = loaded.config
+    active = []
+    for conv in group:
+        if conv.error or r >= len(conv.queries):
+            continue
+        try:
+            question, refs = parse_references(conv.queries[r], num_previous_rounds=r)
+            if not question.strip():
+                raise InputError("the question is empty.")
+            encoded = encoder.append(conv.encoded or EncodedConversation(np.zeros(0, np.int32),
+                                                                        np.zeros(0, np.int32), ()),
+                                     Round(question, len(refs), r == 0))
+            check_fits(encoded, cfg.context_length)
+        except SegLLMError as e:
+            conv.error = f"round {r + 1}: {e}"
+            continue
+        conv.encoded = encoded
+        conv.refs.append(refs)
+        active.append((conv, question, refs))
+    if not active:
+        return
+    convs = [c for c, _, _ in active]
+    references = [[[batching.Reference(c.results[k - 1].ref_crop, c.results[k - 1].ref_box) for k in refs]
+                   for refs in c.refs] for c in convs]
+    longest = max(c.encoded.num_tokens for c in convs)
+    batch = batching.collate([c.encoded for c in convs], np.stack([c.ctx.clip_pixels for c in convs]),
+                             list(range(len(convs))), references, gate=cfg.eval_reference_gate,
+                             pad_to=-(-longest // LENGTH_BUCKET) * LENGTH_BUCKET)
+    hidden, prompts = _forward_prompts(loaded.model, batch)  # one per <seg>, row-major over conversations
+    last = np.cumsum([len(c.encoded.rounds) for c in convs]) - 1  # each conversation's newest <seg>
+    image_index = [group.index(c) for c in convs]
+    pred = predict(loaded.model.segmentator, None, prompts[last], image_index, levels=levels)
+    for i, (conv, question, refs) in enumerate(active):
+        conv.results.append(round_result(conv.ctx, cfg, r + 1, question, refs, pred.masks[i], pred.boxes_xyxy[i],
+                                         pred.scores[i], hidden[last[i]], prompts[last[i]]))
+
+
+def _write(conv: _Conversation, out: Path) -> dict:
+    entry = {"id": conv.id, "image": conv.image, "rounds": [], "error": conv.error}
+    folder = out / conv.id
+    if conv.results:
+        folder.mkdir(parents=True, exist_ok=True)
+    for res in conv.results:
+        blend(conv.ctx.image, res.mask).save(folder / f"round_{res.index}.png")
+        Image.fromarray(res.mask.astype(np.uint8) * 255).save(folder / f"round_{res.index}_mask.png")
+        entry["rounds"].append({"round": res.index, "text": res.text, "refs": list(res.refs),
+                                "box": [round(float(v), 2) for v in res.box], "score": round(res.score, 6),
+                                "mask": f"{conv.id}/round_{res.index}_mask.png"})
+    return entry
+
+
+def run_infer(loaded: Loaded, manifest: str | Path, out: str | Path, batch_size: int = 8,
+              progress: bool = True) -> list[dict]:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    items = read_manifest(manifest)
+    encoder = ConversationEncoder(loaded.tokenizer, loaded.config.num_image_tokens)
+    results = []
+    bar = tqdm(total=sum(len(c.queries) for c in items), unit="round", desc="infer", disable=not progress)
+    for start in range(0, len(items), batch_size):
+        group = items[start:start + batch_size]
+        for conv in group:
+            try:
+                conv.ctx = ImageContext.prepare(conv.image, loaded.config)
+            except SegLLMError as e:
+                conv.error = str(e)
+        usable = [c for c in group if c.ctx]
+        if usable:
+            blank = np.zeros_like(usable[0].ctx.frame_u8)  # keeps image_index = position in the group
+            frames = np.stack([c.ctx.frame_u8 if c.ctx else blank for c in group])
+            levels = image_features_jit(loaded.model.segmentator, jnp.asarray(frames))  # once per image
+            for r in range(max(len(c.queries) for c in group)):
+                _step_round(loaded, encoder, group, r, levels)
+                bar.update(sum(1 for c in group if r < len(c.queries)))
+        for conv in group:
+            results.append(_write(conv, out))
+    bar.close()
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    return results
