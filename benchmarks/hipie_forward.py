@@ -7,13 +7,14 @@ Stages (each its own jitted function, timings device-synchronised with ``block_u
 * ``backbone``  per image: normalisation, ResNet-50, input projections, positions (G16);
 * ``encoder``   per prompt batch: gather by image index, VL fusion, 6 deformable encoder layers;
 * ``decoder``   two-stage selection, 6 decoder layers, last-layer heads, controller;
-* ``mask head`` pixel branch (``mask_feats``), the selected query's dynamic conv, ``aligned_bilinear``,
-  x4 upsampling to the input size and thresholding (host NMS excluded: microseconds of NumPy).
+* ``mask head`` pixel branch (``mask_feats``), the selected query's dynamic conv,
+  ``aligned_bilinear``, x4 upsampling to the input size and thresholding (host NMS excluded:
+  well under a millisecond of NumPy).
 
 Reported: median wall time of ``--runs`` runs after ``--warmup`` runs, each stage's share of the
 sum, and the compiled program's memory (XLA ``memory_analysis``: outputs + temporaries, i.e.
-what the stage allocates beyond its inputs and the 217 MiB of float32 weights) plus the device's ``peak_bytes_in_use`` where the backend
-reports it (GPU/TPU).
+what the stage allocates beyond its inputs and the 217 MiB of float32 weights) plus the device's
+``peak_bytes_in_use`` where the backend reports it (GPU/TPU).
 """
 
 from __future__ import annotations
@@ -132,18 +133,22 @@ def main() -> None:
         if stats and "peak_bytes_in_use" in stats:
             peak = stats["peak_bytes_in_use"]
         rows.append((n, [t_bb, t_enc, t_dec, t_mask], mem, peak))
+        _print_table(rows[-1:], header=len(rows) == 1)  # print as we go: a later size may not fit in memory
 
+
+def _print_table(rows, header: bool = True) -> None:
     names = ["backbone", "encoder", "decoder", "mask head"]
-    print()
-    print("| prompts | stage | median time (s) | share | outputs + temporaries (MiB) |")
-    print("|---|---|---|---|---|")
+    if header:
+        print()
+        print("| prompts | stage | median time (s) | share | outputs + temporaries (MiB) |")
+        print("|---|---|---|---|---|")
     for n, times, mem, peak in rows:
         total = sum(times)
         for name, t, m in zip(names, times, mem):
             ms = f"{m / 2**20:.0f}" if m is not None else "n/a"
             print(f"| {n} | {name} | {t:.4f} | {100 * t / total:.1f}% | {ms} |")
         print(f"| {n} | **total** | {total:.4f} | 100% | device peak: "
-              f"{f'{peak / 2**20:.0f} MiB' if peak else 'n/a (backend does not report)'} |")
+              f"{f'{peak / 2**20:.0f} MiB' if peak else 'n/a (backend does not report)'} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -45,6 +44,14 @@ from typing import Any, Mapping, Sequence, Union
 import numpy as np
 from PIL import Image
 
+from segllm_jax.data.conversations import (  # noqa: F401  (re-exported: the MR-Shapes API reads its JSON)
+    DecodeTarget,
+    MaskRef,
+    parse_decode,
+    parse_mask_ref,
+    parse_placeholders,
+    read_conversations,
+)
 from segllm_jax.errors import InputError
 
 DATASET_NAME = "mrshapes"
@@ -554,7 +561,7 @@ def load_mask(register: Mapping[str, Mapping[str, Any]] | PathLike, mask_id: str
 
 
 # ----------------------------------------------------------------------------------------------
-# Conversation JSON (spec §1.1): writing and parsing
+# Conversation JSON (spec §1.1): writing (parsing lives in segllm_jax.data.conversations)
 
 
 def conversation_to_json(conversation: Conversation, image: str, mask_ids: Sequence[str],
@@ -575,85 +582,6 @@ def conversation_to_json(conversation: Conversation, image: str, mask_ids: Seque
             gpt = f"[MASK-DECODE:{r.query.relation}:{ref}:{target}:{image}:{DATASET_NAME}]"
         turns += [{"from": "human", "value": human}, {"from": "gpt", "value": gpt}]
     return {"id": conv_id, "task": "segmentation", "conversations": turns}
-
-
-_BRACKET = re.compile(r"\[([^\]]+)\]")
-PLACEHOLDER_KINDS = ("IMAGE256", "MASK-ENCODE", "BOX-ENCODE", "MASK-DECODE")
-
-
-@dataclass(frozen=True)
-class Placeholder:
-    kind: str  # one of PLACEHOLDER_KINDS
-    payload: str  # text after the first ':'
-
-
-@dataclass(frozen=True)
-class MaskRef:
-    """A MASK-ENCODE/BOX-ENCODE payload ``img|dataset|mask_id``."""
-
-    image: str
-    dataset: str
-    mask_id: str
-
-
-@dataclass(frozen=True)
-class DecodeTarget:
-    """A MASK-DECODE payload in any of its three forms (spec §1.1)."""
-
-    image: str
-    dataset: str
-    target_id: str
-    ref_ids: tuple[str, ...] = ()  # the original uses only ref_ids[0]
-    task_type: str | None = None
-
-
-def parse_placeholders(value: str) -> tuple[list[Placeholder], str]:
-    """The placeholders of one turn in text order, and the remaining text (stripped). Brackets of
-    other kinds stay in the text, as the original loader ignores them."""
-    found: list[Placeholder] = []
-
-    def take(match: re.Match[str]) -> str:
-        kind, sep, payload = match.group(1).partition(":")
-        if kind not in PLACEHOLDER_KINDS or not sep:
-            return match.group(0)
-        found.append(Placeholder(kind, payload))
-        return ""
-
-    text = _BRACKET.sub(take, value)
-    return found, text.strip()
-
-
-def parse_mask_ref(payload: str) -> MaskRef:
-    parts = payload.split("|")
-    if len(parts) != 3:
-        raise InputError(f"mask reference {payload!r} is not of the form img|dataset|mask_id.")
-    return MaskRef(*parts)
-
-
-def parse_decode(payload: str) -> DecodeTarget:
-    colons = payload.count(":")
-    if colons in (4, 5):
-        task, *ids, image, dataset = payload.split(":")
-        return DecodeTarget(image, dataset, ids[-1], tuple(ids[:-1]), task)
-    if colons == 0 and payload.count("|") == 2:
-        image, dataset, target = payload.split("|")
-        return DecodeTarget(image, dataset, target)
-    raise InputError(f"MASK-DECODE payload {payload!r} matches none of the three forms of spec §1.1.")
-
-
-def read_conversations(path: PathLike) -> list[dict[str, Any]]:
-    """Entries of a conversation JSON file, checked to be alternating human/gpt turns."""
-    with open(path, encoding="utf-8") as f:
-        entries = json.load(f)
-    if not isinstance(entries, list):
-        raise InputError(f"{path} must hold a JSON list of conversations.")
-    for entry in entries:
-        turns = entry.get("conversations") if isinstance(entry, dict) else None
-        if not turns or len(turns) % 2 or any(
-                t.get("from") != ("human", "gpt")[i % 2] for i, t in enumerate(turns)):
-            raise InputError(f"{path}: entry {entry.get('id') if isinstance(entry, dict) else entry!r} "
-                             "must have alternating human/gpt turns starting with human.")
-    return entries
 
 
 # ----------------------------------------------------------------------------------------------

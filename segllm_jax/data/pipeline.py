@@ -1,0 +1,558 @@
+"""Training/eval input pipeline: conversation files -> batches of model-ready NumPy examples (grain).
+
+Structure (all host-side NumPy; nothing here imports JAX):
+
+* :class:`ConversationSource` — a grain ``RandomAccessDataSource`` over every (file, index) of the
+  mixture's conversation files.
+* :class:`BatchPlan` — the original's ``MultiDatasetBatchSampler`` (spec §5.3): every step picks ONE
+  conversation file (weights uniform by default, seeded per epoch) and draws the whole global batch
+  (``batch_size × shard_count``) from it; host ``shard_index`` takes its slice. Steps per epoch =
+  total conversations // global batch, as in the original.
+* :class:`ExampleBuilder` — one JSON entry -> one example dict (token ids/labels, CLIP image, HIPIE
+  image, reference crops/boxes of §3, GT masks per ``<seg>`` in the 1024 frame).
+* :class:`BatchLoader` — grain map from a global step to that host's batch; a conversation whose
+  image/annotation is missing or corrupt is replaced by another draw from the same file and counted.
+* :class:`Pipeline` — the grain dataset (optionally with worker processes) and a checkpointable
+  iterator (:meth:`PipelineIterator.get_state` / ``set_state``).
+
+Deliberate differences from the original sampler: indices within a file are drawn without
+replacement (a seeded permutation per file and pass, consumed a global batch at a time; files
+smaller than a global batch are drawn with replacement as in the original), so hosts of one step
+never share a conversation and a file is covered before it repeats. The original drew indices with
+replacement from the unseeded global NumPy generator, which made runs irreproducible.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any, Mapping, Sequence, Union
+
+import grain
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from segllm_jax.data.conversations import INFERENCE_DATASET, MaskRef, ParsedConversation, parse_conversation
+from segllm_jax.data.registers import (AnnotationRegistry, RegisterSpec, load_json, read_register_specs,
+                                       resolve_image_path)
+from segllm_jax.errors import ConfigError, InputError
+from segllm_jax.preprocess import (CLIP_IMAGE_SIZE, HIPIE_IMAGE_SIZE, clip_image, hipie_image, hipie_mask,
+                                   masked_crop)
+from segllm_jax.tokenizer import (ConversationEncoder, EncodedConversation, RoundLayout, SegTokenizer,
+                                  rounds_that_fit)
+
+PathLike = Union[str, os.PathLike]
+log = logging.getLogger(__name__)
+
+#: Conversation length the original trained with (``model_max_length``, spec §5.3).
+DEFAULT_MAX_LENGTH = 2048
+
+
+# ----------------------------------------------------------------------------------------------
+# Mixture config
+
+
+@dataclasses.dataclass(frozen=True)
+class ConversationFile:
+    path: str  # relative to MixtureConfig.conversations_root
+    weight: float = 1.0  # the original used 1 for every file
+
+
+@dataclasses.dataclass(frozen=True)
+class MixtureConfig:
+    """What the original's conversation and annotation yaml files (plus folder flags) said."""
+
+    conversations: tuple[ConversationFile, ...]
+    registers: tuple[RegisterSpec, ...]
+    images_root: str
+    annotations_root: str
+    conversations_root: str = "."
+    limit_rounds: int | None = 6  # ``--limit_rounds 6`` of every released training script
+    max_per_file: int | None = None  # the original's ``--load_data``: first k conversations per file
+    is_eval: bool = False  # read ``<dataset>_eval`` registers where present
+
+    @classmethod
+    def from_yaml(cls, conversation_yaml: PathLike, annotation_yaml: PathLike, **folders: Any) -> MixtureConfig:
+        """From the original's ``scripts/{conversation,annotation}_configs`` files; ``folders`` are the
+        remaining fields (``images_root``, ``annotations_root``, ``conversations_root``, ...)."""
+        import yaml  # a transformers dependency; only needed for the original's config files
+
+        with open(conversation_yaml, encoding="utf-8") as f:
+            entries = (yaml.safe_load(f) or {}).get("datasets")
+        if not isinstance(entries, list) or not all(isinstance(e, Mapping) and "name" in e for e in entries):
+            raise ConfigError(f"{conversation_yaml} must hold 'datasets:' entries with a name.")
+        files = tuple(ConversationFile(str(e["name"]), float(e.get("weight", 1.0))) for e in entries)
+        return cls(conversations=files, registers=tuple(read_register_specs(annotation_yaml)), **folders)
+
+
+# ----------------------------------------------------------------------------------------------
+# Source
+
+
+class ConversationSource:
+    """Random access to every conversation of the mixture, flat over (file, index).
+
+    Entries are read in the constructor (lengths are needed to plan batches) and again lazily in each
+    worker process: pickling drops them, so workers are started from paths, not from a copy of
+    possibly hundreds of MB of JSON.
+    """
+
+    def __init__(self, paths: Sequence[PathLike], max_per_file: int | None = None) -> None:
+        self.paths = tuple(Path(p) for p in paths)
+        self.max_per_file = max_per_file
+        self._entries: list[list[Any]] | None = None
+        self.file_lengths = tuple(len(entries) for entries in self._all_entries())
+        self.offsets = tuple(int(x) for x in np.concatenate([[0], np.cumsum(self.file_lengths)[:-1]]))
+
+    def _all_entries(self) -> list[list[Any]]:
+        if self._entries is None:
+            self._entries = [self._read(p) for p in self.paths]
+        return self._entries
+
+    def _read(self, path: Path) -> list[Any]:
+        try:
+            entries = load_json(path)
+        except InputError as err:
+            raise ConfigError(f"conversation file {path} cannot be used: {err}") from None
+        if not isinstance(entries, list):
+            raise ConfigError(f"conversation file {path} must hold a JSON list of conversations.")
+        return entries[: self.max_per_file] if self.max_per_file is not None else entries
+
+    def __len__(self) -> int:
+        return sum(self.file_lengths)
+
+    def __getitem__(self, index: int) -> Any:
+        file_index = int(np.searchsorted(self.offsets, index, side="right")) - 1
+        return self.entry(file_index, index - self.offsets[file_index])
+
+    def entry(self, file_index: int, record_index: int) -> Any:
+        return self._all_entries()[file_index][record_index]
+
+    def __repr__(self) -> str:
+        files = ", ".join(f"{p.name}:{n}" for p, n in zip(self.paths, self.file_lengths))
+        return f"ConversationSource({files})"
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_entries": None}
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampler
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchPlan:
+    """Which conversations host ``shard_index`` gets at each step (spec §5.3; see module docstring)."""
+
+    file_lengths: tuple[int, ...]
+    batch_size: int  # per host
+    weights: tuple[float, ...] | None = None  # per file; None = uniform, as the original
+    shard_index: int = 0
+    shard_count: int = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or not 0 <= self.shard_index < self.shard_count or self.seed < 0:
+            raise ConfigError(f"need batch_size >= 1, 0 <= shard_index < shard_count and seed >= 0, got "
+                              f"{self.batch_size}, {self.shard_index}/{self.shard_count}, {self.seed}.")
+        if self.weights is not None and len(self.weights) != len(self.file_lengths):
+            raise ConfigError(f"{len(self.weights)} weights for {len(self.file_lengths)} conversation files.")
+        if self.steps_per_epoch < 1 or not self.probabilities().sum() > 0:
+            raise ConfigError(f"{sum(self.file_lengths)} conversations cannot fill one global batch of "
+                              f"{self.global_batch} (or every non-empty file has weight 0).")
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.shard_count
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return sum(self.file_lengths) // self.global_batch
+
+    def probabilities(self) -> np.ndarray:
+        """File probabilities; empty files never get picked."""
+        w = np.ones(len(self.file_lengths)) if self.weights is None else np.asarray(self.weights, np.float64)
+        w = np.where(np.asarray(self.file_lengths) > 0, w, 0.0)
+        return w / w.sum() if w.sum() > 0 else w
+
+    def host_batch(self, epoch: int, step: int) -> tuple[int, np.ndarray]:
+        """(file index, this host's ``batch_size`` record indices in that file) at ``step`` of ``epoch``."""
+        files, uses = _epoch_plan(self, epoch)
+        file_index, use = int(files[step]), int(uses[step])
+        n, g = self.file_lengths[file_index], self.global_batch
+        if n >= g:
+            cycle, chunk = divmod(use, n // g)
+            order = np.random.default_rng([self.seed, epoch, file_index, cycle]).permutation(n)
+            picked = order[chunk * g:(chunk + 1) * g]
+        else:
+            picked = np.random.default_rng([self.seed, epoch, file_index, use]).integers(0, n, g)
+        start = self.shard_index * self.batch_size
+        return file_index, picked[start:start + self.batch_size]
+
+    def replacement(self, epoch: int, step: int, slot: int, attempt: int, file_index: int) -> int:
+        """A deterministic substitute from the same file for a conversation that could not be loaded."""
+        rng = np.random.default_rng([self.seed, epoch, step, self.shard_index, slot, attempt, 1])
+        return int(rng.integers(self.file_lengths[file_index]))
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_plan(plan: BatchPlan, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+    """File of every step of ``epoch`` (same on every host) and how often it was used before."""
+    rng = np.random.default_rng([plan.seed, epoch])
+    files = rng.choice(len(plan.file_lengths), size=plan.steps_per_epoch, p=plan.probabilities())
+    uses = np.zeros_like(files)
+    for f in np.unique(files):
+        where = np.flatnonzero(files == f)
+        uses[where] = np.arange(where.size)
+    return files, uses
+
+
+# ----------------------------------------------------------------------------------------------
+# Examples
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    """uint8 ``[H, W, 3]`` exactly as the original read it (``Image.open(p).convert('RGB')``).
+
+    Unlike ``preprocess.load_image`` no EXIF rotation is applied: annotations index the stored pixel
+    grid, so rotating the picture would misalign every mask.
+    """
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return np.asarray(img.convert("RGB"))
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise InputError(f"image {path} cannot be decoded ({type(err).__name__}: {str(err)[:80]}).") from None
+
+
+def _extent(mask: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
+    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    if rows.size == 0:
+        raise InputError(f"{what} is empty.")
+    return rows, cols
+
+
+class _Masks:
+    """Masks of one conversation's image, each read once: original resolution and HIPIE frame."""
+
+    def __init__(self, registry: AnnotationRegistry, image_file: str, image_hw: tuple[int, int],
+                 frame: int, is_eval: bool) -> None:
+        self._registry, self._image_file, self._hw = registry, image_file, image_hw
+        self._frame, self._is_eval = frame, is_eval
+        self._raw: dict[tuple[str, str], np.ndarray] = {}
+        self._framed: dict[tuple[str, str], np.ndarray] = {}
+
+    def raw(self, dataset: str, mask_id: str) -> np.ndarray:
+        key = (dataset, mask_id)
+        if key not in self._raw:
+            if dataset == INFERENCE_DATASET:  # spec §1.1: dummy all-ones target, no lookup
+                self._raw[key] = np.ones(self._hw, bool)
+            else:
+                self._raw[key] = self._registry.mask(dataset, mask_id, self._image_file, self._hw,
+                                                     is_eval=self._is_eval)
+        return self._raw[key]
+
+    def framed(self, dataset: str, mask_id: str) -> np.ndarray:
+        """Boolean mask in the 1024 resized-and-padded frame (spec §1.3)."""
+        key = (dataset, mask_id)
+        if key not in self._framed:
+            self._framed[key] = hipie_mask(self.raw(dataset, mask_id), self._frame) > 0
+        return self._framed[key]
+
+
+@dataclasses.dataclass
+class ExampleBuilder:
+    """One conversation JSON entry -> one example dict of NumPy arrays (see :meth:`build`)."""
+
+    encoder: ConversationEncoder
+    registry: AnnotationRegistry
+    images_root: Path
+    limit_rounds: int | None = 6
+    max_length: int = DEFAULT_MAX_LENGTH
+    clip_size: int = CLIP_IMAGE_SIZE
+    frame: int = HIPIE_IMAGE_SIZE
+    is_eval: bool = False
+    # grain reads with several threads; one HF fast tokenizer is not guaranteed to be thread-safe
+    _tokenizer_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, init=False, repr=False)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "_tokenizer_lock"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, _tokenizer_lock=threading.Lock())
+
+    def build(self, entry: Any) -> dict[str, Any]:
+        """Example keys (T tokens, N rounds = ``<seg>``s, R references, P image tokens, C = clip_size,
+        S = frame):
+
+        ``input_ids``/``labels`` int32 [T]; ``round_ends`` int32 [N]; ``image_positions`` int32 [P];
+        ``seg_positions`` int32 [N]; ``ref_mask_positions``/``ref_box_positions``/``ref_rounds`` int32 [R];
+        ``clip_image`` float32 [C, C, 3]; ``hipie_image`` uint8 [S, S, 3]; ``hipie_size`` int32 [2]
+        (resized h, w before padding); ``ref_crops`` float32 [R, C, C, 3]; ``ref_boxes`` float32 [R, 4]
+        (``[r0, c0, r1, c1] / S``); ``target_masks`` bool [N, S, S]; ``aux_masks`` bool [N, S, S]
+        (the round's supervised reference, zeros if none); ``has_aux`` bool [N]; ``conv_id`` str.
+        :class:`BatchLoader` adds ``file_index`` and ``record_index`` (int32 scalars).
+        """
+        conversation = parse_conversation(entry, self.limit_rounds)
+        encoded = self._encode(conversation)
+        rounds = conversation.rounds[: len(encoded.rounds)]
+        pixels = read_rgb(resolve_image_path(self.images_root, conversation.image))
+        masks = _Masks(self.registry, conversation.image, pixels.shape[:2], self.frame, self.is_eval)
+        hipie, resized_hw = hipie_image(Image.fromarray(pixels), self.frame)
+        refs = [(k, ref) for k, r in enumerate(rounds) for ref in r.references]
+        crops, boxes = self._references(pixels, masks, [ref for _, ref in refs])
+        targets, aux, has_aux = self._decode_masks(rounds, masks)
+        layouts = encoded.rounds
+        return {
+            "input_ids": encoded.input_ids,
+            "labels": encoded.labels,
+            "round_ends": np.asarray([r.end for r in layouts], np.int32),
+            "image_positions": np.concatenate([r.image_positions for r in layouts]).astype(np.int32),
+            "seg_positions": encoded.seg_positions,
+            "ref_mask_positions": np.concatenate([r.mask_encode_positions for r in layouts]).astype(np.int32),
+            "ref_box_positions": np.concatenate([r.box_encode_positions for r in layouts]).astype(np.int32),
+            "ref_rounds": np.asarray([k for k, _ in refs], np.int32),
+            "clip_image": clip_image(pixels, self.clip_size),
+            "hipie_image": hipie,
+            "hipie_size": np.asarray(resized_hw, np.int32),
+            "ref_crops": crops,
+            "ref_boxes": boxes,
+            "target_masks": targets,
+            "aux_masks": aux,
+            "has_aux": has_aux,
+            "conv_id": str(conversation.conv_id or ""),
+        }
+
+    def _encode(self, conversation: ParsedConversation) -> EncodedConversation:
+        """Token ids, cut after the last round that fits ``max_length`` (the original truncated at
+        2048 tokens mid-round, losing ``<seg>`` tokens it then failed to count)."""
+        with self._tokenizer_lock:
+            encoded = self.encoder.encode(conversation.tokenizer_rounds())
+        fit = rounds_that_fit(encoded, self.max_length)
+        if fit == 0:
+            raise InputError(f"round 1 of conversation {conversation.conv_id!r} alone exceeds "
+                             f"{self.max_length} tokens.")
+        end = encoded.rounds[fit - 1].end
+        return EncodedConversation(encoded.input_ids[:end], encoded.labels[:end], encoded.rounds[:fit])
+
+    def _references(self, pixels: np.ndarray, masks: _Masks,
+                    refs: Sequence[MaskRef]) -> tuple[np.ndarray, np.ndarray]:
+        """Mask-encode crops and box-encode boxes as in training (spec §3).
+
+        Crop: image AND mask, cut to the mask's box at original resolution (exclusive ends), pasted
+        top-left into a zero square, CLIP-preprocessed. Box: extents of the mask in the HIPIE frame
+        with inclusive max, ``[r0, c0, r1, c1] / frame``. INFERENCE references get the original's
+        dummies: the unmasked image and a zero box.
+        """
+        crops = np.zeros((len(refs), self.clip_size, self.clip_size, 3), np.float32)
+        boxes = np.zeros((len(refs), 4), np.float32)
+        for i, ref in enumerate(refs):
+            if ref.dataset == INFERENCE_DATASET:
+                crops[i] = clip_image(pixels, self.clip_size)
+                continue
+            what = f"reference mask {ref.mask_id!r} of {ref.dataset}"
+            rows, cols = _extent(masks.raw(ref.dataset, ref.mask_id), what)
+            box = (int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1)
+            crops[i] = clip_image(masked_crop(pixels, masks.raw(ref.dataset, ref.mask_id), box), self.clip_size)
+            rows, cols = _extent(masks.framed(ref.dataset, ref.mask_id), what + " in the HIPIE frame")
+            boxes[i] = np.asarray([rows[0], cols[0], rows[-1], cols[-1]], np.float32) / self.frame
+        return crops, boxes
+
+    def _decode_masks(self, rounds: Sequence[Any], masks: _Masks) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per ``<seg>``: target mask and the supervised reference (``aux``) in the HIPIE frame (§1.3, §4.4).
+
+        An empty target (e.g. an instance that vanishes when resized) cannot be supervised and makes
+        the example corrupt. Unlike the original, a reference id ``0`` counts as a reference (its
+        ``if ref_mask_id:`` dropped it).
+        """
+        n = len(rounds)
+        targets = np.zeros((n, self.frame, self.frame), bool)
+        aux = np.zeros((n, self.frame, self.frame), bool)
+        has_aux = np.zeros(n, bool)
+        for k, r in enumerate(rounds):
+            dataset = r.target.dataset
+            targets[k] = masks.framed(dataset, r.target.target_id)
+            _extent(targets[k], f"target mask {r.target.target_id!r} of {dataset}")
+            ref_id = r.target.supervised_ref_id
+            if ref_id not in (None, "", "'", "none") and dataset != INFERENCE_DATASET:
+                aux[k], has_aux[k] = masks.framed(dataset, ref_id), True
+        return targets, aux, has_aux
+
+
+# ----------------------------------------------------------------------------------------------
+# Batches
+
+
+@dataclasses.dataclass
+class BatchLoader:
+    """grain map: global step -> this host's batch ``{"examples", "epoch", "step", "file_index", "skipped"}``.
+
+    A conversation that cannot be built is replaced by up to ``max_retries`` deterministic draws from
+    the same file (the batch must stay single-file); its reason goes to ``skipped`` for the logs. Any
+    exception counts: one bad entry must not stop a long run, and the logged reasons say what broke.
+    """
+
+    source: ConversationSource
+    plan: BatchPlan
+    builder: ExampleBuilder
+    max_retries: int = 4
+
+    def __call__(self, global_step: int) -> dict[str, Any]:
+        epoch, step = divmod(int(global_step), self.plan.steps_per_epoch)
+        file_index, records = self.plan.host_batch(epoch, step)
+        examples, skipped = [], []
+        for slot, record in enumerate(records):
+            for attempt in range(self.max_retries + 1):
+                if attempt:
+                    record = self.plan.replacement(epoch, step, slot, attempt, file_index)
+                example, reason = self._try(file_index, int(record))
+                if example is not None:
+                    examples.append(example)
+                    break
+                skipped.append(reason)
+        return {"examples": examples, "epoch": epoch, "step": step, "file_index": file_index,
+                "skipped": skipped}
+
+    def _try(self, file_index: int, record: int) -> tuple[dict[str, Any] | None, str]:
+        where = f"{self.source.paths[file_index].name}[{record}]"
+        try:
+            example = self.builder.build(self.source.entry(file_index, record))
+        except Exception as err:  # noqa: BLE001 - see class docstring
+            return None, f"{where}: {type(err).__name__}: {err}"
+        example["file_index"] = np.int32(file_index)
+        example["record_index"] = np.int32(record)
+        return example, ""
+
+
+class PipelineIterator:
+    """Iterator over batches whose position (and skip count) can be saved and restored exactly."""
+
+    def __init__(self, inner: grain.DatasetIterator) -> None:
+        self._inner = inner
+        self.skipped = 0
+
+    def __iter__(self) -> PipelineIterator:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        """The next batch with at least one example (steps whose every draw failed are dropped here,
+        after their skips are counted, so the output does not depend on the worker count)."""
+        while True:
+            batch = next(self._inner)
+            for reason in batch["skipped"]:
+                self.skipped += 1
+                log.warning("skipped conversation %s (%d skipped so far)", reason, self.skipped)
+            if batch["examples"]:
+                return batch
+
+    def get_state(self) -> dict[str, Any]:
+        return {"grain": self._inner.get_state(), "skipped": self.skipped}
+
+    def set_state(self, state: Mapping[str, Any]) -> None:
+        self._inner.set_state(state["grain"])
+        self.skipped = int(state["skipped"])
+
+    def close(self) -> None:
+        """Stop worker processes now rather than at garbage collection."""
+        self._inner.close()
+
+
+class Pipeline:
+    """The grain pipeline of one host: ``num_epochs × steps_per_epoch`` batches, in a fixed order.
+
+    Steps are mapped to batches in ``worker_count`` processes (each takes every ``worker_count``-th
+    step, grain interleaves them back in order), so the output does not depend on the worker count.
+    """
+
+    def __init__(self, loader: BatchLoader, num_epochs: int = 1, worker_count: int = 0,
+                 read_threads: int = 2) -> None:
+        if num_epochs < 1 or worker_count < 0 or read_threads < 1:
+            raise ConfigError(f"need num_epochs >= 1, worker_count >= 0, read_threads >= 1, got "
+                              f"{num_epochs}, {worker_count}, {read_threads}.")
+        self.loader = loader
+        self.num_epochs = num_epochs
+        self.worker_count = worker_count
+        self.read_threads = read_threads
+
+    @classmethod
+    def from_config(cls, config: MixtureConfig, tokenizer: SegTokenizer, *, batch_size: int, seed: int = 0,
+                    shard_index: int = 0, shard_count: int = 1, num_epochs: int = 1, worker_count: int = 0,
+                    clip_size: int = CLIP_IMAGE_SIZE, frame: int = HIPIE_IMAGE_SIZE,
+                    max_length: int = DEFAULT_MAX_LENGTH, read_threads: int = 2) -> Pipeline:
+        source = ConversationSource([Path(config.conversations_root) / c.path for c in config.conversations],
+                                    config.max_per_file)
+        weights = tuple(c.weight for c in config.conversations)
+        plan = BatchPlan(source.file_lengths, batch_size, weights, shard_index, shard_count, seed)
+        builder = ExampleBuilder(ConversationEncoder(tokenizer), AnnotationRegistry(config.registers,
+                                                                                    config.annotations_root),
+                                 Path(config.images_root), config.limit_rounds, max_length, clip_size, frame,
+                                 config.is_eval)
+        return cls(BatchLoader(source, plan, builder), num_epochs, worker_count, read_threads)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.loader.plan.steps_per_epoch
+
+    def dataset(self) -> grain.IterDataset:
+        steps = grain.MapDataset.range(self.num_epochs * self.steps_per_epoch).map(self.loader)
+        ds = steps.to_iter_dataset(grain.ReadOptions(num_threads=self.read_threads,
+                                                     prefetch_buffer_size=2 * self.read_threads))
+        if self.worker_count:
+            _allow_grain_flags()
+            ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.worker_count))
+        return ds
+
+    def __iter__(self) -> PipelineIterator:
+        return PipelineIterator(iter(self.dataset()))
+
+
+def _allow_grain_flags() -> None:
+    """grain's worker processes read absl flags, which raise unless parsed; outside ``absl.app``
+    nothing parses them, so mark them parsed (keeping their defaults)."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+# ----------------------------------------------------------------------------------------------
+# Into the model's batch format
+
+
+def encoded_conversation(example: Mapping[str, Any]) -> EncodedConversation:
+    """Rebuild the tokenizer's per-round layout from an example's flat position arrays."""
+    ends = [int(e) for e in example["round_ends"]]
+    image = example["image_positions"]
+    layouts = []
+    for k, (start, end) in enumerate(zip([0, *ends[:-1]], ends)):
+        in_round = example["ref_rounds"] == k
+        layouts.append(RoundLayout(
+            start=start, end=end,
+            image_positions=image[(image >= start) & (image < end)],
+            mask_encode_positions=example["ref_mask_positions"][in_round],
+            box_encode_positions=example["ref_box_positions"][in_round],
+            seg_position=int(example["seg_positions"][k])))
+    return EncodedConversation(example["input_ids"], example["labels"], tuple(layouts))
+
+
+def collate_inputs(examples: Sequence[Mapping[str, Any]]) -> tuple[list[EncodedConversation], np.ndarray,
+                                                                   list[int], list[list[list[Any]]]]:
+    """Arguments ``(conversations, clip_images, image_of_row, references)`` of ``segllm_jax.batch.collate``.
+
+    The masks and HIPIE images are not part of ``ConversationBatch`` yet; stack them from the examples.
+    """
+    from segllm_jax.batch import Reference  # JAX import; only the training process calls this
+
+    references = []
+    for example in examples:
+        per_round: list[list[Any]] = [[] for _ in example["round_ends"]]
+        for k, crop, box in zip(example["ref_rounds"], example["ref_crops"], example["ref_boxes"]):
+            per_round[int(k)].append(Reference(crop=crop, box=box))
+        references.append(per_round)
+    clip_images = np.stack([example["clip_image"] for example in examples])
+    return [encoded_conversation(e) for e in examples], clip_images, list(range(len(examples))), references
+
