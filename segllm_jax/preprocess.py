@@ -26,7 +26,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from segllm_jax.errors import InputError
 
-ImageSource = Union[str, os.PathLike, bytes, bytearray, Image.Image]
+ImageSource = Union[str, os.PathLike, bytes, bytearray, Image.Image, np.ndarray]
 
 HIPIE_IMAGE_SIZE = 1024  # SegLLM's fixed HIPIE input side (spec §6)
 MAX_IMAGE_PIXELS = 100_000_000  # larger pictures are refused before decoding (both models downscale anyway)
@@ -71,8 +71,11 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_image(source: ImageSource) -> Image.Image:
+def load_image(source: ImageSource, *, exif_transpose: bool = True) -> Image.Image:
     """A picture file (path or bytes) or a PIL image -> 8-bit RGB PIL image, EXIF orientation applied.
+
+    Datasets pass ``exif_transpose=False``: their annotations index the stored pixel grid (the
+    original training code never rotated), so rotating would misalign every mask.
 
     Raises ``InputError`` (one sentence) for missing, unreadable, unsupported or truncated files:
     the image is fully decoded here so that a truncated JPEG fails now, not later inside a model.
@@ -81,6 +84,12 @@ def load_image(source: ImageSource) -> Image.Image:
     try:
         if isinstance(source, Image.Image):
             img = source
+        elif isinstance(source, np.ndarray):
+            channels = source.shape[2] if source.ndim == 3 else 1
+            if source.dtype != np.uint8 or source.ndim not in (2, 3) or channels not in (1, 3, 4):
+                raise InputError(f"an image array must be uint8 [H, W], [H, W, 3] or [H, W, 4], not "
+                                 f"{source.dtype} {list(source.shape)}.")
+            img = Image.fromarray(source)
         elif isinstance(source, (bytes, bytearray)):
             name = f"the {len(source)}-byte image"
             img = Image.open(io.BytesIO(bytes(source)))
@@ -98,7 +107,8 @@ def load_image(source: ImageSource) -> Image.Image:
             # PIL warns about huge images ("decompression bomb") and odd EXIF; our own limit is above
             warnings.simplefilter("ignore")
             img.load()  # decode now: truncated files fail here
-            img = ImageOps.exif_transpose(img)
+            if exif_transpose:
+                img = ImageOps.exif_transpose(img)
             return _to_rgb(img)
     except InputError:
         raise

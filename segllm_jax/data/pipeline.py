@@ -34,12 +34,13 @@ from typing import Any, Mapping, Sequence, Union
 
 import grain
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from segllm_jax.data.conversations import INFERENCE_DATASET, MaskRef, ParsedConversation, parse_conversation
 from segllm_jax.data.registers import (AnnotationRegistry, RegisterSpec, load_json, read_register_specs,
                                        resolve_image_path)
 from segllm_jax.errors import ConfigError, InputError
+from segllm_jax import preprocess
 from segllm_jax.preprocess import (CLIP_IMAGE_SIZE, HIPIE_IMAGE_SIZE, clip_image, hipie_image, hipie_mask,
                                    masked_crop)
 from segllm_jax.tokenizer import (ConversationEncoder, EncodedConversation, RoundLayout, SegTokenizer,
@@ -216,17 +217,8 @@ def _epoch_plan(plan: BatchPlan, epoch: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def read_rgb(path: Path) -> np.ndarray:
-    """uint8 ``[H, W, 3]`` exactly as the original read it (``Image.open(p).convert('RGB')``).
-
-    Unlike ``preprocess.load_image`` no EXIF rotation is applied: annotations index the stored pixel
-    grid, so rotating the picture would misalign every mask.
-    """
-    try:
-        with Image.open(path) as img:
-            img.load()
-            return np.asarray(img.convert("RGB"))
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise InputError(f"image {path} cannot be decoded ({type(err).__name__}: {str(err)[:80]}).") from None
+    """uint8 ``[H, W, 3]`` of a dataset image, without EXIF rotation (annotations index the stored grid)."""
+    return np.asarray(preprocess.load_image(path, exif_transpose=False))
 
 
 def _extent(mask: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:

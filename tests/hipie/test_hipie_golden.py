@@ -94,7 +94,6 @@ def test_hipie_end_to_end_golden(golden_file, recipe_pth) -> None:
     compare("sel_pred_mask", logits, data["pred_masks"][np.arange(logits.shape[0]), data["sel_query"]])
 
 
-@pytest.mark.slow
 @pytest.mark.golden
 @pytest.mark.parametrize("golden_file", GOLDEN_1024)
 def test_hipie_end_to_end_golden_1024(golden_file, recipe_pth) -> None:

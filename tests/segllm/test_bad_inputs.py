@@ -57,6 +57,14 @@ def test_unusual_pixel_formats_are_converted(tiny, mode):
     assert s.image.mode == "RGB" and result.mask.shape == (30, 50)
 
 
+def test_image_arrays(tiny):
+    _, loaded = tiny
+    s = MultiRoundSession(loaded, np.full((20, 30, 3), 90, np.uint8))
+    assert s.ask("Segment it.").mask.shape == (20, 30)
+    with pytest.raises(InputError, match="uint8"):
+        MultiRoundSession(loaded, np.zeros((20, 30, 3), np.float32))
+
+
 def test_one_pixel_image(tiny):
     _, loaded = tiny
     s = MultiRoundSession(loaded, Image.new("RGB", (1, 1), (200, 10, 10)))
