@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-slow benchmarks clean
+.PHONY: demo test test-slow browser clean
 
 # Re-install only when pyproject.toml changes (stamps live inside the venv).
 $(VENV)/.installed: pyproject.toml
@@ -16,14 +16,21 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # torch is pinned to the CPU build 2.13.0 in the `test` extra (an unpinned torch pulls CUDA builds).
+# The web demo's Gradio comes with the `demo` extra; its browser test also needs Chromium (see .ci/run).
 $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,demo]'
 	touch $@
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/segllm-jax demo --out demo_out
 
-test: $(VENV)/.installed-test
+# Headless Chromium for the web demo's browser test (Debian packages); best effort: without it that test skips.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  (apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium chromium-driver) || \
+	  echo "chromium unavailable: the browser test will skip"
+
+test: $(VENV)/.installed-test browser
 	$(PY) -m pytest -m "not slow" -n 2 --dist loadfile -q $(PYTEST_ARGS)
 
 test-slow: $(VENV)/.installed-test

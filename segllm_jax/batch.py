@@ -22,6 +22,14 @@ from segllm_jax.models.segllm import SegLLM
 from segllm_jax.tokenizer import EncodedConversation
 
 
+LENGTH_BUCKET = 64  # sequences are padded to a multiple of this: few shapes, few compilations
+
+
+def bucketed(length: int, bucket: int = LENGTH_BUCKET) -> int:
+    """``length`` rounded up to a multiple of ``bucket`` (jit compiles once per distinct shape)."""
+    return -(-length // bucket) * bucket
+
+
 @dataclasses.dataclass(frozen=True)
 class Reference:
     """One reference's inputs: the CLIP-preprocessed masked crop and the ``[r0, c0, r1, c1]/1024`` box."""

@@ -71,10 +71,46 @@ def _infer(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from segllm_jax.checkpoint import load
+    from segllm_jax.eval.evaluate import run_eval
+
+    modes = ["teacher", "autoregressive"] if args.mode == "both" else [args.mode]
+    results = run_eval(load(args.checkpoint), args.data, args.out, modes, ablate_memory=args.ablate_memory,
+                       limit=args.limit)
+    for name, metrics in results.items():
+        print(f"### {name}\n\n{metrics.markdown()}\n")
+    print(f"written: {Path(args.out) / 'metrics.json'}, metrics.md, iou_per_round.png")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from segllm_jax.demo import run_demo
 
     run_demo(args.out)
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from segllm_jax.web_demo import serve
+
+    return serve(args.checkpoint, host=args.host, port=args.port, mode=args.mode, max_upload_mb=args.max_upload_mb,
+                 idle_timeout_s=args.idle_timeout, max_sessions=args.max_sessions, warmup=not args.no_warmup)
+
+
+def _train(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from segllm_jax.train.loop import load_config, train
+
+    config = load_config(args.config)
+    if args.steps is not None:
+        config = dataclasses.replace(config, steps=args.steps)
+    records = train(config, args.workdir)
+    if records:
+        print(f"trained to step {records[-1]['step'] + 1}: loss {records[-1]['loss']:.4f} -> {args.workdir}")
+    else:
+        print(f"nothing to do: {args.workdir} is already at step {config.steps}")
     return 0
 
 
@@ -116,6 +152,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="infer_out")
     p.add_argument("--batch-size", type=int, default=8)
     p.set_defaults(run=_infer)
+
+    p = sub.add_parser("serve", help="multi-round segmentation in the browser (needs the `demo` extra: Gradio)")
+    p.add_argument("--checkpoint", required=True, help="converted segllm-jax checkpoint folder")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="bind address (default loopback only; e.g. 0.0.0.0 exposes the demo to the network)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--mode", default="incremental", choices=["incremental", "recompute"])
+    p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest image file accepted")
+    p.add_argument("--idle-timeout", type=float, default=1800.0, help="seconds before an idle session is released")
+    p.add_argument("--max-sessions", type=int, default=16, help="browser sessions held at once")
+    p.add_argument("--no-warmup", action="store_true", help="skip compiling the model before serving")
+    p.set_defaults(run=_serve)
+
+    p = sub.add_parser("train", help="train (or resume) SegLLM from a config file")
+    p.add_argument("--config", required=True, help="Python file defining CONFIG = TrainConfig(...)")
+    p.add_argument("--workdir", required=True, help="checkpoints and metrics; rerun to resume")
+    p.add_argument("--steps", type=int, default=None, help="override the config's step count")
+    p.set_defaults(run=_train)
+
+    p = sub.add_parser("eval", help="per-round gIoU / cIoU / P@0.5 on conversation data")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data", required=True, help="mrshapes:DIR:SPLIT, or a JSON file naming conversations, "
+                   "registers and images_root")
+    p.add_argument("--out", default="eval_out")
+    p.add_argument("--mode", default="both", choices=["teacher", "autoregressive", "both"])
+    p.add_argument("--ablate-memory", action="store_true", help="also evaluate with the [REF] embeddings zeroed")
+    p.add_argument("--limit", type=int, default=None, help="first N conversations of each file")
+    p.set_defaults(run=_eval)
 
     p = sub.add_parser("demo", help="tiny end-to-end forward pass (the README's first command)")
     p.add_argument("--out", default="demo_out")

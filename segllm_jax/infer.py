@@ -30,8 +30,6 @@ from segllm_jax.models.hipie.model import image_features_jit, predict
 from segllm_jax.session import ImageContext, RoundResult, blend, round_result
 from segllm_jax.tokenizer import ConversationEncoder, EncodedConversation, Round, check_fits, parse_references
 
-LENGTH_BUCKET = 64  # batches are padded to a multiple of this: few shapes, few compilations
-
 
 @dataclasses.dataclass
 class _Conversation:
@@ -94,7 +92,7 @@ def _step_round(loaded: Loaded, encoder: ConversationEncoder, group: list[_Conve
     longest = max(c.encoded.num_tokens for c in convs)
     batch = batching.collate([c.encoded for c in convs], np.stack([c.ctx.clip_pixels for c in convs]),
                              list(range(len(convs))), references, gate=cfg.eval_reference_gate,
-                             pad_to=-(-longest // LENGTH_BUCKET) * LENGTH_BUCKET)
+                             pad_to=batching.bucketed(longest))
     hidden, prompts = _forward_prompts(loaded.model, batch)  # one per <seg>, row-major over conversations
     last = np.cumsum([len(c.encoded.rounds) for c in convs]) - 1  # each conversation's newest <seg>
     image_index = [group.index(c) for c in convs]

@@ -24,6 +24,7 @@ from flax import nnx
 from PIL import Image
 
 from segllm_jax import preprocess
+from segllm_jax.batch import LENGTH_BUCKET, bucketed
 from segllm_jax.checkpoint import Loaded
 from segllm_jax.config import SegLLMConfig
 from segllm_jax.errors import InputError
@@ -34,7 +35,6 @@ from segllm_jax.tokenizer import (ConversationEncoder, EncodedConversation, Roun
                                   parse_references)
 
 Mode = Literal["incremental", "recompute"]
-CHUNK_BUCKET = 64  # round chunks are padded to a multiple of this: few shapes, few compilations
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,7 +179,7 @@ class MultiRoundSession:
     # ---- internals ---------------------------------------------------------------------------
     @property
     def _capacity(self) -> int:
-        return self.model.cfg.context_length + CHUNK_BUCKET
+        return self.model.cfg.context_length + LENGTH_BUCKET
 
     def _check_length(self, conversation: EncodedConversation) -> None:
         try:
@@ -211,7 +211,7 @@ class MultiRoundSession:
                    cache: KVCache):
         ids = conversation.input_ids[start:]
         t = ids.shape[0]
-        padded = -(-t // CHUNK_BUCKET) * CHUNK_BUCKET
+        padded = bucketed(t)
         if int(cache.end) + padded > cache.capacity:
             padded = t  # no room left for padding: one more compilation instead
         ids_p = np.zeros((1, padded), np.int32)

@@ -8,5 +8,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """(root, loaded): a tiny SegLLM release folder, converted and loaded (see tests/segllm/conftest.py)."""
+    from segllm.conftest import build_tiny
+
+    return build_tiny(tmp_path_factory)

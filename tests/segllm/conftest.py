@@ -59,9 +59,10 @@ def golden_segllm_checkpoints(tmp_path_factory):
     return get
 
 
-@pytest.fixture(scope="session")
-def tiny(tmp_path_factory):
-    """(root, loaded): a tiny release folder converted and loaded, plus ``root/scene.png`` (80x48)."""
+def build_tiny(tmp_path_factory):
+    """(root, loaded): a tiny release folder converted and loaded, plus ``root/scene.png`` (80x48).
+
+    Used by the session fixture ``tiny`` of ``tests/conftest.py`` (shared by every test folder)."""
     import segllm_jax
     from PIL import Image
     from segllm_jax_convert.convert import convert_checkpoint

@@ -1,0 +1,178 @@
+"""``segllm-jax eval``: per-round gIoU / cIoU / P@0.5 of a checkpoint on conversation data (spec §7).
+
+Two modes, as the original evaluates:
+
+* ``teacher``: one forward per conversation; every reference is encoded from its GROUND-TRUTH
+  mask (``eval_use_gt_mask_encode=True``), as for MR-PACO / ReasonSeg.
+* ``autoregressive``: the original's "Jacobi" evaluation of MR-RefCOCO. Iteration 0 uses the GT
+  encodings; after each forward every predicted mask/box replaces the encodings of all later
+  references to that round's target, and the pass repeats (as many times as the conversation has
+  rounds), so each round finally sees the model's own earlier answers.
+
+``ablate_memory=True`` zeroes the mask-encode and box-encode embeddings (gate 0 instead of the
+evaluation's 0.5): the no-memory ablation. IoUs are counted in the HIPIE frame, as the original does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Literal, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from PIL import Image, ImageDraw
+from tqdm.auto import tqdm
+
+from segllm_jax import batch as batching
+from segllm_jax import preprocess
+from segllm_jax.checkpoint import Loaded
+from segllm_jax.data.conversations import parse_conversation, read_conversations
+from segllm_jax.data.pipeline import ExampleBuilder, collate_inputs
+from segllm_jax.data.registers import AnnotationRegistry, RegisterSpec
+from segllm_jax.errors import InputError
+from segllm_jax.eval.metrics import RoundMetrics
+from segllm_jax.models.hipie.model import image_features_jit, predict
+from segllm_jax.tokenizer import ConversationEncoder
+
+Mode = Literal["teacher", "autoregressive"]
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalData:
+    """Conversation JSON files plus where their images and annotation registers are."""
+
+    conversations: tuple[str, ...]
+    registers: tuple[RegisterSpec, ...]
+    images_root: str
+    annotations_root: str = "."
+
+    @classmethod
+    def parse(cls, spec: str) -> "EvalData":
+        """``mrshapes:DIR:SPLIT`` (a folder written by ``mrshapes.write_split``) or a JSON file with the fields."""
+        if spec.startswith("mrshapes:"):
+            _, folder, split = spec.split(":", 2)
+            root = Path(folder)
+            register = root / "annotations" / f"mrshapes_{split}.json"
+            return cls((str(root / "conversations" / f"mrshapes_{split}.json"),),
+                       (RegisterSpec("mrshapes", str(register)),), str(root / "images"))
+        try:
+            d = json.loads(Path(spec).read_text())
+            return cls(tuple(d["conversations"]), tuple(RegisterSpec(**r) for r in d["registers"]),
+                       d["images_root"], d.get("annotations_root", "."))
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise InputError(f"--data {spec!r}: expected mrshapes:DIR:SPLIT or a JSON file with conversations, "
+                             f"registers and images_root ({type(e).__name__}).") from None
+
+
+@nnx.jit
+def _prompts(model, batch: batching.ConversationBatch) -> jax.Array:
+    return batching.forward(model, batch)[1]
+
+
+def _products(frame_u8: np.ndarray, mask: np.ndarray, box_xyxy: np.ndarray, frame: int,
+              clip_size: int) -> batching.Reference:
+    """A predicted round as a reference, exactly as the inference CLI re-encodes it (spec §3, 1024 frame)."""
+    x0, y0, x1, y1 = preprocess.reference_box(box_xyxy, frame)
+    crop = preprocess.clip_image(preprocess.masked_crop(frame_u8, mask, (x0, y0, x1, y1)), clip_size)
+    return batching.Reference(crop, np.asarray([y0, x0, y1, x1], np.float32) / frame)
+
+
+def _evaluate_one(loaded: Loaded, example: dict, entry: dict, mode: Mode, gate: float, limit_rounds: int | None):
+    cfg = loaded.config
+    convs, clip, image_of_row, references = collate_inputs([example])
+    levels = image_features_jit(loaded.model.segmentator, jnp.asarray(example["hipie_image"])[None])
+    rounds = parse_conversation(entry, limit_rounds).rounds[: len(convs[0].rounds)]
+    target_ids = [r.target.target_id for r in rounds]
+    ref_ids = [[ref.mask_id for ref in r.references] for r in rounds]
+    passes = len(rounds) if mode == "autoregressive" else 1
+    for _ in range(passes):
+        batch = batching.collate(convs, clip, image_of_row, references, gate=gate,
+                                 pad_to=batching.bucketed(convs[0].num_tokens))
+        prompts = _prompts(loaded.model, batch)  # [N, 8, 768], one per round
+        pred = predict(loaded.model.segmentator, None, prompts, np.zeros(len(rounds), np.int32), levels=levels)
+        if mode == "teacher":
+            break
+        # Jacobi step: later references to round j's target now use round j's prediction
+        predicted = [_products(example["hipie_image"], pred.masks[j], pred.boxes_xyxy[j], cfg.hipie_image_size,
+                               cfg.vision.image_size) for j in range(len(rounds))]
+        updated = []
+        for k in range(len(rounds)):
+            row = []
+            for mask_id, gt_ref in zip(ref_ids[k], references[0][k]):
+                j = target_ids.index(mask_id) if mask_id in target_ids else k
+                row.append(predicted[j] if j < k else gt_ref)
+            updated.append(row)
+        references = [updated]
+    return pred.masks, example["target_masks"][: len(rounds)], pred.boxes_xyxy
+
+
+def evaluate(loaded: Loaded, data: EvalData, mode: Mode = "autoregressive", *, ablate_memory: bool = False,
+             limit: int | None = None, limit_rounds: int | None = 6, progress: bool = True) -> RoundMetrics:
+    """Metrics per round over every conversation of ``data`` (the first ``limit`` of each file)."""
+    if mode not in ("teacher", "autoregressive"):
+        raise InputError(f"mode must be 'teacher' or 'autoregressive', not {mode!r}.")
+    cfg = loaded.config
+    builder = ExampleBuilder(ConversationEncoder(loaded.tokenizer, cfg.num_image_tokens),
+                             AnnotationRegistry(data.registers, data.annotations_root), Path(data.images_root),
+                             limit_rounds, cfg.context_length, cfg.vision.image_size, cfg.hipie_image_size,
+                             is_eval=True)
+    entries = [e for path in data.conversations for e in read_conversations(path)[:limit]]
+    gate = 0.0 if ablate_memory else cfg.eval_reference_gate
+    metrics = RoundMetrics()
+    for entry in tqdm(entries, desc=f"eval ({mode})", unit="conv", disable=not progress):
+        example = builder.build(entry)
+        pred_masks, gt_masks, boxes = _evaluate_one(loaded, example, entry, mode, gate, limit_rounds)
+        metrics.add_conversation(list(pred_masks), list(gt_masks), list(boxes))
+    return metrics
+
+
+def plot_rounds(results: dict[str, RoundMetrics], path: str | Path, metric: str = "oIoU") -> Path:
+    """A small PNG line chart of ``metric`` per round for each named result (no plotting library needed)."""
+    colors = ((230, 25, 75), (0, 130, 200), (60, 180, 75), (245, 130, 48))
+    w, h, pad = 480, 300, 40
+    img = Image.new("RGB", (w, h), "white")
+    draw = ImageDraw.Draw(img)
+    draw.line([(pad, pad), (pad, h - pad), (w - pad, h - pad)], fill="black")
+    rounds = max(m.num_rounds for m in results.values()) or 1
+    for y in (0.0, 0.5, 1.0):
+        yy = h - pad - y * (h - 2 * pad)
+        draw.text((5, yy - 6), f"{y:.1f}", fill="black")
+    for i in range(rounds):
+        draw.text((pad + (i + 0.5) * (w - 2 * pad) / rounds - 3, h - pad + 5), str(i + 1), fill="black")
+    for (name, m), color in zip(results.items(), colors):
+        summary = m.summary()
+        pts = [(pad + (i + 0.5) * (w - 2 * pad) / rounds, h - pad - summary[f"{metric}_round{i}"] * (h - 2 * pad))
+               for i in range(m.num_rounds)]
+        if len(pts) > 1:
+            draw.line(pts, fill=color, width=2)
+        for x, y in pts:
+            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color)
+        draw.text((w - pad - 150, pad + 14 * list(results).index(name)), name, fill=color)
+    draw.text((pad, 10), f"{metric} per round", fill="black")
+    img.save(path)
+    return Path(path)
+
+
+def write_report(results: dict[str, RoundMetrics], out: str | Path) -> None:
+    """``metrics.json``, ``metrics.md`` and ``iou_per_round.png`` in ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps({k: m.summary() for k, m in results.items()}, indent=2) + "\n")
+    (out / "metrics.md").write_text("\n\n".join(f"### {k}\n\n{m.markdown()}" for k, m in results.items()) + "\n")
+    plot_rounds(results, out / "iou_per_round.png")
+
+
+def run_eval(loaded: Loaded, data_spec: str, out: str | Path, modes: Sequence[Mode], *, ablate_memory: bool = False,
+             limit: int | None = None) -> dict[str, RoundMetrics]:
+    data = EvalData.parse(data_spec)
+    results = {}
+    for mode in modes:
+        results[mode] = evaluate(loaded, data, mode, limit=limit)
+        if ablate_memory:
+            results[f"{mode} (no memory)"] = evaluate(loaded, data, mode, ablate_memory=True, limit=limit)
+    write_report(results, out)
+    return results

@@ -1,0 +1,447 @@
+"""``segllm-jax serve``: multi-round segmentation in the browser (Gradio), like the original's demo (spec §8).
+
+Upload (or pick an example) image, type one query per round, tick earlier rounds under "Reference
+instance from round" (or write ``[REF:k]`` in the query), and see the round's overlay plus a gallery of
+every round in its own colour. "Clear history" starts the conversation again on the same image,
+"New image" drops it. Every round's mask can be downloaded as a PNG.
+
+Design:
+
+* The model is loaded once. Every browser tab (Gradio ``session_hash``) gets its own
+  :class:`~segllm_jax.session.MultiRoundSession` in a :class:`SessionStore`, so users never see each
+  other's image, masks or history. All model calls go through one lock (JAX programs and the KV
+  caches are not shared between threads), and each user's events are serialised by a per-user lock.
+* Sessions are released when the tab closes (``demo.unload``), after ``idle_timeout_s`` without a
+  request (a background sweeper), or by "New image". At most ``max_sessions`` live at once.
+* Uploads are limited to ``max_upload_mb`` (Gradio refuses larger files before they reach us) and go
+  through the session's own image checks (pixel limit read from the header, decodable picture).
+* Gradio is imported lazily: ``import segllm_jax`` never needs it (``pip install 'segllm-jax[demo]'``).
+* The default bind address is 127.0.0.1; anything else must be asked for and prints a warning.
+"""
+
+import dataclasses
+import html
+import logging
+import shutil
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+import numpy as np
+from PIL import Image
+
+from segllm_jax.checkpoint import Loaded
+from segllm_jax.errors import InputError, SegLLMError
+from segllm_jax.session import MultiRoundSession, RoundResult
+from segllm_jax.tokenizer import parse_references
+
+if TYPE_CHECKING:  # pragma: no cover
+    import gradio as gr
+
+log = logging.getLogger(__name__)
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+DEFAULT_PORT = 7860
+DEFAULT_MAX_UPLOAD_MB = 20.0
+DEFAULT_IDLE_TIMEOUT_S = 1800.0
+DEFAULT_MAX_SESSIONS = 16  # each live session holds image features and a KV cache of the full context
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+# Round k is drawn in ROUND_COLORS[(k - 1) % len]: round 1 is the original's red.
+ROUND_COLORS: tuple[tuple[int, int, int], ...] = (
+    (255, 0, 0), (0, 200, 0), (0, 90, 255), (255, 160, 0), (170, 0, 255),
+    (0, 220, 220), (255, 0, 170), (255, 235, 0), (140, 80, 20), (0, 130, 110),
+)
+
+TITLE = "SegLLM: multi-round reasoning segmentation"
+INTRO = (
+    "Upload an image (or pick an example), then ask for one thing per round. Later rounds can refer to "
+    "earlier answers: tick the round under *Reference instance from round*, or write `[REF:k]` in the "
+    "query (`[REF:1,3]` cites rounds 1 and 3). Each browser tab has its own conversation."
+)
+
+
+def require_gradio():
+    """Imports Gradio, or explains in one sentence how to install it."""
+    try:
+        import gradio
+    except ImportError:
+        raise SegLLMError("The web demo needs Gradio; install it with: pip install 'segllm-jax[demo]'.") from None
+    return gradio
+
+
+def round_color(index: int) -> tuple[int, int, int]:
+    return ROUND_COLORS[(index - 1) % len(ROUND_COLORS)]
+
+
+def compose_query(text: str, checked: Sequence[int | str] | None) -> str:
+    """The text ``session.ask`` gets: the query (stripped) plus a ``[REF:...]`` tag for the ticked rounds.
+
+    Rounds already cited by a ``[REF:k]`` tag in the text are not repeated; the order of references
+    is: tags in the text first, then ticked rounds in increasing order. The tag is appended without a
+    space, so the question the model sees is exactly the typed text (as in the original demo, where
+    the reference box is separate from the query).
+    """
+    text = (text or "").strip()
+    _, in_text = parse_references(text)  # malformed tags raise InputError here, with the same sentence
+    extra = sorted({int(k) for k in (checked or [])} - set(in_text))
+    return text + (f"[REF:{','.join(map(str, extra))}]" if extra else "")
+
+
+def example_images(directory: str | Path | None, *, generate: int = 2, size: int = 256) -> list[str]:
+    """Example pictures: ``<checkpoint>/examples/*`` if present, else ``generate`` MR-Shapes scenes."""
+    if directory is not None:
+        folder = Path(directory) / "examples"
+        if folder.is_dir():
+            found = sorted(str(p) for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            if found:
+                return found
+    if generate <= 0:
+        return []
+    from segllm_jax.data.mrshapes import generate_scene
+
+    out = Path(tempfile.mkdtemp(prefix="segllm-web-examples-"))
+    paths = []
+    for seed in range(generate):
+        scene = generate_scene(np.random.default_rng(seed), size)
+        path = out / f"mrshapes_{seed}.png"
+        Image.fromarray(scene.image).save(path)
+        paths.append(str(path))
+    return paths
+
+
+# ---- per-user state --------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(eq=False)
+class UserSession:
+    """One browser tab's conversation: its MultiRoundSession and the pictures/files made from it."""
+
+    key: str
+    session: MultiRoundSession
+    files: Path  # this user's mask PNGs (deleted on release)
+    last_used: float
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+    overlays: list[Image.Image] = dataclasses.field(default_factory=list)
+    mask_files: list[str] = dataclasses.field(default_factory=list)
+
+    def reset_history(self) -> None:
+        self.overlays.clear()
+        for f in self.mask_files:
+            Path(f).unlink(missing_ok=True)
+        self.mask_files.clear()
+
+
+class SessionStore:
+    """Live per-user sessions, keyed by Gradio's ``session_hash``; released on close, idle or demand."""
+
+    def __init__(self, *, idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S, max_sessions: int = DEFAULT_MAX_SESSIONS,
+                 sweep_interval_s: float | None = None, clock: Callable[[], float] = time.monotonic):
+        self.idle_timeout_s, self.max_sessions, self.clock = float(idle_timeout_s), int(max_sessions), clock
+        self._sessions: dict[str, UserSession] = {}
+        self._lock = threading.Lock()
+        self._root = Path(tempfile.mkdtemp(prefix="segllm-web-"))
+        self._stop = threading.Event()
+        self.released = 0  # how many sessions were released so far (for tests and logs)
+        interval = sweep_interval_s if sweep_interval_s is not None else min(60.0, max(1.0, self.idle_timeout_s / 4))
+        self._sweeper = threading.Thread(target=self._sweep_loop, args=(interval,), daemon=True,
+                                         name="segllm-web-sweeper")
+        self._sweeper.start()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._sessions)
+
+    def keys(self) -> list[str]:
+        with self._lock:
+            return list(self._sessions)
+
+    def get(self, key: str | None) -> UserSession | None:
+        with self._lock:
+            user = self._sessions.get(key or "")
+            if user is not None:
+                user.last_used = self.clock()
+            return user
+
+    def check_room(self, key: str) -> None:
+        """Raises :class:`InputError` if a new session for ``key`` would exceed ``max_sessions``."""
+        self.sweep()
+        with self._lock:
+            if len(self._sessions) - (key in self._sessions) >= self.max_sessions:
+                raise InputError(f"The demo is serving its maximum of {self.max_sessions} sessions; "
+                                 "try again in a few minutes.")
+
+    def put(self, key: str, session: MultiRoundSession) -> UserSession:
+        """Stores a new session for ``key`` (replacing the old one); refuses when the store is full."""
+        self.release(key)
+        self.check_room(key)
+        with self._lock:
+            files = self._root / uuid.uuid4().hex
+            files.mkdir()
+            user = UserSession(key, session, files, self.clock())
+            self._sessions[key] = user
+            return user
+
+    def release(self, key: str | None) -> bool:
+        with self._lock:
+            user = self._sessions.pop(key or "", None)
+            if user is None:
+                return False
+            self.released += 1
+        shutil.rmtree(user.files, ignore_errors=True)
+        return True
+
+    def sweep(self) -> int:
+        """Releases sessions idle for longer than the timeout (not those busy with a request)."""
+        now = self.clock()
+        with self._lock:
+            stale = [k for k, u in self._sessions.items()
+                     if now - u.last_used > self.idle_timeout_s and not u.lock.locked()]
+        for key in stale:
+            self.release(key)
+        if stale:
+            log.info("web demo: released %d idle session(s)", len(stale))
+        return len(stale)
+
+    def close(self) -> None:
+        self._stop.set()
+        for key in self.keys():
+            self.release(key)
+        shutil.rmtree(self._root, ignore_errors=True)
+
+    def _sweep_loop(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            try:
+                self.sweep()
+            except Exception:  # never let the sweeper die
+                log.exception("web demo: session sweep failed")
+
+
+# ---- the app -----------------------------------------------------------------------------------------
+
+
+def _history_html(user: UserSession | None) -> str:
+    if user is None or not user.session.rounds:
+        return "<p><em>No rounds yet.</em></p>"
+    rows = []
+    for r in user.session.rounds:
+        color = "#%02x%02x%02x" % round_color(r.index)
+        refs = ", ".join(map(str, r.refs)) or "–"
+        rows.append(
+            f"<tr><td><span style='display:inline-block;width:1em;height:1em;background:{color}'></span> {r.index}"
+            f"</td><td>{html.escape(r.text)}</td><td>{refs}</td><td>{int(r.mask.sum())}</td>"
+            f"<td>{r.score:.3f}</td></tr>")
+    return ("<table class='segllm-history'><thead><tr><th>round</th><th>query</th><th>refs</th><th>pixels</th>"
+            "<th>score</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table>")
+
+
+def _status(result: RoundResult) -> str:
+    refs = f" (references round {', '.join(map(str, result.refs))})" if result.refs else ""
+    box = ", ".join(f"{v:.0f}" for v in result.box)
+    what = "an empty mask" if result.empty else f"{int(result.mask.sum())} pixels, box ({box})"
+    return f"Round {result.index}: {result.text!r}{refs} → {what}, score {result.score:.3f}."
+
+
+def build_app(loaded: Loaded, *, examples: Sequence[str | Path] | str | None = "auto", mode: str = "incremental",
+              idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S, max_sessions: int = DEFAULT_MAX_SESSIONS,
+              max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, model_lock: Any = None,
+              sweep_interval_s: float | None = None) -> "gr.Blocks":
+    """The Gradio Blocks app. Launch it with :func:`launch` (which applies the upload limit).
+
+    ``examples``: ``"auto"`` (the checkpoint's ``examples/`` folder, else two generated MR-Shapes
+    scenes), a list of image paths, or ``None``. The returned Blocks carries ``.segllm_store`` (the
+    :class:`SessionStore`), ``.segllm_max_file_size`` and ``.segllm_example_dirs``.
+    """
+    gr = require_gradio()
+    if mode not in ("incremental", "recompute"):
+        raise InputError(f"mode must be 'incremental' or 'recompute', not {mode!r}.")
+    store = SessionStore(idle_timeout_s=idle_timeout_s, max_sessions=max_sessions, sweep_interval_s=sweep_interval_s)
+    model_lock = model_lock or threading.Lock()
+    max_bytes = int(max_upload_mb * 1024 * 1024)
+    if examples == "auto":
+        examples = example_images(loaded.directory)
+    examples = [str(p) for p in (examples or [])]
+
+    def fail(e: Exception):
+        return gr.Error(str(e), print_exception=False)
+
+    def outputs_for(user: UserSession | None, overlay=None, status: str = ""):
+        n = len(user.session.rounds) if user is not None else 0
+        gallery = ([(img, f"round {r.index}: {r.text}") for img, r in zip(user.overlays, user.session.rounds)]
+                   if user is not None else [])
+        refs = gr.update(choices=[(str(k), k) for k in range(1, n + 1)], value=[])
+        files = list(user.mask_files) if user is not None and user.mask_files else None
+        return overlay, gallery, refs, files, _history_html(user), status
+
+    def set_image(image_path: str | None, request: gr.Request):
+        """New picture for this tab: builds its session (image features), forgets the old conversation."""
+        key = request.session_hash
+        if not image_path:
+            store.release(key)
+            return outputs_for(None, status="Upload an image or pick an example to start.")
+        try:
+            size = Path(image_path).stat().st_size
+            if size > max_bytes:
+                raise InputError(f"The image is {size / 2**20:.1f} MB, over the {max_upload_mb:g} MB upload limit.")
+            store.check_room(key)  # before spending model time on the picture
+            with model_lock:
+                session = MultiRoundSession(loaded, image_path, mode=mode)
+            user = store.put(key, session)
+        except SegLLMError as e:
+            store.release(key)
+            raise fail(e) from None
+        w, h = session.image.size
+        return outputs_for(user, status=f"Image loaded ({w}×{h}). Ask for something to segment.")
+
+    no_session = ("No image in this session (it may have been closed after being idle); "
+                  "upload or pick an image first.")
+
+    def ask(text: str, checked: list[int] | None, request: gr.Request):
+        user = store.get(request.session_hash)
+        if user is None:
+            raise gr.Error(no_session, print_exception=False)
+        with user.lock:
+            try:
+                query = compose_query(text, checked)
+                with model_lock:
+                    result = user.session.ask(query)
+            except SegLLMError as e:
+                raise fail(e) from None
+            if store.get(request.session_hash) is not user:  # released (tab closed, new image) meanwhile
+                raise gr.Error(no_session, print_exception=False)
+            overlay = user.session.overlay(result, round_color(result.index))
+            user.overlays.append(overlay)
+            mask_path = user.files / f"round_{result.index}_mask.png"
+            Image.fromarray(result.mask.astype(np.uint8) * 255).save(mask_path)
+            user.mask_files.append(str(mask_path))
+            return (*outputs_for(user, overlay, _status(result)), "")
+
+    def clear_history(request: gr.Request):
+        user = store.get(request.session_hash)
+        if user is None:
+            return outputs_for(None, status="Upload an image or pick an example to start.")
+        with user.lock:
+            with model_lock:
+                user.session.clear()
+            user.reset_history()
+            return outputs_for(user, status="History cleared; the image is kept.")
+
+    def new_image(request: gr.Request):
+        store.release(request.session_hash)
+        return (None, *outputs_for(None, status="Upload an image or pick an example to start."))
+
+    def unload(request: gr.Request):
+        store.release(request.session_hash)
+
+    # Gradio's own cache (served overlays, uploads) is cleaned every 15 min of files older than the idle timeout
+    cache_age = max(900, int(idle_timeout_s))
+    with gr.Blocks(title="SegLLM demo", analytics_enabled=False, delete_cache=(900, cache_age)) as demo:
+        gr.Markdown(f"# {TITLE}\n{INTRO}")
+        with gr.Row():
+            with gr.Column(scale=1):
+                image_in = gr.Image(label="Image", type="filepath", image_mode=None, sources=["upload", "clipboard"],
+                                    elem_id="segllm-image", height=360)
+                if examples:
+                    gr.Examples(examples=[[p] for p in examples], inputs=[image_in], label="Examples")
+            with gr.Column(scale=1):
+                overlay_out = gr.Image(label="This round", type="pil", format="png", interactive=False,
+                                       elem_id="segllm-overlay", height=360)
+        with gr.Row():
+            query = gr.Textbox(label="Query", placeholder="e.g. Segment the red circle.  ([REF:1] cites round 1)",
+                               elem_id="segllm-query", scale=4, lines=1, max_lines=3)
+            refs = gr.CheckboxGroup(label="Reference instance from round", choices=[], value=[], elem_id="segllm-refs",
+                                    scale=2)
+        with gr.Row():
+            send = gr.Button("Segment", variant="primary", elem_id="segllm-send")
+            clear = gr.Button("Clear history", elem_id="segllm-clear")
+            new = gr.Button("New image", elem_id="segllm-new")
+        status = gr.Markdown("Upload an image or pick an example to start.", elem_id="segllm-status")
+        gallery = gr.Gallery(label="All rounds", format="png", columns=6, height=280, object_fit="contain",
+                             elem_id="segllm-gallery", interactive=False)
+        with gr.Row():
+            history = gr.HTML(_history_html(None), elem_id="segllm-history")
+            masks = gr.File(label="Masks (PNG, one per round)", file_count="multiple", interactive=False,
+                            elem_id="segllm-masks")
+
+        round_outputs = [overlay_out, gallery, refs, masks, history, status]
+        # progress and error badges go on the overlay only (an error's sentence is shown as a toast)
+        image_in.change(set_image, inputs=[image_in], outputs=round_outputs, api_name="set_image",
+                        concurrency_limit=4, show_progress_on=[overlay_out])
+        send.click(ask, inputs=[query, refs], outputs=[*round_outputs, query], api_name="ask",
+                   concurrency_limit=4, concurrency_id="ask", show_progress_on=[overlay_out])
+        query.submit(ask, inputs=[query, refs], outputs=[*round_outputs, query], api_visibility="private",
+                     concurrency_limit=4, concurrency_id="ask", show_progress_on=[overlay_out])
+        clear.click(clear_history, outputs=round_outputs, api_name="clear_history", show_progress="hidden")
+        new.click(new_image, outputs=[image_in, *round_outputs], api_name="new_image", show_progress="hidden")
+        demo.unload(unload)
+
+    demo.segllm_store = store
+    demo.segllm_max_file_size = max_bytes
+    demo.segllm_example_dirs = sorted({str(Path(p).parent) for p in examples})
+    return demo
+
+
+def is_loopback(host: str) -> bool:
+    return host in LOOPBACK or host.startswith("127.")
+
+
+def exposure_warning(host: str, port: int | None) -> str | None:
+    """The warning printed when the demo is bound to anything but loopback (``None`` for loopback)."""
+    if is_loopback(host):
+        return None
+    return (f"WARNING: serving the SegLLM demo on {host}:{port}: anyone who can reach this machine can use it "
+            "and upload images. Use --host 127.0.0.1 to keep it local.")
+
+
+def launch(demo: "gr.Blocks", *, host: str = "127.0.0.1", port: int | None = DEFAULT_PORT,
+           prevent_thread_lock: bool = False, quiet: bool = False) -> tuple[Any, str, Any]:
+    """Starts the server (queue on, no share link, no SSR, the upload limit of :func:`build_app`)."""
+    if (warning := exposure_warning(host, port)) is not None:
+        print(warning, file=sys.stderr, flush=True)
+    demo.queue(max_size=64)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's start-up self-checks log every request
+    result = demo.launch(server_name=host, server_port=port, share=False, ssr_mode=False, inbrowser=False,
+                         prevent_thread_lock=True, quiet=True, show_error=True,
+                         max_file_size=getattr(demo, "segllm_max_file_size", None),
+                         allowed_paths=list(getattr(demo, "segllm_example_dirs", [])), footer_links=["api"],
+                         enable_monitoring=False, mcp_server=False)
+    if not quiet:
+        print(f"SegLLM demo on {result[1]} (Ctrl-C to stop)", file=sys.stderr, flush=True)
+    if not prevent_thread_lock:
+        demo.block_thread()  # until Ctrl-C; then closes the server
+    return result
+
+
+def warm_up(loaded: Loaded, mode: str = "incremental") -> float:
+    """Compiles the model's programs (a two-round conversation with a reference on a generated scene)."""
+    from segllm_jax.data.mrshapes import generate_scene
+
+    t = time.perf_counter()
+    session = MultiRoundSession(loaded, Image.fromarray(generate_scene(np.random.default_rng(0), 128).image), mode=mode)
+    session.ask("Segment the largest shape.")
+    session.ask("Segment the shape nearest to it.[REF:1]")
+    return time.perf_counter() - t
+
+
+def serve(checkpoint: str | Path, *, host: str = "127.0.0.1", port: int = DEFAULT_PORT, mode: str = "incremental",
+          max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
+          max_sessions: int = DEFAULT_MAX_SESSIONS, warmup: bool = True) -> int:
+    """``segllm-jax serve``: loads the checkpoint once, warms it up, serves until interrupted."""
+    require_gradio()
+    from segllm_jax.checkpoint import load
+
+    loaded = load(checkpoint)
+    if warmup:
+        print("compiling the model (one warm-up conversation)...", file=sys.stderr, flush=True)
+        print(f"warm-up done in {warm_up(loaded, mode):.1f} s", file=sys.stderr, flush=True)
+    demo = build_app(loaded, mode=mode, max_upload_mb=max_upload_mb, idle_timeout_s=idle_timeout_s,
+                     max_sessions=max_sessions)
+    try:
+        launch(demo, host=host, port=port)
+    finally:
+        demo.segllm_store.close()
+    return 0
