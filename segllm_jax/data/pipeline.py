@@ -43,8 +43,8 @@ from segllm_jax.errors import ConfigError, InputError
 from segllm_jax import preprocess
 from segllm_jax.preprocess import (CLIP_IMAGE_SIZE, HIPIE_IMAGE_SIZE, clip_image, hipie_image, hipie_mask,
                                    masked_crop)
-from segllm_jax.tokenizer import (ConversationEncoder, EncodedConversation, RoundLayout, SegTokenizer,
-                                  rounds_that_fit)
+from segllm_jax.tokenizer import (DEFAULT_NUM_IMAGE_TOKENS, ConversationEncoder, EncodedConversation,
+                                  RoundLayout, SegTokenizer, rounds_that_fit)
 
 PathLike = Union[str, os.PathLike]
 log = logging.getLogger(__name__)
@@ -474,12 +474,13 @@ class Pipeline:
     def from_config(cls, config: MixtureConfig, tokenizer: SegTokenizer, *, batch_size: int, seed: int = 0,
                     shard_index: int = 0, shard_count: int = 1, num_epochs: int = 1, worker_count: int = 0,
                     clip_size: int = CLIP_IMAGE_SIZE, frame: int = HIPIE_IMAGE_SIZE,
-                    max_length: int = DEFAULT_MAX_LENGTH, read_threads: int = 2) -> Pipeline:
+                    max_length: int = DEFAULT_MAX_LENGTH, read_threads: int = 2,
+                    num_image_tokens: int = DEFAULT_NUM_IMAGE_TOKENS) -> Pipeline:
         source = ConversationSource([Path(config.conversations_root) / c.path for c in config.conversations],
                                     config.max_per_file)
         weights = tuple(c.weight for c in config.conversations)
         plan = BatchPlan(source.file_lengths, batch_size, weights, shard_index, shard_count, seed)
-        builder = ExampleBuilder(ConversationEncoder(tokenizer), AnnotationRegistry(config.registers,
+        builder = ExampleBuilder(ConversationEncoder(tokenizer, num_image_tokens), AnnotationRegistry(config.registers,
                                                                                     config.annotations_root),
                                  Path(config.images_root), config.limit_rounds, max_length, clip_size, frame,
                                  config.is_eval)

@@ -1,0 +1,72 @@
+"""Training-state memory per device of the 7B SegLLM on several meshes (writes docs/memory.md's table).
+
+Computed from shapes only (``nnx.eval_shape``: nothing is allocated) and the shardings of
+``segllm_jax.sharding`` (the same logical-axis rules the trainer uses). Counted per device:
+float32 parameters (trainable + frozen), float32 gradients of the trainable ones and AdamW's two
+float32 moments. Not counted: activations (depend on batch, length and remat), XLA temporaries,
+the compiled program, and the data pipeline's host memory.
+
+    python benchmarks/memory_table.py            # prints the markdown table
+"""
+
+from __future__ import annotations
+
+import types
+
+import numpy as np
+
+from segllm_jax.config import SegLLMConfig
+from segllm_jax.data.pipeline import MixtureConfig
+from segllm_jax.sharding import MESH_AXES, logical_to_spec
+from segllm_jax.train import step as S
+from segllm_jax.train.config import TrainConfig
+
+# (name, devices, HBM per device in GiB, (data, fsdp, tensor))
+MESHES = (
+    ("TPU v5p-8 (4 chips)", 95, (1, 4, 1)),
+    ("TPU v4-32 (16 chips)", 32, (1, 16, 1)),
+    ("TPU v4-32 (16 chips), TP 2", 32, (1, 8, 2)),
+    ("8x H100 80GB", 80, (1, 8, 1)),
+    ("8x H100 80GB, TP 2", 80, (1, 4, 2)),
+    ("8x H100 80GB, DP 2 x FSDP 4", 80, (2, 4, 1)),
+)
+
+
+def per_device_bytes(structure: S.ModelStructure, mesh_shape: tuple[int, int, int]) -> dict[str, float]:
+    mesh = types.SimpleNamespace(shape=dict(zip(MESH_AXES, mesh_shape)))
+    out = {"params": 0.0, "grads": 0.0, "adam": 0.0}
+    abstract = structure.abstract()
+    for key, axes in structure.logical_axes().items():
+        shape = abstract[key].shape
+        n = int(np.prod(shape)) * 4  # float32 master weights
+        if axes is not None:
+            spec = logical_to_spec(axes, shape, mesh)
+            for entry in spec:
+                for axis in ((entry,) if isinstance(entry, str) else (entry or ())):
+                    n /= mesh.shape[axis]
+        out["params"] += n
+        if S.is_trainable(key):
+            out["grads"] += n
+            out["adam"] += 2 * n
+    return out
+
+
+def main() -> None:
+    cfg = TrainConfig(model=SegLLMConfig.segllm_7b(), data=MixtureConfig((), (), ".", "."), tokenizer_dir=".")
+    structure = S.abstract_structure(cfg)
+    abstract = structure.abstract()
+    total = sum(int(np.prod(v.shape)) for v in abstract.values())
+    trainable = sum(int(np.prod(v.shape)) for k, v in abstract.items() if S.is_trainable(k))
+    gib = 2 ** 30
+    print(f"SegLLM-7B: {total / 1e9:.3f} B parameters, {trainable / 1e9:.3f} B trainable (spec §5.1)\n")
+    print("| mesh | (data, fsdp, tensor) | params fp32 | grads fp32 | Adam m+v fp32 | total / device | HBM |")
+    print("|---|---|---|---|---|---|---|")
+    for name, hbm, shape in MESHES:
+        b = per_device_bytes(structure, shape)
+        t = sum(b.values())
+        print(f"| {name} | {shape} | {b['params'] / gib:.2f} GiB | {b['grads'] / gib:.2f} GiB | "
+              f"{b['adam'] / gib:.2f} GiB | **{t / gib:.2f} GiB** | {hbm} GB |")
+
+
+if __name__ == "__main__":
+    main()

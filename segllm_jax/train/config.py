@@ -1,0 +1,132 @@
+"""``TrainConfig``: everything one training run depends on, as one frozen dataclass (spec §5).
+
+Defaults are the released recipe (§5.3): AdamW lr 2e-6, weight decay 0, cosine schedule with 3 %
+warm-up, bf16 compute over float32 master weights, rematerialised LLM layers, 8 conversations per
+step. ``tiny_cpu()`` is the preset the tests and ``configs/tiny_train.py`` start from.
+
+Gradient clipping (``grad_clip_norm``) defaults to **None** on purpose. The original calls
+``accelerator.clip_grad_norm_(model.parameters(), 5.0)`` in its custom ``training_step`` and HF
+Trainer would clip at ``max_grad_norm=1.0`` too, but both go through ``Accelerator.clip_grad_norm_``,
+which returns without clipping when DeepSpeed drives the model (DeepSpeed clips on its own, from the
+config key ``gradient_clipping``), and ``scripts/deepspeed_configs/zero2.json`` has no such key, so
+DeepSpeed's default 0.0 (off) applies. The released model was therefore trained without clipping.
+Set 5.0 to follow the author's visible intent instead; the global gradient norm is logged either way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Literal
+
+from segllm_jax.config import SegLLMConfig
+from segllm_jax.data.pipeline import ConversationFile, MixtureConfig
+from segllm_jax.errors import ConfigError
+
+RematPolicy = Literal["none", "full", "dots", "dots_no_batch"]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    model: SegLLMConfig
+    data: MixtureConfig
+    tokenizer_dir: str  # an HF tokenizer folder with SegLLM's added tokens
+    init_checkpoint: str | None = None  # segllm-jax checkpoint folder; None = random init (seed)
+    # batch and length
+    batch_size: int = 8  # global conversations per step (2 per device x 4 GPUs in the original)
+    steps: int = 1000
+    pad_multiple: int = 64  # sequence length is padded to a multiple of this (fewer recompilations)
+    ref_pad_multiple: int = 8  # references and <seg> prompts are padded to multiples of this
+    clip_size: int = 224  # CLIP input side of the data pipeline
+    frame: int = 1024  # HIPIE frame side of the data pipeline
+    worker_count: int = 0  # grain worker processes
+    # optimisation (spec §5.3)
+    learning_rate: float = 2e-6
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    adam_b1: float = 0.9
+    adam_b2: float = 0.999
+    adam_eps: float = 1e-8
+    grad_clip_norm: float | None = None  # see the module docstring
+    # losses (spec §5.2)
+    prompt_l2_weight: float = 1e-3
+    use_hipie_loss: bool = True  # False: LM CE + prompt L2 only (HIPIE gets no gradient)
+    max_rounds: int = 2  # <seg> prompts per conversation sent to HIPIE (spec §5.2)
+    # numerics and memory
+    compute_dtype: str = "bfloat16"  # activations; parameters and optimizer state stay float32
+    remat: RematPolicy = "full"
+    # parallelism: (data, fsdp, tensor); -1 = all remaining devices
+    mesh_shape: tuple[int, int, int] = (1, -1, 1)
+    # bookkeeping
+    seed: int = 0
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 2
+    async_checkpointing: bool = True
+    export_model: bool = True  # write WORKDIR/model (a segllm-jax checkpoint folder) at the end
+    tensorboard: bool = True
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.steps < 1 or self.checkpoint_every < 1 or self.keep_checkpoints < 1:
+            raise ConfigError("batch_size, steps, checkpoint_every and keep_checkpoints must be >= 1.")
+        if self.compute_dtype not in ("float32", "bfloat16"):
+            raise ConfigError(f"compute_dtype={self.compute_dtype!r}; use 'float32' or 'bfloat16'.")
+        if self.remat not in ("none", "full", "dots", "dots_no_batch"):
+            raise ConfigError(f"remat={self.remat!r}; use 'none', 'full', 'dots' or 'dots_no_batch'.")
+        if len(self.mesh_shape) != 3:
+            raise ConfigError(f"mesh_shape {self.mesh_shape} must be (data, fsdp, tensor).")
+        if self.clip_size != self.model.vision.image_size or self.frame != self.model.hipie_image_size:
+            raise ConfigError(f"the data pipeline makes {self.clip_size}px CLIP and {self.frame}px HIPIE images but "
+                              f"the model takes {self.model.vision.image_size} and {self.model.hipie_image_size}; "
+                              "set clip_size/frame to match.")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError(f"warmup_ratio={self.warmup_ratio} must be in [0, 1).")
+
+    @property
+    def warmup_steps(self) -> int:
+        """HF's ``get_cosine_schedule_with_warmup``: ``ceil(steps * warmup_ratio)``."""
+        return math.ceil(self.steps * self.warmup_ratio)
+
+    def replace(self, **changes) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def tiny_cpu(data: MixtureConfig, tokenizer_dir: str, vocab_size: int, **overrides) -> TrainConfig:
+    """A model that trains in seconds on a laptop CPU: tiny widths, 32 px CLIP, 64 px HIPIE frame."""
+    base = dict(model=SegLLMConfig.tiny(vocab_size=vocab_size), data=data, tokenizer_dir=tokenizer_dir,
+                batch_size=2, steps=8, pad_multiple=128, clip_size=32, frame=64, learning_rate=1e-3,
+                warmup_ratio=0.0, compute_dtype="float32", remat="none", mesh_shape=(1, 1, 1),
+                checkpoint_every=4, keep_checkpoints=2, use_hipie_loss=False, tensorboard=False)
+    return TrainConfig(**{**base, **overrides})
+
+
+def prepare_tiny_mrshapes(root: str, n_scenes: int = 8, seed: int = 0, vocab_size: int = 300,
+                          max_rounds: int = 3) -> tuple[MixtureConfig, str, int]:
+    """MR-Shapes scenes + a tokenizer trained on their questions under ``root`` (idempotent).
+
+    Returns ``(mixture, tokenizer_dir, vocab_size)`` for :func:`tiny_cpu`; the model's vocabulary is
+    the tokenizer's (base pieces + SegLLM's added tokens).
+    """
+    import json
+    from pathlib import Path
+
+    from segllm_jax.data import mrshapes
+    from segllm_jax.data.registers import RegisterSpec
+    from segllm_jax.data.tiny_tokenizer import train_tokenizer
+    from segllm_jax.tokenizer import SYSTEM_PROMPT, SegTokenizer
+
+    out = Path(root)
+    done = out / "READY.json"
+    if not done.exists():
+        files = mrshapes.write_split(out, "train", n_scenes, seed, max_rounds=max_rounds)
+        texts = [SYSTEM_PROMPT + " USER: ASSISTANT:"]
+        for entry in mrshapes.read_conversations(files.conversations):
+            texts += [turn["value"] for turn in entry["conversations"]]
+        train_tokenizer(texts * 4, out / "tokenizer", vocab_size=vocab_size)
+        vocab = SegTokenizer.from_pretrained(out / "tokenizer").vocab_size
+        done.write_text(json.dumps({"vocab_size": vocab}))
+    vocab = json.loads(done.read_text())["vocab_size"]
+    mixture = MixtureConfig(conversations=(ConversationFile("mrshapes_train.json"),),
+                            registers=(RegisterSpec("mrshapes", "mrshapes_train.json"),),
+                            images_root=str(out / "images"), annotations_root=str(out / "annotations"),
+                            conversations_root=str(out / "conversations"))
+    return mixture, str(out / "tokenizer"), vocab

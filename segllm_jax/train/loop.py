@@ -1,0 +1,331 @@
+"""``train(config, workdir)``: the training loop, resumable by construction.
+
+Re-running the same command continues a killed run: the latest complete checkpoint (parameters,
+optimizer state, step, RNG, data-iterator position) is restored, metric lines of steps after it are
+dropped from ``metrics.jsonl``, and because the step key is ``fold_in(rng, step)`` and the host-side
+prompt selection is seeded by ``(seed, step)``, the resumed run is bit-identical on the same
+hardware and mesh to one that was never interrupted.
+
+Outputs under ``workdir``: ``checkpoints/<step>/`` (orbax), ``metrics.jsonl`` (one line per step:
+every loss term, lr, grad norm, step time, tokens/s), ``train_config.txt`` and TensorBoard events
+when ``tensorboardX`` is installed. A non-finite loss stops the run with :class:`NonFiniteLossError`
+naming the step and the conversation ids; the state of that step is never saved.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import runpy
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from segllm_jax.errors import ConfigError, SegLLMError
+from segllm_jax.sharding import make_mesh
+from segllm_jax.train import step as train_step_lib
+from segllm_jax.train.checkpointing import Checkpointer
+from segllm_jax.train.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(SegLLMError):
+    """The loss became NaN or infinite; names the step and the conversations of its batch."""
+
+
+def load_config(path: str | Path) -> TrainConfig:
+    """A config file is Python exposing ``CONFIG`` (a :class:`TrainConfig`)."""
+    try:
+        namespace = runpy.run_path(str(path))
+    except OSError as e:
+        raise ConfigError(f"cannot read the config file {path}: {e.strerror}.") from None
+    config = namespace.get("CONFIG")
+    if not isinstance(config, TrainConfig):
+        raise ConfigError(f"{path} must define CONFIG = TrainConfig(...) (e.g. segllm_jax.train.config.tiny_cpu).")
+    return config
+
+
+def initialize_distributed() -> None:
+    """Joins a multi-process run when asked to by the environment (before JAX touches a device).
+
+    ``SEGLLM_DISTRIBUTED=auto``: ``jax.distributed.initialize()`` with JAX's cluster auto-detection
+    (TPU pod slices, SLURM, ...). ``SEGLLM_COORDINATOR=host:port``, ``SEGLLM_NUM_PROCESSES``,
+    ``SEGLLM_PROCESS_ID``: explicit (CPU processes use gloo collectives).
+    """
+    import os
+
+    if os.environ.get("SEGLLM_DISTRIBUTED") == "auto":
+        jax.distributed.initialize()
+    elif os.environ.get("SEGLLM_NUM_PROCESSES"):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(os.environ["SEGLLM_COORDINATOR"], int(os.environ["SEGLLM_NUM_PROCESSES"]),
+                                   int(os.environ["SEGLLM_PROCESS_ID"]))
+
+
+def _local_value(x) -> np.ndarray:
+    """A replicated (possibly multi-process) array's value, read from this process's copy."""
+    return np.asarray(x.addressable_data(0))
+
+
+def global_batch(local: train_step_lib.TrainBatch, rows_per_host: int) -> train_step_lib.TrainBatch:
+    """Every host's TrainBatch -> the global one (NumPy, identical on all hosts), in host order.
+
+    Hosts pad their token length, reference and prompt counts to the largest (padding references
+    have gate 0 and padding prompts weight 0, so they change nothing), then the row and slot indices
+    of host ``h`` are offset by ``h * rows_per_host`` (and prompt indices by ``h * N``).
+    """
+    from jax.experimental import multihost_utils
+
+    b = jax.tree.map(np.asarray, local)
+    c = b.conv
+    sizes = np.array([c.input_ids.shape[1], c.ref_rows.shape[0], c.seg_rows.shape[0], b.hipie_index.shape[0]])
+    t, r, n, m = np.asarray(multihost_utils.process_allgather(sizes)).max(0)
+    if np.asarray(multihost_utils.process_allgather(sizes))[:, 3].min() != m:
+        raise ConfigError("hosts selected different numbers of HIPIE prompts this step; multi-host training "
+                          "needs conversations with at least max_rounds rounds each.")
+
+    def pad(x, size, value=0, axis=0):
+        widths = [(0, 0)] * x.ndim
+        widths[axis] = (0, size - x.shape[axis])
+        return np.pad(x, widths, constant_values=value)
+
+    c = dataclasses.replace(
+        c, input_ids=pad(c.input_ids, t, 0, 1), token_mask=pad(c.token_mask, t, False, 1),
+        labels=pad(c.labels, t, -100, 1),
+        ref_rows=pad(c.ref_rows, r), ref_mask_cols=pad(c.ref_mask_cols, r), ref_box_cols=pad(c.ref_box_cols, r),
+        ref_crops=pad(c.ref_crops, r), ref_boxes=pad(c.ref_boxes, r), ref_gates=pad(c.ref_gates, r),
+        seg_rows=pad(c.seg_rows, n), seg_cols=pad(c.seg_cols, n, 1))
+    b = dataclasses.replace(b, conv=c, seg_weight=pad(b.seg_weight, n))
+    g = jax.tree.map(np.asarray, multihost_utils.process_allgather(b))  # every leaf: [hosts, ...]
+    hosts = g.seg_weight.shape[0]
+    row_offset = (np.arange(hosts) * rows_per_host)[:, None]
+    flat = lambda x: x.reshape(-1, *x.shape[2:])  # noqa: E731
+    gc = g.conv
+    conv = dataclasses.replace(
+        jax.tree.map(flat, gc),
+        image_slot_rows=flat(gc.image_slot_rows + row_offset),
+        image_slot_image=flat(gc.image_slot_image + row_offset),
+        ref_rows=flat(gc.ref_rows + row_offset), seg_rows=flat(gc.seg_rows + row_offset))
+    return dataclasses.replace(jax.tree.map(flat, g), conv=conv,
+                               hipie_index=flat(g.hipie_index + (np.arange(hosts) * n)[:, None]))
+
+
+def _put_global(batch: train_step_lib.TrainBatch, mesh) -> train_step_lib.TrainBatch:
+    """A host-identical NumPy batch -> global arrays (each process fills its own shards)."""
+    shardings = train_step_lib.batch_shardings(batch, mesh)
+    return jax.tree.map(lambda x, s: jax.make_array_from_callback(x.shape, s, lambda idx: x[idx]), batch, shardings)
+
+
+def mesh_for(cfg: TrainConfig):
+    sizes = list(cfg.mesh_shape)
+    n = len(jax.devices()) if -1 in sizes else int(np.prod(sizes))
+    return make_mesh(sizes, jax.devices()[:n])
+
+
+def _hipie_term(cfg: TrainConfig):
+    if not cfg.use_hipie_loss:
+        return None
+    try:
+        from segllm_jax.train.hipie_loss import hipie_loss
+    except ImportError as e:
+        raise ConfigError(f"use_hipie_loss=True but segllm_jax.train.hipie_loss cannot be imported ({e}); "
+                          "set use_hipie_loss=False to train the LM and prompt terms only.") from None
+    return train_step_lib.hipie_term_from_loss(hipie_loss)
+
+
+class _MetricsWriter:
+    """``metrics.jsonl`` (truncated to steps before ``start`` on resume) and optional TensorBoard."""
+
+    def __init__(self, workdir: Path, start: int, tensorboard: bool):
+        self.path = workdir / "metrics.jsonl"
+        kept = []
+        if self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] < start]
+        self.path.write_text("".join(line + "\n" for line in kept))
+        self.tb = None
+        if tensorboard:
+            try:
+                from tensorboardX import SummaryWriter
+
+                self.tb = SummaryWriter(str(workdir / "tensorboard"))
+            except ImportError:
+                log.info("TensorBoard: tensorboardX is not installed; metrics go to %s only.", self.path)
+
+    def write(self, record: dict[str, Any]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, record["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _progress(total: int, initial: int):
+    try:
+        from tqdm import tqdm
+
+        return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+    except ImportError:  # pragma: no cover - tqdm is a dependency of our dependencies
+        return None
+
+
+def make_pipeline(cfg: TrainConfig, tokenizer, num_epochs: int | None = None):
+    """The host's grain pipeline for ``cfg`` (enough epochs for ``cfg.steps``)."""
+    from segllm_jax.data.pipeline import Pipeline
+
+    def build(epochs: int) -> Pipeline:
+        hosts = jax.process_count()
+        if cfg.batch_size % hosts:
+            raise ConfigError(f"batch_size {cfg.batch_size} is not divisible by the {hosts} processes.")
+        pipe = Pipeline.from_config(cfg.data, tokenizer, batch_size=cfg.batch_size // hosts, seed=cfg.seed,
+                                    shard_index=jax.process_index(), shard_count=hosts, num_epochs=epochs,
+                                    worker_count=cfg.worker_count, clip_size=cfg.clip_size,
+                                    frame=cfg.frame, max_length=cfg.model.context_length,
+                                    num_image_tokens=cfg.model.num_image_tokens)
+        return pipe
+
+    if num_epochs is None:
+        num_epochs = math.ceil(cfg.steps / build(1).steps_per_epoch)
+    return build(num_epochs)
+
+
+def train(config: TrainConfig, workdir: str | Path) -> list[dict[str, Any]]:
+    """Runs (or resumes) training to ``config.steps``; returns this invocation's metric records."""
+    from segllm_jax.tokenizer import SegTokenizer
+
+    cfg = config
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    initialize_distributed()
+    primary = jax.process_index() == 0
+    if primary:
+        (workdir / "train_config.txt").write_text(repr(cfg) + "\n")
+    mesh = mesh_for(cfg)
+    tokenizer = SegTokenizer.from_pretrained(cfg.tokenizer_dir)
+    tokenizer.check_vocab_size(cfg.model.llm.vocab_size)
+
+    pipeline = make_pipeline(cfg, tokenizer)
+    iterator = iter(pipeline)
+
+    structure = train_step_lib.abstract_structure(cfg)
+    shardings = train_step_lib.state_shardings(structure, cfg, mesh)
+    ckpt = Checkpointer(workdir / "checkpoints", keep=cfg.keep_checkpoints, async_save=cfg.async_checkpointing)
+    latest = ckpt.latest_step()
+    if latest is None:
+        init_params = None
+        if cfg.init_checkpoint:
+            from segllm_jax.checkpoint import load_model
+
+            model = load_model(cfg.init_checkpoint)[2]
+            init_params = train_step_lib.ModelStructure(model).values(model)
+        state, _ = train_step_lib.init_state(cfg, mesh, structure, init_params)
+        start = 0
+    else:
+        abstract = abstract_train_state(structure, cfg, shardings)
+        state, data = ckpt.restore(latest, abstract)
+        iterator.set_state(data["iterator"])
+        start = int(data["step"])
+        log.info("resumed from %s at step %d", workdir / "checkpoints" / str(latest), start)
+
+    step_fn = jax.jit(train_step_lib.make_train_step(structure, cfg, _hipie_term(cfg)),
+                      out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())), donate_argnums=0)
+    writer = _MetricsWriter(workdir, start, cfg.tensorboard) if primary else None
+    bar = _progress(cfg.steps, start) if primary else None
+    records = []
+    try:
+        for step in range(start, cfg.steps):
+            host = next(iterator)
+            conv_ids = [str(e["conv_id"]) for e in host["examples"]]
+            rows_per_host = cfg.batch_size // jax.process_count()
+            batch = train_step_lib.make_train_batch(host["examples"], cfg, step,
+                                                    row_offset=jax.process_index() * rows_per_host)
+            if jax.process_count() > 1:
+                batch = _put_global(global_batch(batch, rows_per_host), mesh)
+                conv_ids = f"{', '.join(conv_ids)} on host {jax.process_index()}"
+            else:
+                batch = jax.device_put(batch, train_step_lib.batch_shardings(batch, mesh))
+                conv_ids = ", ".join(conv_ids)
+            t0 = time.perf_counter()
+            new_state, metrics = step_fn(state, batch)
+            metrics = {k: float(_local_value(v)) for k, v in metrics.items()}
+            dt = time.perf_counter() - t0
+            if not math.isfinite(metrics["loss"]):
+                ckpt.wait()  # earlier saves complete; this step's state is dropped
+                raise NonFiniteLossError(
+                    f"the loss is {metrics['loss']} at step {step} (conversations: {conv_ids}); "
+                    f"terms: {', '.join(f'{k}={v}' for k, v in sorted(metrics.items()) if k.startswith('loss'))}. "
+                    f"Nothing of this step was saved; the latest checkpoint holds {ckpt.latest_step()} updates "
+                    "(steps before this one).")
+            state = new_state
+            record = {"step": step, **metrics, "step_time_s": dt, "tokens_per_s": metrics["tokens"] / dt,
+                      "skipped_conversations": iterator.skipped}
+            if primary:
+                writer.write(record)
+            records.append(record)
+            if bar is not None:
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
+                bar.update(1)
+            done = step + 1
+            if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+                ckpt.save(done, state, {"step": done, "iterator": iterator.get_state()})
+        if records and cfg.export_model and jax.process_count() == 1:
+            export_model(state, cfg, tokenizer, workdir / "model")
+        elif records and cfg.export_model and primary:
+            log.info("multi-process run: no model/ export (the training checkpoint holds the weights).")
+    finally:
+        if bar is not None:
+            bar.close()
+        if writer is not None:
+            writer.close()
+        ckpt.close()
+        iterator.close()
+    return records
+
+
+def export_model(state, cfg: TrainConfig, tokenizer, directory: Path) -> Path:
+    """The trained weights as a segllm-jax checkpoint folder (``segllm_jax.load``, ``segllm-jax chat``):
+    the model's own parameters in its ``param_dtype``, without training-only modules."""
+    import shutil
+
+    from segllm_jax.checkpoint import save
+
+    values = jax.device_get({**state.params, **state.frozen})
+    dtype = jnp.dtype(cfg.model.llm.param_dtype)  # the loader casts each parameter to its module's dtype
+    arrays = {k: np.asarray(jnp.asarray(v, dtype)) for k, v in values.items()
+              if not k.startswith(train_step_lib.DN_RESIZER + "/")}
+    tmp = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save(tmp, "segllm", cfg.model, arrays)
+    tokenizer.save(tmp)
+    shutil.rmtree(directory, ignore_errors=True)
+    tmp.rename(directory)
+    log.info("exported the trained model to %s", directory)
+    return directory
+
+
+def abstract_train_state(structure, cfg: TrainConfig, shardings):
+    """ShapeDtypeStructs (with shardings) of the TrainState: where a restore puts every array (no allocation)."""
+    abstract_params = structure.abstract()
+    tx = train_step_lib.make_optimizer(cfg)
+    trainable = {k: v for k, v in abstract_params.items() if train_step_lib.is_trainable(k)}
+    frozen = {k: v for k, v in abstract_params.items() if not train_step_lib.is_trainable(k)}
+    f32 = lambda d: {k: jax.ShapeDtypeStruct(v.shape, np.float32) for k, v in d.items()}  # noqa: E731
+    from segllm_jax.train.state import TrainState
+
+    shapes = TrainState(step=jax.ShapeDtypeStruct((), np.int32), params=f32(trainable), frozen=f32(frozen),
+                        opt_state=jax.eval_shape(tx.init, f32(trainable)),
+                        rng=jax.ShapeDtypeStruct((2,), np.uint32))
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)

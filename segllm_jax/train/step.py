@@ -1,0 +1,392 @@
+"""One optimisation step as pure functions (spec §5): what trains, the loss, the update.
+
+* :func:`is_trainable` is spec §5.1 as path patterns: ``embed_tokens``, ``lm_head``, the CLIP tower,
+  HIPIE's FrozenBN buffers and its stem + res2 (detectron2 ``FREEZE_AT=2``) are frozen; the rest
+  trains. Frozen parameters live apart from trainable ones in :class:`TrainState`, so they get no
+  gradient and no Adam moments (less memory, and they cannot drift).
+* :func:`loss_fn` = next-token cross-entropy on the structural labels + ``1e-3 * mean(prompt²)``
+  over the prompts sent to HIPIE + an optional HIPIE term (a callable, see :data:`HipieTerm`).
+  The reference gates of the batch (1 = real reference, 0 = padding) are multiplied by a fresh
+  Bernoulli(0.5) draw here, on device, from the step key (spec §3 step 5: no 1/p rescaling).
+* :func:`make_train_step` returns ``train_step(state, batch) -> (state, metrics)``, jit-able; the
+  caller (``loop.py`` / tests) jits it with the shardings of :func:`state_shardings`.
+
+Parameters are handled as flat ``{"a/b/c": array}`` dicts: easy to split by path, to shard, to
+checkpoint, and independent of NNX internals; :class:`ModelStructure` turns them back into a
+``SegLLM`` inside traced code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from segllm_jax.batch import ConversationBatch, collate, forward
+from segllm_jax.config import SegLLMConfig
+from segllm_jax.models.segllm import SegLLM
+from segllm_jax.sharding import logical_to_spec
+from segllm_jax.train.config import TrainConfig
+from segllm_jax.train.state import TrainState
+
+IGNORE_INDEX = -100
+
+# spec §5.1; the HIPIE patterns follow segllm_jax/models/hipie/resnet.py's parameter paths
+FROZEN_PATTERNS: tuple[str, ...] = (
+    r"^llm/embed_tokens/",
+    r"^llm/lm_head/",
+    r"^vision_tower/",
+    r"^segmentator/backbone/(stem|res2)/",
+    r"^segmentator/backbone/.*/norm/(weight|bias|running_mean|running_var)$",  # FrozenBN buffers
+)
+_FROZEN = re.compile("|".join(FROZEN_PATTERNS))
+
+
+def is_trainable(path: str) -> bool:
+    """Whether the parameter at ``path`` ('/'-joined) is updated in training (spec §5.1)."""
+    return _FROZEN.search(path) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# model <-> flat parameter dicts
+
+
+def _key(path: Sequence[Any]) -> str:
+    return "/".join(map(str, path))
+
+
+class ModelStructure:
+    """The static half of a model (graph + variable metadata): rebuilds it from flat arrays."""
+
+    def __init__(self, model: nnx.Module):
+        graphdef, state = nnx.split(model)
+        self.graphdef = graphdef
+        self.flat = list(nnx.to_flat_state(state))  # [(path, Variable)]; values may be abstract
+
+    @property
+    def keys(self) -> list[str]:
+        return [_key(p) for p, _ in self.flat]
+
+    def values(self, model: nnx.Module) -> dict[str, jax.Array]:
+        return {_key(p): v.get_value() for p, v in nnx.to_flat_state(nnx.state(model))}
+
+    def abstract(self) -> dict[str, jax.ShapeDtypeStruct]:
+        return {_key(p): jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype) for p, v in self.flat}
+
+    def logical_axes(self) -> dict[str, tuple | None]:
+        return {_key(p): v.get_metadata().get("logical_axes") for p, v in self.flat}
+
+    def merge(self, values: Mapping[str, jax.Array]) -> nnx.Module:
+        flat = [(p, v.replace(values[_key(p)])) for p, v in self.flat]
+        return nnx.merge(self.graphdef, nnx.from_flat_state(flat))
+
+
+def training_model_config(cfg: SegLLMConfig, compute_dtype: str) -> SegLLMConfig:
+    """float32 master weights, ``compute_dtype`` activations (every sub-model)."""
+    rep = dataclasses.replace
+    return rep(cfg, llm=rep(cfg.llm, param_dtype="float32", dtype=compute_dtype),
+               vision=rep(cfg.vision, param_dtype="float32", dtype=compute_dtype),
+               hipie=rep(cfg.hipie, param_dtype="float32", dtype=compute_dtype))
+
+
+# ---------------------------------------------------------------------------------------------
+# rematerialisation
+
+
+REMAT_POLICIES: dict[str, Callable | None] = {
+    "full": None,  # save nothing inside a layer: recompute it all in the backward pass
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+class _RematLayer(nnx.Module):
+    """Wraps one decoder layer so its activations are recomputed in the backward pass."""
+
+    def __init__(self, inner: nnx.Module, policy: Callable | None):
+        self.inner = inner
+        self._call = nnx.remat(lambda layer, *args: layer(*args), policy=policy)
+
+    def __call__(self, *args):
+        return self._call(self.inner, *args)
+
+
+def apply_remat(model: SegLLM, remat: str) -> SegLLM:
+    """``remat`` over every LLM decoder layer (in place; the model is a fresh traced copy)."""
+    if remat == "none":
+        return model
+    policy = REMAT_POLICIES[remat]
+    for i in range(len(model.llm.layers)):
+        model.llm.layers[i] = _RematLayer(model.llm.layers[i], policy)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# batches
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TrainBatch:
+    """A ``ConversationBatch`` plus what the training losses need.
+
+    ``conv.ref_gates`` is 1 for real references and 0 for padding; :func:`loss_fn` multiplies it by
+    the Bernoulli(0.5) training gate. References and prompts are padded to a multiple of
+    ``ref_pad_multiple`` and tokens to ``pad_multiple`` so batches reuse few compiled shapes.
+    """
+
+    conv: ConversationBatch
+    seg_weight: jax.Array  # [N] 1.0 for prompts sent to HIPIE (<= max_rounds per conversation), else 0
+    hipie_index: jax.Array  # [M] indices into the N prompts of those sent to HIPIE
+    hipie_images: jax.Array | None = None  # [B, S, S, 3] uint8 (one image per conversation)
+    target_masks: jax.Array | None = None  # [M, S, S] bool
+    aux_masks: jax.Array | None = None  # [M, S, S] bool (the reference mask of that round)
+    has_aux: jax.Array | None = None  # [M] bool
+
+
+def _round_up(n: int, k: int) -> int:
+    return max(k, -(-n // k) * k)
+
+
+def make_train_batch(examples: Sequence[Mapping[str, Any]], cfg: TrainConfig, step: int, *,
+                     row_offset: int = 0,
+                     with_hipie: bool | None = None) -> TrainBatch:
+    """Host side: collate pipeline examples, pick the HIPIE prompts, pad to bucketed shapes.
+
+    The prompt choice of a conversation is seeded by ``(seed, step, global row)``: independent of how
+    the global batch is split over hosts (``row_offset`` = this host's first global row) and of resumes.
+    """
+    from segllm_jax.data.pipeline import collate_inputs
+
+    with_hipie = cfg.use_hipie_loss if with_hipie is None else with_hipie
+    conversations, clip_images, image_of_row, references = collate_inputs(examples)
+    t = _round_up(max(c.num_tokens for c in conversations), cfg.pad_multiple)
+    conv = collate(conversations, clip_images, image_of_row, references, gate=1.0, pad_to=t)
+    # at most max_rounds random <seg> prompts per conversation go to HIPIE (and into the L2 term)
+    selected, start = [], 0
+    for row, example in enumerate(examples):
+        n = int(example["seg_positions"].size)
+        rng = np.random.default_rng([cfg.seed, step, row_offset + row])
+        pick = np.sort(rng.permutation(n)[:cfg.max_rounds]) if n > cfg.max_rounds else np.arange(n)
+        selected.append(start + pick)
+        start += n
+    hipie_index = np.concatenate(selected).astype(np.int32)
+    n_seg, n_ref = int(conv.seg_rows.shape[0]), int(conv.ref_rows.shape[0])
+    n_seg_pad, n_ref_pad = _round_up(n_seg, cfg.ref_pad_multiple), _round_up(n_ref, cfg.ref_pad_multiple)
+    seg_weight = np.zeros(n_seg_pad, np.float32)
+    seg_weight[hipie_index] = 1.0
+
+    def pad(x, n, value=0):
+        x = np.asarray(x)
+        return jnp.asarray(np.concatenate([x, np.full((n - x.shape[0], *x.shape[1:]), value, x.dtype)]))
+
+    conv = dataclasses.replace(
+        conv,
+        # padding references add 0 x encoding at (row 0, col 0); padding prompts read (0, 0), weight 0
+        ref_rows=pad(conv.ref_rows, n_ref_pad), ref_mask_cols=pad(conv.ref_mask_cols, n_ref_pad),
+        ref_box_cols=pad(conv.ref_box_cols, n_ref_pad), ref_crops=pad(conv.ref_crops, n_ref_pad),
+        ref_boxes=pad(conv.ref_boxes, n_ref_pad), ref_gates=pad(conv.ref_gates, n_ref_pad),
+        seg_rows=pad(conv.seg_rows, n_seg_pad), seg_cols=pad(conv.seg_cols, n_seg_pad, 1))
+    extra: dict[str, Any] = {}
+    if with_hipie:
+        extra = dict(
+            hipie_images=jnp.asarray(np.stack([e["hipie_image"] for e in examples])),
+            target_masks=jnp.asarray(np.concatenate([e["target_masks"] for e in examples])[hipie_index]),
+            aux_masks=jnp.asarray(np.concatenate([e["aux_masks"] for e in examples])[hipie_index]),
+            has_aux=jnp.asarray(np.concatenate([e["has_aux"] for e in examples])[hipie_index]))
+    return TrainBatch(conv=conv, seg_weight=jnp.asarray(seg_weight), hipie_index=jnp.asarray(hipie_index),
+                      **extra)
+
+
+def batch_shardings(batch: TrainBatch, mesh: Mesh) -> Any:
+    """Token arrays ``[B, T]`` split over (data, fsdp); the flat slot bookkeeping is replicated."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    tokens = lambda x: NamedSharding(mesh, logical_to_spec(("batch", "length"), x.shape, mesh))  # noqa: E731
+    conv = batch.conv
+    conv_sh = jax.tree.map(lambda _: replicated, conv)
+    conv_sh = dataclasses.replace(conv_sh, input_ids=tokens(conv.input_ids), token_mask=tokens(conv.token_mask),
+                                  labels=tokens(conv.labels))
+    return dataclasses.replace(jax.tree.map(lambda _: replicated, batch), conv=conv_sh)
+
+
+# ---------------------------------------------------------------------------------------------
+# loss
+
+
+# (model, prompts [M, 8, 768] of the selected <seg>s, batch, key) -> (loss, metrics)
+HipieTerm = Callable[[SegLLM, jax.Array, TrainBatch, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
+
+
+def hipie_term_from_loss(hipie_loss: Callable) -> HipieTerm:
+    """Adapts ``segllm_jax.train.hipie_loss.hipie_loss`` to :data:`HipieTerm`: image features of
+    every conversation's HIPIE image, then the criterion on the selected prompts."""
+
+    import types
+
+    def term(model: SegLLM, prompts: jax.Array, batch: TrainBatch, key: jax.Array):
+        levels = model.segmentator.image_features(batch.hipie_images)
+        image_index = batch.conv.seg_rows[batch.hipie_index]  # one image per conversation row
+        # hipie_loss wants a HipieTrainingModel-like object: the inference Hipie + the DN label encoder
+        hipie = types.SimpleNamespace(hipie=model.segmentator, dn_resizer=getattr(model, DN_RESIZER))
+        return hipie_loss(hipie, levels, prompts, image_index, batch.target_masks, batch.aux_masks,
+                          batch.has_aux, key)
+
+    return term
+
+
+def loss_fn(model: SegLLM, batch: TrainBatch, key: jax.Array, *, prompt_l2_weight: float = 1e-3,
+            hipie_term: HipieTerm | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """``CE_LM + HIPIE + w * mean(prompt²)`` (spec §5.2) and its terms; ``hipie_term=None`` skips HIPIE."""
+    k_gate, k_hipie = jax.random.split(key)
+    conv = batch.conv
+    # one key per reference from its (global row, column): the draw does not depend on padding or on
+    # how hosts split the batch
+    ref_ids = conv.ref_rows * 1_000_003 + conv.ref_mask_cols  # [R]
+    draws = jax.vmap(lambda i: jax.random.bernoulli(jax.random.fold_in(k_gate, i), 0.5, (2,)))(ref_ids)  # [R, 2]
+    gates = conv.ref_gates * draws.astype(conv.ref_gates.dtype)
+    out, prompts = forward(model, dataclasses.replace(conv, ref_gates=gates))  # prompts [N, 8, 768]
+    # next-token CE: logits at t predict the label at t + 1; mean over non-ignored tokens (HF)
+    labels = conv.labels[:, 1:]  # [B, T-1]
+    valid = labels != IGNORE_INDEX
+    ce = optax.softmax_cross_entropy_with_integer_labels(out.logits[:, :-1].astype(jnp.float32),
+                                                         jnp.where(valid, labels, 0))
+    tokens = valid.sum()
+    ce = jnp.where(valid, ce, 0.0).sum() / jnp.maximum(tokens, 1)
+    # 1e-3 * mean(prompt²) over the (n_sel, 8, 768) prompts sent to HIPIE
+    w = batch.seg_weight
+    per_prompt = jnp.mean(jnp.square(prompts.astype(jnp.float32)), axis=(1, 2))  # [N]
+    l2 = (per_prompt * w).sum() / jnp.maximum(w.sum(), 1.0)
+    loss = ce + prompt_l2_weight * l2
+    metrics = {"loss_lm": ce, "loss_prompt_l2": l2, "tokens": tokens.astype(jnp.float32)}
+    if hipie_term is not None:
+        hipie, hipie_metrics = hipie_term(model, prompts[batch.hipie_index], batch, k_hipie)
+        loss = loss + hipie
+        metrics.update({"loss_hipie": hipie, **{f"hipie/{k}": v for k, v in hipie_metrics.items()}})
+    metrics["loss"] = loss
+    return loss, metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# optimiser and step
+
+
+def make_schedule(cfg: TrainConfig) -> optax.Schedule:
+    """HF ``cosine`` with ``warmup_ratio``: linear 0 -> lr over ceil(3 %) of the steps, cosine to 0."""
+    warmup = cfg.warmup_steps
+    return optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, warmup, max(cfg.steps, warmup + 1), 0.0)
+
+
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    """HF ``adamw_torch`` (decoupled weight decay), optional global-norm clipping (config docstring)."""
+    parts = [optax.clip_by_global_norm(cfg.grad_clip_norm)] if cfg.grad_clip_norm else []
+    parts.append(optax.adamw(make_schedule(cfg), b1=cfg.adam_b1, b2=cfg.adam_b2, eps=cfg.adam_eps,
+                             weight_decay=cfg.weight_decay))
+    return optax.chain(*parts)
+
+
+def make_train_step(structure: ModelStructure, cfg: TrainConfig,
+                    hipie_term: HipieTerm | None = None) -> Callable[[TrainState, TrainBatch],
+                                                                       tuple[TrainState, dict[str, jax.Array]]]:
+    """``train_step(state, batch) -> (state, metrics)``: pure, jit-able, deterministic given the state."""
+    tx, schedule = make_optimizer(cfg), make_schedule(cfg)
+
+    def train_step(state: TrainState, batch: TrainBatch) -> tuple[TrainState, dict[str, jax.Array]]:
+        key = jax.random.fold_in(state.rng, state.step)
+
+        def objective(params):
+            model = apply_remat(structure.merge({**params, **state.frozen}), cfg.remat)
+            return loss_fn(model, batch, key, prompt_l2_weight=cfg.prompt_l2_weight, hipie_term=hipie_term)
+
+        (_, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {**metrics, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
+        return dataclasses.replace(state, step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    return train_step
+
+
+# ---------------------------------------------------------------------------------------------
+# initialisation, sharded from the start
+
+
+def param_shardings(structure: ModelStructure, mesh: Mesh) -> dict[str, NamedSharding]:
+    out = {}
+    for key, axes in structure.logical_axes().items():
+        shape = structure.abstract()[key].shape if axes is not None else ()
+        out[key] = NamedSharding(mesh, PartitionSpec() if axes is None else logical_to_spec(axes, shape, mesh))
+    return out
+
+
+def state_shardings(structure: ModelStructure, cfg: TrainConfig, mesh: Mesh) -> TrainState:
+    """Shardings of every leaf of the :class:`TrainState`: Adam moments follow their parameters."""
+    flat = param_shardings(structure, mesh)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    trainable = {k: v for k, v in flat.items() if is_trainable(k)}
+    abstract = {k: v for k, v in structure.abstract().items() if is_trainable(k)}
+    tx = make_optimizer(cfg)
+    opt_abstract = jax.eval_shape(tx.init, abstract)
+    opt_sh = optax.tree_map_params(tx, lambda _, s: s, opt_abstract, trainable,
+                                   transform_non_params=lambda _: replicated)
+    return TrainState(step=replicated, params=trainable,
+                      frozen={k: v for k, v in flat.items() if not is_trainable(k)},
+                      opt_state=opt_sh, rng=replicated)
+
+
+DN_RESIZER = "segmentator_dn_resizer"  # HIPIE's DN label encoder (``detr.resizer``), trained with the HIPIE term
+
+
+def build_training_model(cfg: TrainConfig, seed: int | None = None) -> SegLLM:
+    """The model a training step differentiates: ``SegLLM`` (+ the DN label encoder at
+    ``segmentator_dn_resizer`` when the HIPIE term is on; inference never needs it)."""
+    seed = cfg.seed if seed is None else seed
+    model_cfg = training_model_config(cfg.model, cfg.compute_dtype)
+    model = SegLLM(model_cfg, rngs=nnx.Rngs(seed))
+    if cfg.use_hipie_loss:
+        from segllm_jax.models.hipie.training import DNLabelEncoder
+
+        setattr(model, DN_RESIZER, DNLabelEncoder(model_cfg.hipie, rngs=nnx.Rngs(seed + 1)))
+    return model
+
+
+def abstract_structure(cfg: TrainConfig) -> ModelStructure:
+    """The model's structure from shapes only (``nnx.eval_shape``: no parameter is allocated)."""
+    return ModelStructure(nnx.eval_shape(lambda: build_training_model(cfg)))
+
+
+def init_state(cfg: TrainConfig, mesh: Mesh, structure: ModelStructure | None = None,
+               init_params: Mapping[str, np.ndarray] | None = None) -> tuple[TrainState, ModelStructure]:
+    """A fresh :class:`TrainState` created directly in its shardings (``jit(out_shardings=...)``), so
+    no host ever holds the full tree; ``init_params`` (e.g. a converted checkpoint) replaces the
+    random weights."""
+    structure = structure or abstract_structure(cfg)
+    shardings = state_shardings(structure, cfg, mesh)
+    tx = make_optimizer(cfg)
+
+    def init(given: Mapping[str, jax.Array] | None) -> TrainState:
+        values = structure.values(build_training_model(cfg))
+        if given is not None:  # keys the source lacks (e.g. the DN label encoder) keep their fresh init
+            values.update(given)
+        params = {k: jnp.asarray(v, jnp.float32) for k, v in values.items() if is_trainable(k)}
+        frozen = {k: jnp.asarray(v, jnp.float32) for k, v in values.items() if not is_trainable(k)}
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, frozen=frozen, opt_state=tx.init(params),
+                          rng=jax.random.PRNGKey(cfg.seed))
+
+    if init_params is None:
+        state = jax.jit(lambda: init(None), out_shardings=shardings)()
+    else:
+        known = set(structure.keys)
+        unknown = sorted(set(init_params) - known)
+        if unknown:
+            raise ValueError(f"init parameters not in the model: {', '.join(unknown[:10])}")
+        values = {k: jax.device_put(np.asarray(v, np.float32), shardings.params.get(k, shardings.frozen.get(k)))
+                  for k, v in init_params.items()}
+        state = jax.jit(init, out_shardings=shardings)(values)
+    return state, structure
