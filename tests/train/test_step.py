@@ -88,6 +88,11 @@ def test_overfit_one_batch_and_frozen_params_stay(setup, initial):
 
 def test_sharded_step_equals_single_device(setup, initial):
     cfg, tokenizer, structure = setup
+    # Adam's update g / (sqrt(v) + eps) turns a gradient of ~1e-9 into a full +-lr step whose sign is
+    # decided by rounding noise, so with eps 1e-8 two correct programs can differ by 2 lr on such
+    # entries. A larger eps keeps the update a smooth function of the gradient: this test compares the
+    # sharded and unsharded programs, not Adam's conditioning.
+    cfg = cfg.replace(adam_eps=1e-3)
     batch = _batch(cfg, tokenizer, 4)
     results = []
     for shape, devices in (((1, 1, 1), jax.devices()[:1]), ((2, 2, 2), jax.devices()[:8])):
@@ -111,8 +116,6 @@ def test_sharded_step_equals_single_device(setup, initial):
         np.testing.assert_allclose(a["grad_norm"], b["grad_norm"], rtol=1e-4)
     diff = max(float(np.max(np.abs(p1[k] - p8[k]))) for k in p1)
     print("sharded vs single max |param diff|:", diff, "(lr", cfg.learning_rate, ")")
-    # Adam divides by sqrt(v): float reassociation in sharded reductions moves parameters whose
-    # gradient is ~0 by a small fraction of one lr-sized step; everything else agrees to ~1e-7
     assert diff < 1e-2 * cfg.learning_rate
 
 
