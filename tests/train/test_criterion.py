@@ -10,9 +10,7 @@ matching inference file ``seed<N>_256.npz`` when present (else the stored L2 val
 
 from __future__ import annotations
 
-import os
 from functools import lru_cache
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -32,26 +30,12 @@ from segllm_jax.train.matcher import (
     PaddedIndices, dynamic_k_matching, encoder_match, pad_indices, pad_layer_indices, simota_match,
 )
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-VARIANTS = ("det", "rand")
+from .golden import REPO_ROOT, golden_dir, golden_params
+
 REL_TOL = 1e-5
 
 
-def golden_dir() -> Path:
-    return Path(os.environ.get("SEGLLM_GOLDEN_HIPIE", REPO_ROOT.parent / "shared" / "golden" / "hipie"))
-
-
-def _golden_params() -> list:
-    folder = golden_dir()
-    files = sorted(folder.glob("train_seed*_256.npz")) if folder.is_dir() else []
-    if not files:
-        return [pytest.param(None, v, marks=pytest.mark.skip(reason=f"no train_seed*_256.npz in {folder} "
-                                                                    "(set SEGLLM_GOLDEN_HIPIE)"))
-                for v in VARIANTS]
-    return [pytest.param(f, v, id=f"{f.stem}-{v}") for f in files for v in VARIANTS]
-
-
-GOLDEN = _golden_params()
+GOLDEN = golden_params()
 
 
 # ------------------------------------------------------------------------------------- golden plumbing

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import os
 import tempfile
 from pathlib import Path
 
@@ -36,26 +35,15 @@ from segllm_jax.train.denoising import flat_draws_to_padded
 from segllm_jax.train.hipie_loss import (HipieLossOptions, HipieReplay, device_targets, hipie_loss,
                                          hipie_loss_details)
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-VARIANTS = ("det", "rand")
+from hipie.conftest import build_random
+
+from .golden import REPO_ROOT, golden_dir, golden_params
+
 LOSS_REL = 1e-3
 ABS = 1e-3
 
 
-def golden_dir() -> Path:
-    return Path(os.environ.get("SEGLLM_GOLDEN_HIPIE", REPO_ROOT.parent / "shared" / "golden" / "hipie"))
-
-
-def _golden_params() -> list:
-    folder = golden_dir()
-    files = sorted(folder.glob("train_seed*_256.npz")) if folder.is_dir() else []
-    if not files:
-        return [pytest.param(None, v, marks=pytest.mark.skip(reason=f"no train_seed*_256.npz in {folder}"))
-                for v in VARIANTS]
-    return [pytest.param(f, v, id=f"{f.stem}-{v}") for f in files for v in VARIANTS]
-
-
-GOLDEN = _golden_params()
+GOLDEN = golden_params()
 
 
 def _import_path(name: str, path: Path):
@@ -284,23 +272,7 @@ def test_golden_device_targets(golden_file) -> None:
 
 def _tiny_model(cfg: HipieConfig) -> HipieTrainingModel:
     """Tiny model with N(0, .) weights, built abstractly (fast) like the HIPIE tests do."""
-    module = nnx.eval_shape(lambda: HipieTrainingModel(cfg, rngs=nnx.Rngs(0)))
-    rng = np.random.default_rng(0)
-    flat = nnx.to_flat_state(nnx.state(module, nnx.Param))
-    for path, var in flat:
-        abstract = var.get_value()
-        shape, name = tuple(abstract.shape), str(path[-1])
-        if name == "kernel":
-            value = rng.normal(0, 1 / np.sqrt(np.prod(shape[:-1])), shape)
-        elif name in ("scale", "weight", "running_var") or name.startswith("gamma"):
-            value = rng.uniform(0.5, 1.5, shape)
-        elif name == "embedding":
-            value = rng.normal(0, 0.5, shape)
-        else:
-            value = rng.normal(0, 0.1, shape)
-        var.set_value(jnp.asarray(value, abstract.dtype))
-    nnx.update(module, nnx.from_flat_state(flat))
-    return module
+    return build_random(lambda: HipieTrainingModel(cfg, rngs=nnx.Rngs(0)), seed=0)
 
 
 @functools.lru_cache(maxsize=1)
