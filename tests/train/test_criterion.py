@@ -30,7 +30,7 @@ from segllm_jax.train.matcher import (
     PaddedIndices, dynamic_k_matching, encoder_match, pad_indices, pad_layer_indices, simota_match,
 )
 
-from .golden import REPO_ROOT, golden_dir, golden_params
+from .golden import golden_params
 
 REL_TOL = 1e-5
 
