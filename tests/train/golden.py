@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -24,3 +25,13 @@ def golden_params() -> list:
                                                                     "(set SEGLLM_GOLDEN_HIPIE)"))
                 for v in VARIANTS]
     return [pytest.param(f, v, id=f"{f.stem}-{v}") for f in files for v in VARIANTS]
+
+
+def pad_rows(flat: np.ndarray, counts, k: int) -> np.ndarray:
+    """Golden rows concatenated over prompts [N, ...] -> padded [B, K, ...] (zeros in padding rows)."""
+    out = np.zeros((len(counts), k) + flat.shape[1:], flat.dtype)
+    o = 0
+    for b, c in enumerate(counts):
+        out[b, :c] = flat[o:o + c]
+        o += c
+    return out

@@ -30,7 +30,7 @@ from segllm_jax.train.matcher import (
     PaddedIndices, dynamic_k_matching, encoder_match, pad_indices, pad_layer_indices, simota_match,
 )
 
-from .golden import golden_params
+from .golden import golden_params, pad_rows
 
 REL_TOL = 1e-5
 
@@ -51,16 +51,6 @@ def _targets(d: dict) -> HipieTargets:
 
 def _num_layers(d: dict, v: str) -> int:
     return sum(1 for k in d if k.startswith(f"{v}_out_fg_l") and k.endswith("_pred_logits"))
-
-
-def _flat_to_bk(flat: np.ndarray, counts, k: int) -> np.ndarray:
-    """Golden concatenated-over-prompts rows [N_m, ...] -> padded [B, K, ...]."""
-    out = np.zeros((len(counts), k) + flat.shape[1:], flat.dtype)
-    o = 0
-    for b, c in enumerate(counts):
-        out[b, :c] = flat[o:o + c]
-        o += c
-    return out
 
 
 def _stored_indices(d: dict, v: str, g: str, n_layers: int, batch: int) -> PaddedIndices:
@@ -88,7 +78,7 @@ def _stored_points(d: dict, v: str, g: str, idx: PaddedIndices, n_layers: int) -
     for c in range(n_layers):
         layer = n_layers - 1 if c == 0 else c - 1
         counts = np.asarray(idx.valid[layer]).sum(1)
-        out[f"{g}_l{layer}"] = _flat_to_bk(d[f"{v}_points_{g}_call{c}"], counts, idx.src.shape[-1])
+        out[f"{g}_l{layer}"] = pad_rows(d[f"{v}_points_{g}_call{c}"], counts, idx.src.shape[-1])
     return out
 
 
@@ -227,8 +217,8 @@ def test_golden_importance_sampling(golden_file, variant) -> None:
                        for b in range(tg.boxes.shape[0])])
     counts = np.asarray(idx.valid).sum(1)
     k = idx.src.shape[-1]
-    res = mask_losses(jnp.asarray(_flat_to_bk(masks, counts, k)), idx.tgt, idx.valid,
-                      downsample_gt_masks(tg.masks), jnp.asarray(_flat_to_bk(got, counts, k)))
+    res = mask_losses(jnp.asarray(pad_rows(masks, counts, k)), idx.tgt, idx.valid,
+                      downsample_gt_masks(tg.masks), jnp.asarray(pad_rows(got, counts, k)))
     crit = dict(zip([str(x) for x in d[f"{v}_crit_fg_keys"]], d[f"{v}_crit_fg_values"]))
     for name in ("loss_mask", "loss_dice"):
         assert _rel(float(res[name]), float(crit[name])) <= REL_TOL, name

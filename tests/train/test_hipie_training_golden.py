@@ -37,7 +37,7 @@ from segllm_jax.train.hipie_loss import (HipieLossOptions, HipieReplay, device_t
 
 from hipie.conftest import build_random
 
-from .golden import REPO_ROOT, golden_dir, golden_params
+from .golden import REPO_ROOT, golden_dir, golden_params, pad_rows
 
 LOSS_REL = 1e-3
 ABS = 1e-3
@@ -93,16 +93,6 @@ def _counts(d: dict, v: str, g: str, layer: int, batch: int) -> list[int]:
     return [len(d[f"{v}_idx_{g}_l{layer}_b{b}_src"]) for b in range(batch)]
 
 
-def _pad_rows(flat: np.ndarray, counts, k: int) -> np.ndarray:
-    """Rows concatenated over prompts [N, ...] -> [B, K, ...] (zeros in padding rows)."""
-    out = np.zeros((len(counts), k) + flat.shape[1:], flat.dtype)
-    o = 0
-    for b, c in enumerate(counts):
-        out[b, :c] = flat[o:o + c]
-        o += c
-    return out
-
-
 def _call_layer(c: int, n_layers: int) -> int:
     """loss_masks call c of a group: 0 = final layer, 1.. = aux layers 0.."""
     return n_layers - 1 if c == 0 else c - 1
@@ -121,14 +111,14 @@ def _replay(d: dict, v: str, batch: int, n_layers: int, options: HipieLossOption
             u1 = np.random.default_rng([0, 2024, k1]).random(tuple(shapes[k1]), dtype=np.float32)
             u2 = np.random.default_rng([0, 2024, k2]).random(tuple(shapes[k2]), dtype=np.float32)
             assert u1.shape[0] == sum(cnt) and u2.shape[0] == sum(cnt)
-            draws[f"{g}_l{layer}"] = (jnp.asarray(_pad_rows(u1, cnt, ks[g])), jnp.asarray(_pad_rows(u2, cnt, ks[g])))
+            draws[f"{g}_l{layer}"] = (jnp.asarray(pad_rows(u1, cnt, ks[g])), jnp.asarray(pad_rows(u2, cnt, ks[g])))
         return HipieReplay(draws=draws, topk_indices=jnp.asarray(d["det_topk_proposals"].astype(np.int32)))
     points = {}
     for g in ("fg", "gt"):
         for c in range(n_layers):
             layer = _call_layer(c, n_layers)
             cnt = _counts(d, v, g, layer, batch)
-            points[f"{g}_l{layer}"] = jnp.asarray(_pad_rows(d[f"{v}_points_{g}_call{c}"], cnt, ks[g]))
+            points[f"{g}_l{layer}"] = jnp.asarray(pad_rows(d[f"{v}_points_{g}_call{c}"], cnt, ks[g]))
     sign = flat_draws_to_padded(d[f"{v}_dn_rand_sign01"].astype(np.int32), counts_gt, max_gt=options.max_gt)
     part = flat_draws_to_padded(d[f"{v}_dn_rand_part"].astype(np.float32), counts_gt, max_gt=options.max_gt)
     keep = []
