@@ -84,6 +84,19 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _make_mrshapes(args: argparse.Namespace) -> int:
+    from segllm_jax.data import mrshapes
+
+    sizes = {"train": args.train, "val": args.val, "test": args.test}
+    if args.tfds:  # first: it refuses a folder prepared with other parameters before any JSON is replaced
+        from segllm_jax.data.tfds_sources import write_mrshapes
+
+        print(f"TFDS (array_record): {write_mrshapes(Path(args.out) / 'tfds', sizes, args.seed, args.max_rounds)}")
+    for split, files in mrshapes.write_splits(args.out, sizes, args.seed, args.max_rounds).items():
+        print(f"{split}: {sizes[split]} conversations -> {files.conversations}")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from segllm_jax.demo import run_demo
 
@@ -180,6 +193,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ablate-memory", action="store_true", help="also evaluate with the [REF] embeddings zeroed")
     p.add_argument("--limit", type=int, default=None, help="first N conversations of each file")
     p.set_defaults(run=_eval)
+
+    p = sub.add_parser("make-mrshapes", help="generate MR-Shapes splits (conversation JSON, optionally TFDS)")
+    p.add_argument("--out", required=True, help="folder for images/, annotations/, conversations/ (and tfds/)")
+    p.add_argument("--seed", type=int, default=0, help="the same seed gives the same files")
+    p.add_argument("--train", type=int, default=1000, help="scenes (one conversation each) in the train split")
+    p.add_argument("--val", "--validation", dest="val", type=int, default=100, help="scenes in the val split")
+    p.add_argument("--test", type=int, default=100, help="scenes in the test split")
+    p.add_argument("--max-rounds", type=int, default=6, help="rounds per conversation, at most")
+    p.add_argument("--tfds", action="store_true", help="also write OUT/tfds/mrshapes/<version> (array_record; "
+                   "val is TFDS's 'validation' split)")
+    p.set_defaults(run=_make_mrshapes)
 
     p = sub.add_parser("demo", help="tiny end-to-end forward pass (the README's first command)")
     p.add_argument("--out", default="demo_out")

@@ -27,6 +27,9 @@ On disk (``write_split``), following spec §1.1/§6::
     <out>/annotations/mrshapes_<split>.json          register: {mask_id: COCO uncompressed RLE}
     <out>/conversations/mrshapes_<split>.json        list of {"id", "task", "conversations"}
 
+``segllm_jax.data.tfds_sources.write_mrshapes`` writes the same scenes (``scene_record``) as a TFDS
+dataset, one record per conversation with its image and masks.
+
 Everything is a pure function of the seed (NumPy ``Generator`` only; one generator per scene,
 seeded by ``(seed, split, index)``), so the same seed gives byte-identical files, and a split of n
 scenes is a prefix of a split of n+k scenes.
@@ -34,6 +37,7 @@ scenes is a prefix of a split of n+k scenes.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from dataclasses import dataclass
@@ -597,10 +601,7 @@ class SplitFiles:
 
 def write_split(out_dir: PathLike, split: str, n: int, seed: int, max_rounds: int = 6) -> SplitFiles:
     """Write ``n`` scenes of ``split`` (one conversation of ≥ 2 rounds each) under ``out_dir``."""
-    if split not in SPLITS:
-        raise InputError(f"split must be one of {SPLITS}, got {split!r}.")
-    if seed < 0 or n < 0 or max_rounds < 2:
-        raise InputError(f"need seed >= 0, n >= 0 and max_rounds >= 2 (got {seed}, {n}, {max_rounds}).")
+    check_split_request(split, n, seed, max_rounds)
     out = Path(out_dir)
     files = SplitFiles(conversations=out / "conversations" / f"{DATASET_NAME}_{split}.json",
                        register=out / "annotations" / f"{DATASET_NAME}_{split}.json",
@@ -610,17 +611,43 @@ def write_split(out_dir: PathLike, split: str, n: int, seed: int, max_rounds: in
     files.register.parent.mkdir(parents=True, exist_ok=True)
     entries, register = [], {}
     for index in range(n):
-        rng = np.random.default_rng([seed, SPLITS.index(split), index])
-        scene, conversation = _scene_and_conversation(rng, max_rounds)
-        image = f"{DATASET_NAME}/{split}/{index:06d}.png"
-        Image.fromarray(scene.image).save(files.images_root / image, format="PNG")
-        mask_ids = [f"{split}_{index:06d}_{i}" for i in range(len(scene.shapes))]
-        register.update({m: rle_encode(scene.mask(i)) for i, m in enumerate(mask_ids)})
-        conv_id = f"{DATASET_NAME}_{split}_{index:06d}"
-        entries.append(conversation_to_json(conversation, image, mask_ids, conv_id))
+        record = scene_record(seed, split, index, max_rounds)
+        (files.images_root / record.image).write_bytes(record.png)
+        register.update({m: rle_encode(mask) for m, mask in record.masks.items()})
+        entries.append(record.entry)
     files.conversations.write_text(json.dumps(entries, indent=1) + "\n", encoding="utf-8")
     files.register.write_text(json.dumps(register, separators=(",", ":")) + "\n", encoding="utf-8")
     return files
+
+
+def check_split_request(split: str, n: int, seed: int, max_rounds: int) -> None:
+    """The arguments every split writer (JSON here, TFDS in ``tfds_sources``) accepts."""
+    if split not in SPLITS:
+        raise InputError(f"split must be one of {SPLITS}, got {split!r}.")
+    if seed < 0 or n < 0 or max_rounds < 2:
+        raise InputError(f"need seed >= 0, n >= 0 and max_rounds >= 2 (got {seed}, {n}, {max_rounds}).")
+
+
+@dataclass(frozen=True, eq=False)
+class SceneRecord:
+    """What a split file set holds about one scene, in memory: one source for the JSON and TFDS writers."""
+
+    entry: dict[str, Any]  # the conversation JSON entry
+    image: str  # path relative to the images folder, as in the entry's placeholders
+    png: bytes  # the image file
+    masks: dict[str, np.ndarray]  # register mask id -> boolean [H, W] visible mask
+
+
+def scene_record(seed: int, split: str, index: int, max_rounds: int = 6) -> SceneRecord:
+    """Scene ``index`` of ``split`` as ``write_split`` writes it (ids, paths and PNG bytes included)."""
+    scene, conversation = scene_and_conversation(seed, split, index, max_rounds)
+    image = f"{DATASET_NAME}/{split}/{index:06d}.png"
+    mask_ids = [f"{split}_{index:06d}_{i}" for i in range(len(scene.shapes))]
+    png = io.BytesIO()
+    Image.fromarray(scene.image).save(png, format="PNG")
+    entry = conversation_to_json(conversation, image, mask_ids, f"{DATASET_NAME}_{split}_{index:06d}")
+    return SceneRecord(entry=entry, image=image, png=png.getvalue(),
+                       masks={m: scene.mask(i) for i, m in enumerate(mask_ids)})
 
 
 def write_splits(out_dir: PathLike, sizes: Mapping[str, int], seed: int,

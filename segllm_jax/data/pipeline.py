@@ -3,7 +3,9 @@
 Structure (all host-side NumPy; nothing here imports JAX):
 
 * :class:`ConversationSource` — a grain ``RandomAccessDataSource`` over every (file, index) of the
-  mixture's conversation files.
+  mixture's conversation files. A split of a prepared TFDS dataset (``ConversationFile.tfds_split``,
+  read by ``segllm_jax.data.tfds_sources``) is one such file; its entries are
+  :class:`EmbeddedConversation` records that carry their image and masks.
 * :class:`BatchPlan` — the original's ``MultiDatasetBatchSampler`` (spec §5.3): every step picks ONE
   conversation file (weights uniform by default, seeded per epoch) and draws the whole global batch
   (``batch_size × shard_count``) from it; host ``shard_index`` takes its slice. Steps per epoch =
@@ -30,7 +32,7 @@ import logging
 import os
 import threading
 from pathlib import Path
-from typing import Any, Mapping, Sequence, Union
+from typing import Any, Callable, Mapping, Sequence, Union
 
 import grain
 import numpy as np
@@ -59,8 +61,11 @@ DEFAULT_MAX_LENGTH = 2048
 
 @dataclasses.dataclass(frozen=True)
 class ConversationFile:
-    path: str  # relative to MixtureConfig.conversations_root
+    path: str  # relative to MixtureConfig.conversations_root; with tfds_split, a TFDS dataset folder
     weight: float = 1.0  # the original used 1 for every file
+    # Set: ``path`` is a prepared TFDS dataset (the folder holding dataset_info.json) and this split
+    # of it is one file of the mixture; its records hold their images and masks (no register needed).
+    tfds_split: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +91,8 @@ class MixtureConfig:
             entries = (yaml.safe_load(f) or {}).get("datasets")
         if not isinstance(entries, list) or not all(isinstance(e, Mapping) and "name" in e for e in entries):
             raise ConfigError(f"{conversation_yaml} must hold 'datasets:' entries with a name.")
-        files = tuple(ConversationFile(str(e["name"]), float(e.get("weight", 1.0))) for e in entries)
+        files = tuple(ConversationFile(str(e["name"]), float(e.get("weight", 1.0)), e.get("tfds_split"))
+                      for e in entries)
         return cls(conversations=files, registers=tuple(read_register_specs(annotation_yaml)), **folders)
 
 
@@ -99,20 +105,38 @@ class ConversationSource:
 
     Entries are read in the constructor (lengths are needed to plan batches) and again lazily in each
     worker process: pickling drops them, so workers are started from paths, not from a copy of
-    possibly hundreds of MB of JSON.
+    possibly hundreds of MB of JSON. TFDS splits (``tfds_splits[i]`` set) are opened in the
+    constructor and pickled as what they computed on opening, without their records.
     """
 
-    def __init__(self, paths: Sequence[PathLike], max_per_file: int | None = None) -> None:
+    def __init__(self, paths: Sequence[PathLike], max_per_file: int | None = None,
+                 tfds_splits: Sequence[str | None] | None = None) -> None:
         self.paths = tuple(Path(p) for p in paths)
         self.max_per_file = max_per_file
-        self._entries: list[list[Any]] | None = None
+        splits = tuple(tfds_splits) if tfds_splits is not None else (None,) * len(self.paths)
+        if len(splits) != len(self.paths):
+            raise ConfigError(f"{len(splits)} TFDS splits for {len(self.paths)} conversation files.")
+        self._tables = {i: self._open_tfds(path, split)
+                        for i, (path, split) in enumerate(zip(self.paths, splits)) if split is not None}
+        self._entries: list[Sequence[Any]] | None = None
         self.file_lengths = tuple(len(entries) for entries in self._all_entries())
         self.offsets = tuple(int(x) for x in np.concatenate([[0], np.cumsum(self.file_lengths)[:-1]]))
 
-    def _all_entries(self) -> list[list[Any]]:
+    def _all_entries(self) -> list[Sequence[Any]]:
         if self._entries is None:
-            self._entries = [self._read(p) for p in self.paths]
+            self._entries = [self._tables[i] if i in self._tables else self._read(p)
+                             for i, p in enumerate(self.paths)]
         return self._entries
+
+    def _open_tfds(self, path: Path, split: str) -> Sequence[Any]:
+        from segllm_jax.data.tfds_sources import open_conversations  # TFDS only for mixtures that name it
+
+        return open_conversations(path, split, self.max_per_file)
+
+    def file_name(self, file_index: int) -> str:
+        """What logs call a file: its name, or ``dataset/config/version:split`` for a TFDS split."""
+        table = self._tables.get(file_index)
+        return table.name if table is not None else self.paths[file_index].name
 
     def _read(self, path: Path) -> list[Any]:
         try:
@@ -134,7 +158,7 @@ class ConversationSource:
         return self._all_entries()[file_index][record_index]
 
     def __repr__(self) -> str:
-        files = ", ".join(f"{p.name}:{n}" for p, n in zip(self.paths, self.file_lengths))
+        files = ", ".join(f"{self.file_name(i)}:{n}" for i, n in enumerate(self.file_lengths))
         return f"ConversationSource({files})"
 
     def __getstate__(self) -> dict[str, Any]:
@@ -216,9 +240,25 @@ def _epoch_plan(plan: BatchPlan, epoch: int) -> tuple[np.ndarray, np.ndarray]:
 # Examples
 
 
-def read_rgb(path: Path) -> np.ndarray:
-    """uint8 ``[H, W, 3]`` of a dataset image, without EXIF rotation (annotations index the stored grid)."""
-    return np.asarray(preprocess.load_image(path, exif_transpose=False))
+def read_rgb(source: Path | bytes) -> np.ndarray:
+    """uint8 ``[H, W, 3]`` of a dataset image (file or its bytes), without EXIF rotation (annotations
+    index the stored grid)."""
+    return np.asarray(preprocess.load_image(source, exif_transpose=False))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class EmbeddedConversation:
+    """A conversation entry that carries its image and masks (a TFDS record): building it reads no
+    image file and no annotation register; its placeholders' mask ids are keys of ``masks``."""
+
+    entry: dict[str, Any]  # the conversation JSON entry (spec §1.1)
+    image: bytes  # the encoded image file
+    masks: Mapping[str, np.ndarray]  # mask id -> boolean [H, W] at the image's resolution
+
+    def mask(self, mask_id: str) -> np.ndarray:
+        if mask_id not in self.masks:
+            raise InputError(f"mask id {mask_id!r} is not in the record of conversation {self.entry.get('id')!r}.")
+        return self.masks[mask_id]
 
 
 def _extent(mask: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
@@ -229,12 +269,13 @@ def _extent(mask: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 class _Masks:
-    """Masks of one conversation's image, each read once: original resolution and HIPIE frame."""
+    """Masks of one conversation's image, each looked up once: original resolution and HIPIE frame.
 
-    def __init__(self, registry: AnnotationRegistry, image_file: str, image_hw: tuple[int, int],
-                 frame: int, is_eval: bool) -> None:
-        self._registry, self._image_file, self._hw = registry, image_file, image_hw
-        self._frame, self._is_eval = frame, is_eval
+    ``lookup(dataset, mask_id)`` reads a register (JSON layout) or the record itself (TFDS layout).
+    """
+
+    def __init__(self, lookup: Callable[[str, str], np.ndarray], image_hw: tuple[int, int], frame: int) -> None:
+        self._lookup, self._hw, self._frame = lookup, image_hw, frame
         self._raw: dict[tuple[str, str], np.ndarray] = {}
         self._framed: dict[tuple[str, str], np.ndarray] = {}
 
@@ -244,8 +285,11 @@ class _Masks:
             if dataset == INFERENCE_DATASET:  # spec §1.1: dummy all-ones target, no lookup
                 self._raw[key] = np.ones(self._hw, bool)
             else:
-                self._raw[key] = self._registry.mask(dataset, mask_id, self._image_file, self._hw,
-                                                     is_eval=self._is_eval)
+                mask = self._lookup(dataset, mask_id)
+                if mask.shape != self._hw:  # registers check this too; a record's masks only here
+                    raise InputError(f"mask {mask_id!r} of {dataset} is {mask.shape[0]}x{mask.shape[1]} but the "
+                                     f"image is {self._hw[0]}x{self._hw[1]}.")
+                self._raw[key] = mask
         return self._raw[key]
 
     def framed(self, dataset: str, mask_id: str) -> np.ndarray:
@@ -288,12 +332,14 @@ class ExampleBuilder:
         (``[r0, c0, r1, c1] / S``); ``target_masks`` bool [N, S, S]; ``aux_masks`` bool [N, S, S]
         (the round's supervised reference, zeros if none); ``has_aux`` bool [N]; ``conv_id`` str.
         :class:`BatchLoader` adds ``file_index`` and ``record_index`` (int32 scalars).
+
+        ``entry`` is a JSON entry (image file and registers) or an :class:`EmbeddedConversation`.
         """
-        conversation = parse_conversation(entry, self.limit_rounds)
+        embedded = entry if isinstance(entry, EmbeddedConversation) else None
+        conversation = parse_conversation(entry if embedded is None else embedded.entry, self.limit_rounds)
         encoded = self._encode(conversation)
         rounds = conversation.rounds[: len(encoded.rounds)]
-        pixels = read_rgb(resolve_image_path(self.images_root, conversation.image))
-        masks = _Masks(self.registry, conversation.image, pixels.shape[:2], self.frame, self.is_eval)
+        pixels, masks = self._image_and_masks(conversation, embedded)
         hipie, resized_hw = hipie_image(Image.fromarray(pixels), self.frame)
         refs = [(k, ref) for k, r in enumerate(rounds) for ref in r.references]
         crops, boxes = self._references(pixels, masks, [ref for _, ref in refs])
@@ -318,6 +364,19 @@ class ExampleBuilder:
             "has_aux": has_aux,
             "conv_id": str(conversation.conv_id or ""),
         }
+
+    def _image_and_masks(self, conversation: ParsedConversation,
+                         embedded: EmbeddedConversation | None) -> tuple[np.ndarray, _Masks]:
+        """Pixels and masks from the record itself, or from the image file and the registers."""
+        if embedded is not None:
+            pixels = read_rgb(embedded.image)
+            return pixels, _Masks(lambda dataset, mask_id: embedded.mask(mask_id), pixels.shape[:2], self.frame)
+        pixels = read_rgb(resolve_image_path(self.images_root, conversation.image))
+
+        def registered(dataset: str, mask_id: str) -> np.ndarray:
+            return self.registry.mask(dataset, mask_id, conversation.image, pixels.shape[:2], is_eval=self.is_eval)
+
+        return pixels, _Masks(registered, pixels.shape[:2], self.frame)
 
     def _encode(self, conversation: ParsedConversation) -> EncodedConversation:
         """Token ids, cut after the last round that fits ``max_length`` (the original truncated at
@@ -410,7 +469,7 @@ class BatchLoader:
                 "skipped": skipped}
 
     def _try(self, file_index: int, record: int) -> tuple[dict[str, Any] | None, str]:
-        where = f"{self.source.paths[file_index].name}[{record}]"
+        where = f"{self.source.file_name(file_index)}[{record}]"
         try:
             example = self.builder.build(self.source.entry(file_index, record))
         except Exception as err:  # noqa: BLE001 - see class docstring
@@ -477,7 +536,7 @@ class Pipeline:
                     max_length: int = DEFAULT_MAX_LENGTH, read_threads: int = 2,
                     num_image_tokens: int = DEFAULT_NUM_IMAGE_TOKENS) -> Pipeline:
         source = ConversationSource([Path(config.conversations_root) / c.path for c in config.conversations],
-                                    config.max_per_file)
+                                    config.max_per_file, [c.tfds_split for c in config.conversations])
         weights = tuple(c.weight for c in config.conversations)
         plan = BatchPlan(source.file_lengths, batch_size, weights, shard_index, shard_count, seed)
         builder = ExampleBuilder(ConversationEncoder(tokenizer, num_image_tokens), AnnotationRegistry(config.registers,
