@@ -4,10 +4,14 @@ A converted or trained checkpoint folder looks like::
 
     DIR/config.json     {"format": "segllm-jax", "kind": "llama", "config": {...dataclass fields...}}
     DIR/params/         orbax PyTree checkpoint of the model's nnx.Param values (nested dict)
+    DIR/training_params/  optional, same layout: weights only training uses (HIPIE's DN label
+                        encoder ``detr.resizer`` at ``segmentator_dn_resizer/``); loading a model
+                        for inference never reads it
     DIR/tokenizer*      tokenizer files, when the source had them
 
 ``load_model(DIR)`` rebuilds the model from the config and restores the parameters strictly:
 missing, extra or mis-shaped entries are named in one :class:`CheckpointError`.
+:func:`restore_sharded` is the trainer's way in: every array straight into its target sharding.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from segllm_jax.config import HipieConfig, LlamaConfig, ProjectorConfig, SegLLMC
 from segllm_jax.errors import CheckpointError
 
 FORMAT = "segllm-jax"
+PARAMS = "params"
+TRAINING_PARAMS = "training_params"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,17 +116,22 @@ def _flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def save(directory: str | Path, kind: str, config: Any, arrays: Mapping[str, np.ndarray]) -> Path:
-    """Writes a checkpoint folder from '/'-joined parameter paths -> arrays."""
+def save(directory: str | Path, kind: str, config: Any, arrays: Mapping[str, np.ndarray], *,
+         training_arrays: Mapping[str, np.ndarray] | None = None) -> Path:
+    """Writes a checkpoint folder from '/'-joined parameter paths -> arrays (``training_arrays``, if
+    any, to ``training_params/``)."""
     import orbax.checkpoint as ocp
 
     directory = Path(directory).absolute()
     directory.mkdir(parents=True, exist_ok=True)
-    params_dir = directory / "params"
+    params_dir = directory / PARAMS
     if params_dir.exists():
         raise CheckpointError(f"{params_dir} already exists; choose an empty output folder.")
+    items = {PARAMS: arrays, TRAINING_PARAMS: training_arrays or {}}
     with ocp.PyTreeCheckpointer() as ckptr:
-        ckptr.save(params_dir, _nest({k: np.asarray(v) for k, v in arrays.items()}))
+        for item, flat in items.items():
+            if flat:
+                ckptr.save(directory / item, _nest({k: np.asarray(v) for k, v in flat.items()}))
     meta = {"format": FORMAT, "kind": kind, "config": dataclasses.asdict(config)}
     (directory / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
     return directory
@@ -139,25 +150,36 @@ def read_config(directory: str | Path) -> tuple[str, Any]:
     return meta["kind"], config_from_dict(meta["kind"], meta["config"])
 
 
+def _stored(folder: Path) -> dict[str, Any]:
+    """'/'-joined path -> orbax metadata (``.shape``, ``.dtype``) of every array under ``folder``."""
+    import orbax.checkpoint as ocp
+
+    if not folder.exists():
+        raise CheckpointError(f"{folder} is missing; the checkpoint folder is incomplete.")
+    with ocp.PyTreeCheckpointer() as ckptr:
+        return _flatten(ckptr.metadata(folder).item_metadata.tree)
+
+
+def _check_match(folder: Path, stored: Mapping[str, Any], want: Mapping[str, tuple[int, ...]]) -> None:
+    """Raises one CheckpointError naming every unexpected, missing and mis-shaped entry."""
+    extra, missing = sorted(set(stored) - set(want)), sorted(set(want) - set(stored))
+    bad = sorted(f"{k}: stored {tuple(stored[k].shape)}, model needs {tuple(want[k])}"
+                 for k in set(stored) & set(want) if tuple(stored[k].shape) != tuple(want[k]))
+    if extra or missing or bad:
+        parts = [f"{title} ({len(keys)}): {', '.join(keys)}" for title, keys in
+                 (("unexpected", extra), ("missing", missing), ("mis-shaped", bad)) if keys]
+        raise CheckpointError(f"{folder} does not match the model: " + "; ".join(parts) + ".")
+
+
 def restore_arrays(directory: str | Path, module: nnx.Module) -> nnx.Module:
     """Restores ``params/`` into ``module`` (concrete or abstract), strictly."""
     import orbax.checkpoint as ocp
 
-    params_dir = Path(directory).absolute() / "params"
-    if not params_dir.exists():
-        raise CheckpointError(f"{params_dir} is missing; the checkpoint folder is incomplete.")
+    params_dir = Path(directory).absolute() / PARAMS
     state = nnx.state(module, nnx.Param)
     flat = nnx.to_flat_state(state)
     want = {"/".join(map(str, p)): v for p, v in flat}
-    with ocp.PyTreeCheckpointer() as ckptr:
-        stored = _flatten(ckptr.metadata(params_dir).item_metadata.tree)
-    extra, missing = sorted(set(stored) - set(want)), sorted(set(want) - set(stored))
-    bad = sorted(f"{k}: stored {tuple(stored[k].shape)}, model needs {tuple(want[k].shape)}"
-                 for k in set(stored) & set(want) if tuple(stored[k].shape) != tuple(want[k].shape))
-    if extra or missing or bad:
-        parts = [f"{title} ({len(keys)}): {', '.join(keys)}" for title, keys in
-                 (("unexpected", extra), ("missing", missing), ("mis-shaped", bad)) if keys]
-        raise CheckpointError(f"{params_dir} does not match the model: " + "; ".join(parts) + ".")
+    _check_match(params_dir, _stored(params_dir), {k: v.shape for k, v in want.items()})
     with ocp.PyTreeCheckpointer() as ckptr:
         target = _nest({k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in want.items()})
         restored = _flatten(ckptr.restore(params_dir, args=ocp.args.PyTreeRestore(
@@ -166,6 +188,22 @@ def restore_arrays(directory: str | Path, module: nnx.Module) -> nnx.Module:
         var.set_value(jnp.asarray(restored["/".join(map(str, path))], dtype=var.get_value().dtype))
     graphdef, _ = nnx.split(module)
     return nnx.merge(graphdef, nnx.from_flat_state(flat), nnx.state(module, nnx.Not(nnx.Param)))
+
+
+def restore_sharded(directory: str | Path, targets: Mapping[str, jax.ShapeDtypeStruct],
+                    item: str = PARAMS) -> dict[str, jax.Array]:
+    """``DIR/<item>`` (strictly: exactly the keys of ``targets``) as global arrays of each target's
+    shape, dtype and sharding. Every process reads only the shards its devices hold (orbax
+    ``ArrayRestoreArgs``), so no host ever holds a whole model, however large."""
+    import orbax.checkpoint as ocp
+
+    folder = Path(directory).absolute() / item
+    _check_match(folder, _stored(folder), {k: t.shape for k, t in targets.items()})
+    tree = _nest(dict(targets))
+    args = jax.tree.map(lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding, global_shape=t.shape, dtype=t.dtype),
+                        tree)
+    with ocp.PyTreeCheckpointer() as ckptr:
+        return _flatten(ckptr.restore(folder, args=ocp.args.PyTreeRestore(item=tree, restore_args=args)))
 
 
 def load_model(directory: str | Path) -> tuple[str, Any, nnx.Module]:

@@ -7,8 +7,9 @@ prompt selection is seeded by ``(seed, step)``, the resumed run is bit-identical
 hardware and mesh to one that was never interrupted.
 
 Outputs under ``workdir``: ``checkpoints/<step>/`` (orbax), ``metrics.jsonl`` (one line per step:
-every loss term, lr, grad norm, step time, tokens/s), ``train_config.txt`` and TensorBoard events
-when ``tensorboardX`` is installed. A non-finite loss stops the run with :class:`NonFiniteLossError`
+every loss term, lr, grad norm, step time, tokens/s, with the HIPIE term also its train IoU overall
+and per round), ``train_config.txt`` and, with ``tensorboard=True``, the same scalars as TensorBoard
+events under ``tensorboard/``. A non-finite loss stops the run with :class:`NonFiniteLossError`
 naming the step and the conversation ids; the state of that step is never saved.
 """
 
@@ -33,6 +34,7 @@ from segllm_jax.sharding import make_mesh
 from segllm_jax.train import step as train_step_lib
 from segllm_jax.train.checkpointing import Checkpointer
 from segllm_jax.train.config import TrainConfig
+from segllm_jax.train.state import TrainState
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +75,17 @@ def initialize_distributed() -> None:
 def _local_value(x) -> np.ndarray:
     """A replicated (possibly multi-process) array's value, read from this process's copy."""
     return np.asarray(x.addressable_data(0))
+
+
+def _host_metrics(metrics: dict[str, jax.Array], rounds: np.ndarray) -> dict[str, float]:
+    """A step's metrics as floats; HIPIE's per-prompt IoU parts become ``hipie/iou_round{k}``
+    (rounds [M]: the batch's ``hipie_round``)."""
+    values = {k: _local_value(v) for k, v in metrics.items()}
+    parts = values.pop(f"hipie/{train_step_lib.PROMPT_IOU}", None)
+    out = {k: float(v) for k, v in values.items()}
+    if parts is not None:
+        out.update(train_step_lib.round_ious(parts, rounds))
+    return out
 
 
 def global_batch(local: train_step_lib.TrainBatch, rows_per_host: int) -> train_step_lib.TrainBatch:
@@ -134,15 +147,19 @@ def _hipie_term(cfg: TrainConfig):
     if not cfg.use_hipie_loss:
         return None
     try:
-        from segllm_jax.train.hipie_loss import hipie_loss
+        from segllm_jax.train.hipie_loss import hipie_loss_details
     except ImportError as e:
         raise ConfigError(f"use_hipie_loss=True but segllm_jax.train.hipie_loss cannot be imported ({e}); "
                           "set use_hipie_loss=False to train the LM and prompt terms only.") from None
-    return train_step_lib.hipie_term_from_loss(hipie_loss)
+    return train_step_lib.hipie_term_from_loss(hipie_loss_details)
 
 
 class _MetricsWriter:
-    """``metrics.jsonl`` (truncated to steps before ``start`` on resume) and optional TensorBoard."""
+    """``metrics.jsonl`` (truncated to steps before ``start`` on resume) and optional TensorBoard.
+
+    A resumed run appends a new events file whose ``purge_step`` hides the old file's events from
+    ``start`` on (those steps are run again), as ``metrics.jsonl`` drops their lines.
+    """
 
     def __init__(self, workdir: Path, start: int, tensorboard: bool):
         self.path = workdir / "metrics.jsonl"
@@ -153,12 +170,9 @@ class _MetricsWriter:
         self.path.write_text("".join(line + "\n" for line in kept))
         self.tb = None
         if tensorboard:
-            try:
-                from tensorboardX import SummaryWriter
+            from tensorboardX import SummaryWriter
 
-                self.tb = SummaryWriter(str(workdir / "tensorboard"))
-            except ImportError:
-                log.info("TensorBoard: tensorboardX is not installed; metrics go to %s only.", self.path)
+            self.tb = SummaryWriter(str(workdir / "tensorboard"), purge_step=start or None)
 
     def write(self, record: dict[str, Any]) -> None:
         with self.path.open("a") as f:
@@ -225,12 +239,7 @@ def train(config: TrainConfig, workdir: str | Path) -> list[dict[str, Any]]:
     ckpt = Checkpointer(workdir / "checkpoints", keep=cfg.keep_checkpoints, async_save=cfg.async_checkpointing)
     latest = ckpt.latest_step()
     if latest is None:
-        init_params = None
-        if cfg.init_checkpoint:
-            from segllm_jax.checkpoint import load_model
-
-            model = load_model(cfg.init_checkpoint)[2]
-            init_params = train_step_lib.ModelStructure(model).values(model)
+        init_params = restore_init_params(cfg.init_checkpoint, structure, shardings) if cfg.init_checkpoint else None
         state, _ = train_step_lib.init_state(cfg, mesh, structure, init_params)
         start = 0
     else:
@@ -260,7 +269,7 @@ def train(config: TrainConfig, workdir: str | Path) -> list[dict[str, Any]]:
                 conv_ids = ", ".join(conv_ids)
             t0 = time.perf_counter()
             new_state, metrics = step_fn(state, batch)
-            metrics = {k: float(_local_value(v)) for k, v in metrics.items()}
+            metrics = _host_metrics(metrics, _local_value(batch.hipie_round))
             dt = time.perf_counter() - t0
             if not math.isfinite(metrics["loss"]):
                 ckpt.wait()  # earlier saves complete; this step's state is dropped
@@ -295,20 +304,50 @@ def train(config: TrainConfig, workdir: str | Path) -> list[dict[str, Any]]:
     return records
 
 
+def restore_init_params(directory: str | Path, structure: train_step_lib.ModelStructure,
+                        shardings: TrainState) -> dict[str, jax.Array]:
+    """``init_checkpoint``'s weights for ``structure``, each restored straight into its sharding of the
+    TrainState (float32): every host reads only its shards, none holds the model.
+
+    HIPIE's DN label encoder (trained with the HIPIE term) comes from the folder's ``training_params/``,
+    where the converter keeps the source's ``detr.resizer`` and ``export_model`` the trained one; a
+    checkpoint without it leaves the encoder at its fresh init, with a warning.
+    """
+    from segllm_jax import checkpoint
+
+    kind, _ = checkpoint.read_config(directory)
+    if kind != "segllm":
+        raise ConfigError(f"init_checkpoint {directory} holds a {kind!r} model; training starts from a "
+                          "'segllm' checkpoint (`segllm-jax convert` of a release, or of --llava --clip --hipie).")
+    where = {**shardings.params, **shardings.frozen}
+    targets = {k: jax.ShapeDtypeStruct(v.shape, np.float32, sharding=where[k])
+               for k, v in structure.abstract().items()}
+    prefix = train_step_lib.DN_RESIZER + "/"
+    dn = {k: v for k, v in targets.items() if k.startswith(prefix)}
+    values = checkpoint.restore_sharded(directory, {k: v for k, v in targets.items() if k not in dn})
+    if dn and (Path(directory) / checkpoint.TRAINING_PARAMS).is_dir():
+        values.update(checkpoint.restore_sharded(directory, dn, checkpoint.TRAINING_PARAMS))
+    elif dn:
+        log.warning("%s has no HIPIE DN label encoder (%s/%s*; its source had no detr.resizer tensors): "
+                    "the encoder starts from a fresh init.", directory, checkpoint.TRAINING_PARAMS, prefix)
+    return values
+
+
 def export_model(state, cfg: TrainConfig, tokenizer, directory: Path) -> Path:
     """The trained weights as a segllm-jax checkpoint folder (``segllm_jax.load``, ``segllm-jax chat``):
-    the model's own parameters in its ``param_dtype``, without training-only modules."""
+    the model's own parameters in its ``param_dtype``; the DN label encoder goes to
+    ``training_params/`` (inference never reads it, a later ``init_checkpoint`` does)."""
     import shutil
 
     from segllm_jax.checkpoint import save
 
     values = jax.device_get({**state.params, **state.frozen})
     dtype = jnp.dtype(cfg.model.llm.param_dtype)  # the loader casts each parameter to its module's dtype
-    arrays = {k: np.asarray(jnp.asarray(v, dtype)) for k, v in values.items()
-              if not k.startswith(train_step_lib.DN_RESIZER + "/")}
+    arrays = {k: np.asarray(jnp.asarray(v, dtype)) for k, v in values.items()}
+    dn = {k: arrays.pop(k) for k in list(arrays) if k.startswith(train_step_lib.DN_RESIZER + "/")}
     tmp = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    save(tmp, "segllm", cfg.model, arrays)
+    save(tmp, "segllm", cfg.model, arrays, training_arrays=dn)
     tokenizer.save(tmp)
     shutil.rmtree(directory, ignore_errors=True)
     tmp.rename(directory)
@@ -323,8 +362,6 @@ def abstract_train_state(structure, cfg: TrainConfig, shardings):
     trainable = {k: v for k, v in abstract_params.items() if train_step_lib.is_trainable(k)}
     frozen = {k: v for k, v in abstract_params.items() if not train_step_lib.is_trainable(k)}
     f32 = lambda d: {k: jax.ShapeDtypeStruct(v.shape, np.float32) for k, v in d.items()}  # noqa: E731
-    from segllm_jax.train.state import TrainState
-
     shapes = TrainState(step=jax.ShapeDtypeStruct((), np.int32), params=f32(trainable), frozen=f32(frozen),
                         opt_state=jax.eval_shape(tx.init, f32(trainable)),
                         rng=jax.ShapeDtypeStruct((2,), np.uint32))

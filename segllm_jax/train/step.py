@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +35,9 @@ from segllm_jax.models.segllm import SegLLM
 from segllm_jax.sharding import logical_to_spec
 from segllm_jax.train.config import TrainConfig
 from segllm_jax.train.state import TrainState
+
+if TYPE_CHECKING:
+    from segllm_jax.train.hipie_loss import HipieLossDetails
 
 IGNORE_INDEX = -100
 
@@ -145,6 +148,7 @@ class TrainBatch:
     conv: ConversationBatch
     seg_weight: jax.Array  # [N] 1.0 for prompts sent to HIPIE (<= max_rounds per conversation), else 0
     hipie_index: jax.Array  # [M] indices into the N prompts of those sent to HIPIE
+    hipie_round: jax.Array  # [M] 0-based round of each of them in its conversation (per-round metrics)
     hipie_images: jax.Array | None = None  # [B, S, S, 3] uint8 (one image per conversation)
     target_masks: jax.Array | None = None  # [M, S, S] bool
     aux_masks: jax.Array | None = None  # [M, S, S] bool (the reference mask of that round)
@@ -170,12 +174,14 @@ def make_train_batch(examples: Sequence[Mapping[str, Any]], cfg: TrainConfig, st
     t = _round_up(max(c.num_tokens for c in conversations), cfg.pad_multiple)
     conv = collate(conversations, clip_images, image_of_row, references, gate=1.0, pad_to=t)
     # at most max_rounds random <seg> prompts per conversation go to HIPIE (and into the L2 term)
-    selected, start = [], 0
+    # (an example's k-th <seg> is its round k: every round ends in one)
+    selected, rounds, start = [], [], 0
     for row, example in enumerate(examples):
         n = int(example["seg_positions"].size)
         rng = np.random.default_rng([cfg.seed, step, row_offset + row])
         pick = np.sort(rng.permutation(n)[:cfg.max_rounds]) if n > cfg.max_rounds else np.arange(n)
         selected.append(start + pick)
+        rounds.append(pick)
         start += n
     hipie_index = np.concatenate(selected).astype(np.int32)
     n_seg, n_ref = int(conv.seg_rows.shape[0]), int(conv.ref_rows.shape[0])
@@ -202,7 +208,7 @@ def make_train_batch(examples: Sequence[Mapping[str, Any]], cfg: TrainConfig, st
             aux_masks=jnp.asarray(np.concatenate([e["aux_masks"] for e in examples])[hipie_index]),
             has_aux=jnp.asarray(np.concatenate([e["has_aux"] for e in examples])[hipie_index]))
     return TrainBatch(conv=conv, seg_weight=jnp.asarray(seg_weight), hipie_index=jnp.asarray(hipie_index),
-                      **extra)
+                      hipie_round=jnp.asarray(np.concatenate(rounds).astype(np.int32)), **extra)
 
 
 def batch_shardings(batch: TrainBatch, mesh: Mesh) -> Any:
@@ -224,9 +230,13 @@ def batch_shardings(batch: TrainBatch, mesh: Mesh) -> Any:
 HipieTerm = Callable[[SegLLM, jax.Array, TrainBatch, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
 
 
-def hipie_term_from_loss(hipie_loss: Callable) -> HipieTerm:
-    """Adapts ``segllm_jax.train.hipie_loss.hipie_loss`` to :data:`HipieTerm`: image features of
-    every conversation's HIPIE image, then the criterion on the selected prompts."""
+PROMPT_IOU = "prompt_iou"  # HIPIE metric [M, 2]: (intersection, union) pixels per selected prompt
+
+
+def hipie_term_from_loss(hipie_loss_details: Callable) -> HipieTerm:
+    """Adapts ``segllm_jax.train.hipie_loss.hipie_loss_details`` to :data:`HipieTerm`: image features of
+    every conversation's HIPIE image, then the criterion on the selected prompts. The metrics are the
+    criterion's plus :data:`PROMPT_IOU`, from which the loop logs per-round IoU (:func:`round_ious`)."""
 
     import types
 
@@ -235,10 +245,32 @@ def hipie_term_from_loss(hipie_loss: Callable) -> HipieTerm:
         image_index = batch.conv.seg_rows[batch.hipie_index]  # one image per conversation row
         # hipie_loss wants a HipieTrainingModel-like object: the inference Hipie + the DN label encoder
         hipie = types.SimpleNamespace(hipie=model.segmentator, dn_resizer=getattr(model, DN_RESIZER))
-        return hipie_loss(hipie, levels, prompts, image_index, batch.target_masks, batch.aux_masks,
-                          batch.has_aux, key)
+        details = hipie_loss_details(hipie, levels, prompts, image_index, batch.target_masks, batch.aux_masks,
+                                     batch.has_aux, key)
+        return details.loss, {**details.metrics, PROMPT_IOU: prompt_iou_parts(details, batch.target_masks)}
 
     return term
+
+
+def prompt_iou_parts(details: HipieLossDetails, target_masks: jax.Array) -> jax.Array:
+    """[M, 2] (intersection, union) in pixels, per prompt, of the prediction ``iou_train`` pools (§6.3: the
+    final layer's last matched fg query, up-sampled to the frame, > 0), so ``iou_train`` is
+    ``sum(I) / (sum(U) + 1e-4)`` and each round's own IoU can be told apart. target_masks [M, S, S]."""
+    last = details.fg_masks[-1]  # [M, K, h, w]
+    pos = jnp.maximum(jnp.sum(details.fg_indices.valid[-1], axis=1) - 1, 0)  # [M]
+    logits = jnp.take_along_axis(last, pos[:, None, None, None], axis=1)[:, 0]  # [M, h, w]
+    pred = jax.image.resize(logits.astype(jnp.float32), target_masks.shape, "bilinear", antialias=False) > 0
+    target = target_masks > 0
+    parts = jnp.stack([jnp.sum(pred & target, axis=(1, 2)), jnp.sum(pred | target, axis=(1, 2))], axis=-1)
+    return jax.lax.stop_gradient(parts.astype(jnp.float32))
+
+
+def round_ious(parts: np.ndarray, rounds: np.ndarray) -> dict[str, float]:
+    """``hipie/iou_round{k}`` (k = 1 for a conversation's first round): the mean IoU of the step's prompts of
+    round k. Only rounds that had prompts in the batch get a value: an absent round logs nothing (not a 0 or
+    a NaN that would drag its curve). parts [M, 2] from :func:`prompt_iou_parts`, rounds [M] 0-based."""
+    iou = parts[:, 0] / (parts[:, 1] + 1e-4)  # [M]
+    return {f"hipie/iou_round{k + 1}": float(iou[rounds == k].mean()) for k in np.unique(rounds)}
 
 
 def loss_fn(model: SegLLM, batch: TrainBatch, key: jax.Array, *, prompt_l2_weight: float = 1e-3,
@@ -362,10 +394,11 @@ def abstract_structure(cfg: TrainConfig) -> ModelStructure:
 
 
 def init_state(cfg: TrainConfig, mesh: Mesh, structure: ModelStructure | None = None,
-               init_params: Mapping[str, np.ndarray] | None = None) -> tuple[TrainState, ModelStructure]:
+               init_params: Mapping[str, np.ndarray | jax.Array] | None = None) -> tuple[TrainState, ModelStructure]:
     """A fresh :class:`TrainState` created directly in its shardings (``jit(out_shardings=...)``), so
-    no host ever holds the full tree; ``init_params`` (e.g. a converted checkpoint) replaces the
-    random weights."""
+    no host ever holds the full tree; ``init_params`` (e.g. a checkpoint restored straight into the
+    state's shardings by ``loop.restore_init_params``) replace the random weights. Device arrays
+    among them are donated: they become the state's buffers instead of being copied."""
     structure = structure or abstract_structure(cfg)
     shardings = state_shardings(structure, cfg, mesh)
     tx = make_optimizer(cfg)
@@ -386,7 +419,7 @@ def init_state(cfg: TrainConfig, mesh: Mesh, structure: ModelStructure | None = 
         unknown = sorted(set(init_params) - known)
         if unknown:
             raise ValueError(f"init parameters not in the model: {', '.join(unknown[:10])}")
-        values = {k: jax.device_put(np.asarray(v, np.float32), shardings.params.get(k, shardings.frozen.get(k)))
+        values = {k: jax.device_put(v, shardings.params.get(k, shardings.frozen.get(k)))
                   for k, v in init_params.items()}
-        state = jax.jit(init, out_shardings=shardings)(values)
+        state = jax.jit(init, out_shardings=shardings, donate_argnums=0)(values)
     return state, structure

@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 from flax import nnx
 
 from segllm_jax import checkpoint
@@ -21,10 +22,10 @@ from segllm_jax.errors import CheckpointError
 from segllm_jax.models.segllm import box_encoder, seg_predictor
 from segllm_jax_convert.clip import clip_vision_table
 from segllm_jax_convert.engine import MappingTable, convert, flat_targets
-from segllm_jax_convert.hipie import hipie_table
+from segllm_jax_convert.hipie import SEGLLM_PREFIX, hipie_table
 from segllm_jax_convert.io import TensorSource, open_checkpoint
 from segllm_jax_convert.llama import llama_table
-from segllm_jax_convert.segllm import added_token_rows, llava_table, segllm_table
+from segllm_jax_convert.segllm import added_token_rows, dn_resizer_arrays, llava_table, segllm_table
 
 log = logging.getLogger(__name__)
 
@@ -34,11 +35,13 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
 
 @dataclasses.dataclass(frozen=True)
 class SourceKind:
-    """One convertible source: how to read its config and which table maps it."""
+    """One convertible source: how to read its config, which table maps it and, for a model that is
+    trained further, which training-only arrays (``training_params/``) to keep from it."""
 
     model_kind: str
     read_config: Callable[[Path, TensorSource, VisionConfig | None], Any]
     table: Callable[[Any], MappingTable]
+    training_arrays: Callable[[TensorSource, Any, bool], dict[str, np.ndarray]] = lambda _s, _c, _p: {}
 
 
 def _hf_config(src: Path) -> dict:
@@ -63,7 +66,8 @@ SOURCE_KINDS: dict[str, SourceKind] = {
     "clip_vision": SourceKind("clip_vision", lambda src, _s, _v: VisionConfig.from_hf_dict(_hf_config(src)),
                               clip_vision_table),
     "hipie": SourceKind("hipie", _hipie_config, lambda cfg: hipie_table(cfg.num_queries)),
-    "segllm": SourceKind("segllm", lambda src, s, v: _segllm_config(src, s, v), segllm_table),
+    "segllm": SourceKind("segllm", lambda src, s, v: _segllm_config(src, s, v), segllm_table,
+                         lambda s, cfg, progress: dn_resizer_arrays(s, cfg, SEGLLM_PREFIX, progress=progress)),
 }
 
 
@@ -114,7 +118,8 @@ def convert_checkpoint(src: str | Path, dst: str | Path, *, kind: str | None = N
     model = checkpoint.build_model(spec.model_kind, config, abstract=True)
     log.info("converting %s (%s, %.1f MB) -> %s", src, kind, source.nbytes / 2**20, dst)
     arrays = convert(source, spec.table(config), flat_targets(model), progress=progress)
-    checkpoint.save(dst, spec.model_kind, config, arrays)
+    training = spec.training_arrays(source, config, progress)
+    checkpoint.save(dst, spec.model_kind, config, arrays, training_arrays=training)
     if src.is_dir():
         for name in TOKENIZER_FILES:
             if (src / name).exists():
@@ -130,7 +135,8 @@ def convert_training_init(llava: str | Path, clip: str | Path, hipie: str | Path
     ``clip``: a CLIP ViT folder (``openai/clip-vit-large-patch14``); ``hipie``: ``r50_parts.pth``.
     SegLLM's 11 tokens are added to the tokenizer and their embedding / LM-head rows initialised as
     the original's transformers did; ``mask_enc_head`` and ``segmentator_predictor`` start from
-    PyTorch's default Linear init (seeded).
+    PyTorch's default Linear init (seeded). HIPIE's DN label encoder (``detr.resizer`` of
+    ``r50_parts.pth``, training only) is kept in ``training_params/``.
     """
     from segllm_jax.tokenizer import SegTokenizer
 
@@ -162,8 +168,9 @@ def convert_training_init(llava: str | Path, clip: str | Path, hipie: str | Path
     for name, head in (("mask_enc_head", box_encoder(config, rngs)), ("segmentator_predictor",
                                                                       seg_predictor(config, rngs))):
         arrays.update({f"{name}/{path}": v for path, v in checkpoint.flat_arrays(head).items()})
+    training = dn_resizer_arrays(sources["hipie"], config, "", progress=progress)
     log.info("training init: %d new token rows, fresh mask_enc_head and segmentator_predictor",
              tokenizer.vocab_size - base_vocab)
-    checkpoint.save(dst, "segllm", config, arrays)
+    checkpoint.save(dst, "segllm", config, arrays, training_arrays=training)
     tokenizer.save(dst)
     return dst

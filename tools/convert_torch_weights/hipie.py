@@ -157,7 +157,8 @@ _IGNORED: tuple[tuple[str, str], ...] = (
     (r"detr\.mask_dino(_cls_embed)?\..*", "MaskDINO branch: not built in SegLLM (MASKDINO.ENABLED=False)"),
     # decoder side
     (_TR + r"resizer\..*", "transformer.resizer: runs, but its output is multiplied by 0 (STILL_TGT_FOR_BOTH)"),
-    (r"detr\.resizer\..*", "detr.resizer: DN label encoder, training only (not needed for inference)"),
+    (r"detr\.resizer\..*", "detr.resizer: DN label encoder, training only (a SegLLM conversion keeps it in "
+                          "training_params/: segllm.dn_resizer_arrays)"),
 )
 
 HIPIE_TABLE = MappingTable("hipie", _IMAGE_SIDE_RULES + _DECODER_SIDE_RULES, ignore=_IGNORED)

@@ -5,20 +5,29 @@ Composed from the per-model tables (spec §9): the LLaMA keys (``model.*``, ``lm
 ``model.segmentator_predictor.*`` through the mlp2x_gelu table, ``model.mask_enc_head.*`` to the
 box encoder, and ``model.segmentator.hipie.*`` through the HIPIE table. Keys that belong to a
 sub-model's prefix but not to its table are reported as unknown, never silently dropped.
+
+HIPIE's DN label encoder (``detr.resizer``) is not part of the inference model; :func:`dn_resizer_arrays`
+converts it on its own, for the checkpoint's ``training_params/``.
 """
 
 from __future__ import annotations
 
+import logging
+import re
 from typing import Callable
 
 import numpy as np
+from flax import nnx
 
 from segllm_jax.config import SegLLMConfig
 from segllm_jax_convert.clip import clip_vision_table
-from segllm_jax_convert.engine import MappingTable, Rule, Transform, linear_kernel
+from segllm_jax_convert.engine import MappingTable, Rule, Transform, convert, flat_targets, linear_kernel
 from segllm_jax_convert.hipie import SEGLLM_PREFIX, hipie_table
+from segllm_jax_convert.io import TensorSource
 from segllm_jax_convert.llama import llama_table
 from segllm_jax_convert.projector import mlp_projector_table
+
+log = logging.getLogger(__name__)
 
 _SUBMODEL_PREFIXES = (r"model\.vision_tower\.", r"model\.mm_projector\.", r"model\.mask_enc_head\.",
                       r"model\.segmentator_predictor\.", r"model\.segmentator\.")
@@ -72,3 +81,26 @@ def segllm_table(cfg: SegLLMConfig) -> MappingTable:
             + mlp_projector_table("segmentator_predictor").under("model.segmentator_predictor.",
                                                                  "segmentator_predictor/")
             + hipie_table(cfg.hipie.num_queries).under(SEGLLM_PREFIX, "segmentator/"))
+
+
+def dn_resizer_arrays(source: TensorSource, cfg: SegLLMConfig, prefix: str, *,
+                      progress: bool = True) -> dict[str, np.ndarray]:
+    """The source's ``<prefix>detr.resizer.*`` as the trainer's DN label encoder (``segmentator_dn_resizer/``).
+
+    ``prefix``: where HIPIE's keys live (``model.segmentator.hipie.`` in a release, ``""`` in
+    ``r50_parts.pth``). Empty when the source has no such tensors: training then starts the encoder fresh.
+    """
+    own = prefix + "detr.resizer."
+    if not any(key.startswith(own) for key in source):
+        log.info("no %s* tensors: a training run from this checkpoint starts HIPIE's DN label encoder fresh", own)
+        return {}
+    # the trainer's modules, only when there is something to convert for it
+    from segllm_jax.models.hipie.training import DNLabelEncoder, dn_resizer_table
+    from segllm_jax.train.step import DN_RESIZER
+
+    rules = dn_resizer_table().under(prefix, DN_RESIZER + "/").rules
+    table = MappingTable("hipie_dn_resizer", rules,
+                         ignore=((f"(?!{re.escape(own)}).*", "not the DN label encoder (the main tables)"),))
+    encoder = nnx.eval_shape(lambda: DNLabelEncoder(cfg.hipie, rngs=nnx.Rngs(0)))
+    targets = {f"{DN_RESIZER}/{path}": v for path, v in flat_targets(encoder).items()}
+    return convert(source, table, targets, progress=progress)
