@@ -100,7 +100,7 @@ def _make_mrshapes(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from segllm_jax.demo import run_demo
 
-    run_demo(args.out)
+    run_demo(args.out, seed=args.seed, checkpoint_dir=args.checkpoint)
     return 0
 
 
@@ -205,8 +205,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "val is TFDS's 'validation' split)")
     p.set_defaults(run=_make_mrshapes)
 
-    p = sub.add_parser("demo", help="tiny end-to-end forward pass (the README's first command)")
+    p = sub.add_parser("demo", help="the trained tiny model on a 4-round MR-Shapes conversation (the README's "
+                                    "first command)")
     p.add_argument("--out", default="demo_out")
+    p.add_argument("--seed", type=int, default=7, help="MR-Shapes seed of the test scene")
+    p.add_argument("--checkpoint", default=None, help="checkpoint folder (default: the shipped checkpoints/tiny_mrshapes)")
     p.set_defaults(run=_demo)
     return parser
 

@@ -245,6 +245,12 @@ class SegLLMConfig:
         return cls(**{"num_image_tokens": base["vision"].num_patches, **base})
 
     @classmethod
+    def tiny_mrshapes(cls, vocab_size: int, **overrides: Any) -> "SegLLMConfig":
+        """The learning-proof model (``configs/tiny_mrshapes.py``): every part of the real architecture at
+        toy widths, HIPIE on a 128 px frame (MR-Shapes scenes are 128-256 px), CLIP at 32 px."""
+        return cls.tiny(vocab_size, **{"hipie_image_size": 128, **overrides})
+
+    @classmethod
     def from_release(cls, config: Mapping[str, Any], vision: VisionConfig | None = None,
                      hipie: HipieConfig | None = None) -> "SegLLMConfig":
         """From a released checkpoint's ``config.json`` (``model_type`` llava with the ``mm_*`` fields).

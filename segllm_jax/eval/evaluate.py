@@ -24,7 +24,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
 from segllm_jax import batch as batching
@@ -34,6 +33,7 @@ from segllm_jax.data.conversations import parse_conversation, read_conversations
 from segllm_jax.data.pipeline import ExampleBuilder, collate_inputs
 from segllm_jax.data.registers import AnnotationRegistry, RegisterSpec
 from segllm_jax.errors import InputError
+from segllm_jax.eval.charts import line_chart
 from segllm_jax.eval.metrics import RoundMetrics
 from segllm_jax.models.hipie.model import image_features_jit, predict
 from segllm_jax.tokenizer import ConversationEncoder
@@ -131,30 +131,14 @@ def evaluate(loaded: Loaded, data: EvalData, mode: Mode = "autoregressive", *, a
 
 
 def plot_rounds(results: dict[str, RoundMetrics], path: str | Path, metric: str = "oIoU") -> Path:
-    """A small PNG line chart of ``metric`` per round for each named result (no plotting library needed)."""
-    colors = ((230, 25, 75), (0, 130, 200), (60, 180, 75), (245, 130, 48))
-    w, h, pad = 480, 300, 40
-    img = Image.new("RGB", (w, h), "white")
-    draw = ImageDraw.Draw(img)
-    draw.line([(pad, pad), (pad, h - pad), (w - pad, h - pad)], fill="black")
-    rounds = max(m.num_rounds for m in results.values()) or 1
-    for y in (0.0, 0.5, 1.0):
-        yy = h - pad - y * (h - 2 * pad)
-        draw.text((5, yy - 6), f"{y:.1f}", fill="black")
-    for i in range(rounds):
-        draw.text((pad + (i + 0.5) * (w - 2 * pad) / rounds - 3, h - pad + 5), str(i + 1), fill="black")
-    for (name, m), color in zip(results.items(), colors):
+    """A PNG line chart of ``metric`` per round (1-based) for each named result."""
+    series = {}
+    for name, m in results.items():
         summary = m.summary()
-        pts = [(pad + (i + 0.5) * (w - 2 * pad) / rounds, h - pad - summary[f"{metric}_round{i}"] * (h - 2 * pad))
-               for i in range(m.num_rounds)]
-        if len(pts) > 1:
-            draw.line(pts, fill=color, width=2)
-        for x, y in pts:
-            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color)
-        draw.text((w - pad - 150, pad + 14 * list(results).index(name)), name, fill=color)
-    draw.text((pad, 10), f"{metric} per round", fill="black")
-    img.save(path)
-    return Path(path)
+        rounds = [i for i in range(m.num_rounds) if f"{metric}_round{i}" in summary]
+        series[name] = ([i + 1 for i in rounds], [summary[f"{metric}_round{i}"] for i in rounds])
+    ticks = range(1, max(m.num_rounds for m in results.values()) + 1)
+    return line_chart(series, path, f"{metric} per round", y_range=(0.0, 1.0), x_ticks=ticks, markers=True)
 
 
 def write_report(results: dict[str, RoundMetrics], out: str | Path) -> None:

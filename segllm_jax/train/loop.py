@@ -8,14 +8,16 @@ hardware and mesh to one that was never interrupted.
 
 Outputs under ``workdir``: ``checkpoints/<step>/`` (orbax), ``metrics.jsonl`` (one line per step:
 every loss term, lr, grad norm, step time, tokens/s, with the HIPIE term also its train IoU overall
-and per round), ``train_config.txt`` and, with ``tensorboard=True``, the same scalars as TensorBoard
-events under ``tensorboard/``. A non-finite loss stops the run with :class:`NonFiniteLossError`
-naming the step and the conversation ids; the state of that step is never saved.
+and per round), ``train_config.txt``, ``loss.png`` / ``iou_train.png`` (smoothed curves, written when
+the run ends) and, with ``tensorboard=True``, the same scalars as TensorBoard events under
+``tensorboard/``. A non-finite loss stops the run with :class:`NonFiniteLossError` naming the step and
+the conversation ids; the state of that step is never saved.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -151,7 +153,12 @@ def _hipie_term(cfg: TrainConfig):
     except ImportError as e:
         raise ConfigError(f"use_hipie_loss=True but segllm_jax.train.hipie_loss cannot be imported ({e}); "
                           "set use_hipie_loss=False to train the LM and prompt terms only.") from None
-    return train_step_lib.hipie_term_from_loss(hipie_loss_details)
+    from segllm_jax.train.criterion import CriterionConfig
+    from segllm_jax.train.hipie_loss import HipieLossOptions
+
+    options = HipieLossOptions(criterion=CriterionConfig(num_points=cfg.mask_points,
+                                                         class_weight=cfg.class_loss_weight))
+    return train_step_lib.hipie_term_from_loss(functools.partial(hipie_loss_details, options=options))
 
 
 class _MetricsWriter:
@@ -290,6 +297,10 @@ def train(config: TrainConfig, workdir: str | Path) -> list[dict[str, Any]]:
             done = step + 1
             if done % cfg.checkpoint_every == 0 or done == cfg.steps:
                 ckpt.save(done, state, {"step": done, "iterator": iterator.get_state()})
+        if records and primary:
+            from segllm_jax.eval.charts import training_curves
+
+            training_curves(workdir / "metrics.jsonl", workdir)  # loss.png, iou_train.png
         if records and cfg.export_model and jax.process_count() == 1:
             export_model(state, cfg, tokenizer, workdir / "model")
         elif records and cfg.export_model and primary:
@@ -359,8 +370,7 @@ def abstract_train_state(structure, cfg: TrainConfig, shardings):
     """ShapeDtypeStructs (with shardings) of the TrainState: where a restore puts every array (no allocation)."""
     abstract_params = structure.abstract()
     tx = train_step_lib.make_optimizer(cfg)
-    trainable = {k: v for k, v in abstract_params.items() if train_step_lib.is_trainable(k)}
-    frozen = {k: v for k, v in abstract_params.items() if not train_step_lib.is_trainable(k)}
+    trainable, frozen = train_step_lib.split_trainable(abstract_params, cfg)
     f32 = lambda d: {k: jax.ShapeDtypeStruct(v.shape, np.float32) for k, v in d.items()}  # noqa: E731
     shapes = TrainState(step=jax.ShapeDtypeStruct((), np.int32), params=f32(trainable), frozen=f32(frozen),
                         opt_state=jax.eval_shape(tx.init, f32(trainable)),

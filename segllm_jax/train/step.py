@@ -3,7 +3,8 @@
 * :func:`is_trainable` is spec §5.1 as path patterns: ``embed_tokens``, ``lm_head``, the CLIP tower,
   HIPIE's FrozenBN buffers and its stem + res2 (detectron2 ``FREEZE_AT=2``) are frozen; the rest
   trains. Frozen parameters live apart from trainable ones in :class:`TrainState`, so they get no
-  gradient and no Adam moments (less memory, and they cannot drift).
+  gradient and no Adam moments (less memory, and they cannot drift). A model trained from scratch
+  (``TrainConfig.freeze_pretrained=False``) trains all of them but the FrozenBN buffers.
 * :func:`loss_fn` = next-token cross-entropy on the structural labels + ``1e-3 * mean(prompt²)``
   over the prompts sent to HIPIE + an optional HIPIE term (a callable, see :data:`HipieTerm`).
   The reference gates of the batch (1 = real reference, 0 = padding) are multiplied by a fresh
@@ -50,11 +51,22 @@ FROZEN_PATTERNS: tuple[str, ...] = (
     r"^segmentator/backbone/.*/norm/(weight|bias|running_mean|running_var)$",  # FrozenBN buffers
 )
 _FROZEN = re.compile("|".join(FROZEN_PATTERNS))
+_BUFFERS = re.compile(FROZEN_PATTERNS[-1])  # never trained: FrozenBN statistics are not parameters
 
 
-def is_trainable(path: str) -> bool:
-    """Whether the parameter at ``path`` ('/'-joined) is updated in training (spec §5.1)."""
-    return _FROZEN.search(path) is None
+def is_trainable(path: str, freeze_pretrained: bool = True) -> bool:
+    """Whether the parameter at ``path`` ('/'-joined) is updated in training (spec §5.1).
+
+    ``freeze_pretrained=False`` (``TrainConfig.freeze_pretrained``) trains everything but the FrozenBN
+    buffers: for a model trained from scratch, where the frozen parts would be random weights.
+    """
+    return (_FROZEN if freeze_pretrained else _BUFFERS).search(path) is None
+
+
+def split_trainable(flat: Mapping[str, Any], cfg: TrainConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(trainable, frozen)`` halves of a flat ``{path: value}`` dict under ``cfg``'s freezing rule."""
+    trainable = {k: v for k, v in flat.items() if is_trainable(k, cfg.freeze_pretrained)}
+    return trainable, {k: v for k, v in flat.items() if k not in trainable}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -361,14 +373,14 @@ def state_shardings(structure: ModelStructure, cfg: TrainConfig, mesh: Mesh) -> 
     """Shardings of every leaf of the :class:`TrainState`: Adam moments follow their parameters."""
     flat = param_shardings(structure, mesh)
     replicated = NamedSharding(mesh, PartitionSpec())
-    trainable = {k: v for k, v in flat.items() if is_trainable(k)}
-    abstract = {k: v for k, v in structure.abstract().items() if is_trainable(k)}
+    trainable, frozen = split_trainable(flat, cfg)
+    abstract = split_trainable(structure.abstract(), cfg)[0]
     tx = make_optimizer(cfg)
     opt_abstract = jax.eval_shape(tx.init, abstract)
     opt_sh = optax.tree_map_params(tx, lambda _, s: s, opt_abstract, trainable,
                                    transform_non_params=lambda _: replicated)
     return TrainState(step=replicated, params=trainable,
-                      frozen={k: v for k, v in flat.items() if not is_trainable(k)},
+                      frozen=frozen,
                       opt_state=opt_sh, rng=replicated)
 
 
@@ -407,8 +419,7 @@ def init_state(cfg: TrainConfig, mesh: Mesh, structure: ModelStructure | None = 
         values = structure.values(build_training_model(cfg))
         if given is not None:  # keys the source lacks (e.g. the DN label encoder) keep their fresh init
             values.update(given)
-        params = {k: jnp.asarray(v, jnp.float32) for k, v in values.items() if is_trainable(k)}
-        frozen = {k: jnp.asarray(v, jnp.float32) for k, v in values.items() if not is_trainable(k)}
+        params, frozen = split_trainable({k: jnp.asarray(v, jnp.float32) for k, v in values.items()}, cfg)
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, frozen=frozen, opt_state=tx.init(params),
                           rng=jax.random.PRNGKey(cfg.seed))
 

@@ -16,6 +16,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from segllm_jax.models.layers import param, torch_linear_init
@@ -117,8 +118,12 @@ class GroupNorm(nnx.Module):
 
 
 def max_pool_3x3_s2(x: jax.Array) -> jax.Array:  # [B, H, W, C] -> [B, ceil(H/2), ceil(W/2), C]
-    """``F.max_pool2d(kernel 3, stride 2, padding 1)``: the padding is -inf, never a real value."""
-    return jax.lax.reduce_window(x, jnp.array(-jnp.inf, x.dtype), jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1),
+    """``F.max_pool2d(kernel 3, stride 2, padding 1)``: the padding is -inf, never a real value.
+
+    The init value is a host constant so JAX recognises a max-pool and can differentiate it (a traced
+    init value cannot be linearised; training from scratch back-propagates into the stem).
+    """
+    return jax.lax.reduce_window(x, np.array(-np.inf, x.dtype), jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1),
                                  ((0, 0), (1, 1), (1, 1), (0, 0)))
 
 
