@@ -162,14 +162,15 @@ class RoundMetrics:
         return out
 
     def markdown(self) -> str:
-        """A markdown table, one row per round with masks (values in percent, like the paper)."""
+        """A markdown table, one row per round with masks (values in percent, like the paper). Rounds are
+        numbered as people count them (1 = the first round); the keys of :meth:`summary` index from 0."""
         summary = self.summary()
         lines = ["| round | n | gIoU (mIoU) | cIoU (oIoU) | P@0.5 |", "|---:|---:|---:|---:|---:|"]
         for i in range(self.num_rounds):
             if f"n_round{i}" in summary:
                 values = (summary[f"{k}_round{i}"] for k in ("mIoU", "oIoU", "P@0.5"))
                 cells = " | ".join(f"{100 * v:.2f}" for v in values)
-                lines.append(f"| {i} | {int(summary[f'n_round{i}'])} | {cells} |")
+                lines.append(f"| {i + 1} | {int(summary[f'n_round{i}'])} | {cells} |")
         return "\n".join(lines)
 
     def _grow(self, rounds: int) -> None:

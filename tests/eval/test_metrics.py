@@ -115,7 +115,7 @@ def test_several_rounds():
     assert (s["mIoU_round2"], s["oIoU_round2"], s["P@0.5_round2"], s["n_round2"]) == (0.0, 0.0, 0.0, 1.0)
     table = metrics.markdown().splitlines()
     assert table[0].startswith("| round | n |") and len(table) == 2 + 3
-    assert table[2] == "| 0 | 3 | 66.67 | 50.00 | 66.67 |"  # gIoU 8/(3*4.0001) = 0.6666500...
+    assert table[2] == "| 1 | 3 | 66.67 | 50.00 | 66.67 |"  # gIoU 8/(3*4.0001) = 0.6666500...
 
 
 def test_merge_and_arrays_equal_single_pass():
