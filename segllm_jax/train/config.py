@@ -154,7 +154,7 @@ def prepare_tiny_mrshapes(root: str, n_scenes: int = 8, seed: int = 0, vocab_siz
         vocab = SegTokenizer.from_pretrained(out / "tokenizer").vocab_size
         done.write_text(json.dumps({**request, "vocab": vocab}))
     ready = json.loads(done.read_text())
-    made = {k: ready.get(k, request[k] if k == "eval_scenes" else None) for k in request}
+    made = {k: ready.get(k) for k in request}
     if made != request:
         raise ConfigError(f"{out} holds MR-Shapes prepared with {made}, not {request}; "
                           "remove the folder or choose another one.")
