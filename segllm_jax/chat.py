@@ -18,29 +18,30 @@ from PIL import Image
 
 from segllm_jax.checkpoint import Loaded
 from segllm_jax.errors import SegLLMError
+from segllm_jax.outputs import atomic_save_image, atomic_write_text, make_output_folder
 from segllm_jax.session import MultiRoundSession, RoundResult
 
 COMMANDS = ("clear history", "exit", "quit")
 
 
 class ChatWriter:
-    """Writes each round's pictures and keeps ``results.json`` up to date."""
+    """Writes each round's pictures and keeps ``results.json`` up to date, each file atomically
+    (an interrupted chat leaves complete files only)."""
 
     def __init__(self, out: Path, image_path: str):
-        self.out = out
-        out.mkdir(parents=True, exist_ok=True)
+        self.out = make_output_folder(out)
         self.results = {"image": image_path, "rounds": []}
 
     def write(self, session: MultiRoundSession, result: RoundResult) -> None:
         r = result.index
-        session.overlay(result).save(self.out / f"round_{r}.png")
-        Image.fromarray(result.mask.astype(np.uint8) * 255).save(self.out / f"round_{r}_mask.png")
+        atomic_save_image(self.out / f"round_{r}.png", session.overlay(result))
+        atomic_save_image(self.out / f"round_{r}_mask.png", Image.fromarray(result.mask.astype(np.uint8) * 255))
         self.results["rounds"].append({
             "round": r, "text": result.text, "refs": list(result.refs),
             "box": [round(float(v), 2) for v in result.box], "score": round(result.score, 6),
             "mask": f"round_{r}_mask.png", "overlay": f"round_{r}.png", "mask_pixels": int(result.mask.sum()),
         })
-        (self.out / "results.json").write_text(json.dumps(self.results, indent=2) + "\n")
+        atomic_write_text(self.out / "results.json", json.dumps(self.results, indent=2) + "\n")
 
     def reset(self) -> None:
         self.results["rounds"] = []
@@ -57,7 +58,10 @@ def _lines(stream: TextIO, prompt: Callable[[str], None], text: str) -> Iterator
 
 def run_chat(loaded: Loaded, image: str | None, lines: TextIO, out: Path, *, interactive: bool,
              mode: str = "incremental", echo: Callable[[str], None] = print) -> int:
-    """The chat loop; returns the number of rounds that failed."""
+    """The chat loop; returns the number of rounds that failed.
+
+    Non-interactive, an unusable image raises its :class:`SegLLMError` (nothing to do without it);
+    interactive, the sentence is shown and another image asked for."""
     ask = (lambda s: print(s, end="", flush=True)) if interactive else (lambda s: None)
     failures = 0
     while True:
@@ -68,11 +72,11 @@ def run_chat(loaded: Loaded, image: str | None, lines: TextIO, out: Path, *, int
         try:
             session = MultiRoundSession(loaded, image, mode=mode)
         except SegLLMError as e:
+            if not interactive:
+                raise
             echo(f"cannot use {image}: {e}")
             failures += 1
             image = None
-            if not interactive:
-                return failures
             continue
         target = out if not interactive else out / Path(image).stem
         writer = ChatWriter(target, str(image))

@@ -26,30 +26,23 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from segllm_jax import checkpoint_folder as folder_checks
+from segllm_jax import schema
 from segllm_jax.config import HipieConfig, LlamaConfig, ProjectorConfig, SegLLMConfig, VisionConfig
 from segllm_jax.errors import CheckpointError
+from segllm_jax.outputs import atomic_write_text
 
-FORMAT = "segllm-jax"
-PARAMS = "params"
+FORMAT = folder_checks.FORMAT
+PARAMS = folder_checks.PARAMS
 TRAINING_PARAMS = "training_params"
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelKind:
-    """How to rebuild one kind of model from its config dict."""
+    """How to rebuild one kind of model from its config."""
 
     config_type: type
     build: Callable[[Any, nnx.Rngs], nnx.Module]
-
-    def config_from(self, fields: Mapping[str, Any]) -> Any:
-        if hasattr(self.config_type, "from_dict"):  # nested configs (SegLLMConfig)
-            return self.config_type.from_dict(fields)
-        known = {f.name for f in dataclasses.fields(self.config_type)}
-        unknown = sorted(set(fields) - known)
-        if unknown:
-            raise CheckpointError(f"config for {self.config_type.__name__} has unknown fields: "
-                                  f"{', '.join(unknown)}.")
-        return self.config_type(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
 
 
 def _kinds() -> dict[str, ModelKind]:
@@ -83,10 +76,11 @@ def build_model(kind: str, config: Any, *, abstract: bool = False, seed: int = 0
 
 
 def config_from_dict(kind: str, fields: Mapping[str, Any]) -> Any:
-    kinds = _kinds()
-    if kind not in kinds:
-        raise CheckpointError(f"unknown model kind {kind!r}; known kinds: {', '.join(sorted(kinds))}.")
-    return kinds[kind].config_from(fields)
+    """The config of ``kind`` from its JSON fields, every field type-checked (:mod:`segllm_jax.schema`)."""
+    if kind not in folder_checks.CONFIG_TYPES:
+        raise CheckpointError(f"unknown model kind {kind!r}; known kinds: "
+                              f"{', '.join(sorted(folder_checks.CONFIG_TYPES))}.")
+    return schema.build(folder_checks.CONFIG_TYPES[kind], fields, f"{kind} config")
 
 
 def flat_arrays(module: nnx.Module) -> dict[str, np.ndarray]:
@@ -133,31 +127,32 @@ def save(directory: str | Path, kind: str, config: Any, arrays: Mapping[str, np.
             if flat:
                 ckptr.save(directory / item, _nest({k: np.asarray(v) for k, v in flat.items()}))
     meta = {"format": FORMAT, "kind": kind, "config": dataclasses.asdict(config)}
-    (directory / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+    atomic_write_text(directory / "config.json", json.dumps(meta, indent=2) + "\n")
     return directory
 
 
 def read_config(directory: str | Path) -> tuple[str, Any]:
-    """(kind, config) of a checkpoint folder."""
-    path = Path(directory) / "config.json"
-    if not path.exists():
-        raise CheckpointError(f"{directory} is not a segllm-jax checkpoint (no config.json); "
-                              "convert PyTorch weights with `segllm-jax convert SRC DST` first.")
-    meta = json.loads(path.read_text())
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a segllm-jax config (it may be a PyTorch/HF checkpoint: "
-                              "convert it with `segllm-jax convert`).")
-    return meta["kind"], config_from_dict(meta["kind"], meta["config"])
+    """(kind, config) of a checkpoint folder (checked by :mod:`segllm_jax.checkpoint_folder`)."""
+    return folder_checks.read_config(directory)
+
+
+def _damaged(folder: Path, error: Exception) -> CheckpointError:
+    """An orbax / tensorstore failure on a folder that passed the cheap checks, as one sentence."""
+    detail = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+    return CheckpointError(f"{folder} cannot be read; the parameters are damaged or truncated (convert or export "
+                           f"the checkpoint again) ({type(error).__name__}: {detail}).")
 
 
 def _stored(folder: Path) -> dict[str, Any]:
     """'/'-joined path -> orbax metadata (``.shape``, ``.dtype``) of every array under ``folder``."""
     import orbax.checkpoint as ocp
 
-    if not folder.exists():
-        raise CheckpointError(f"{folder} is missing; the checkpoint folder is incomplete.")
-    with ocp.PyTreeCheckpointer() as ckptr:
-        return _flatten(ckptr.metadata(folder).item_metadata.tree)
+    folder_checks.check_params(folder.parent, folder.name)
+    try:
+        with ocp.PyTreeCheckpointer() as ckptr:
+            return _flatten(ckptr.metadata(folder).item_metadata.tree)
+    except Exception as e:  # noqa: BLE001 - orbax reports damage with many exception types
+        raise _damaged(folder, e) from e
 
 
 def _check_match(folder: Path, stored: Mapping[str, Any], want: Mapping[str, tuple[int, ...]]) -> None:
@@ -180,10 +175,13 @@ def restore_arrays(directory: str | Path, module: nnx.Module) -> nnx.Module:
     flat = nnx.to_flat_state(state)
     want = {"/".join(map(str, p)): v for p, v in flat}
     _check_match(params_dir, _stored(params_dir), {k: v.shape for k, v in want.items()})
-    with ocp.PyTreeCheckpointer() as ckptr:
-        target = _nest({k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in want.items()})
-        restored = _flatten(ckptr.restore(params_dir, args=ocp.args.PyTreeRestore(
-            item=target, restore_args=jax.tree.map(lambda s: ocp.RestoreArgs(restore_type=np.ndarray), target))))
+    target = _nest({k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in want.items()})
+    try:
+        with ocp.PyTreeCheckpointer() as ckptr:
+            restored = _flatten(ckptr.restore(params_dir, args=ocp.args.PyTreeRestore(
+                item=target, restore_args=jax.tree.map(lambda s: ocp.RestoreArgs(restore_type=np.ndarray), target))))
+    except Exception as e:  # noqa: BLE001 - a truncated data file surfaces only here (OUT_OF_RANGE, ...)
+        raise _damaged(params_dir, e) from e
     for path, var in flat:
         var.set_value(jnp.asarray(restored["/".join(map(str, path))], dtype=var.get_value().dtype))
     graphdef, _ = nnx.split(module)
@@ -202,14 +200,21 @@ def restore_sharded(directory: str | Path, targets: Mapping[str, jax.ShapeDtypeS
     tree = _nest(dict(targets))
     args = jax.tree.map(lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding, global_shape=t.shape, dtype=t.dtype),
                         tree)
-    with ocp.PyTreeCheckpointer() as ckptr:
-        return _flatten(ckptr.restore(folder, args=ocp.args.PyTreeRestore(item=tree, restore_args=args)))
+    try:
+        with ocp.PyTreeCheckpointer() as ckptr:
+            return _flatten(ckptr.restore(folder, args=ocp.args.PyTreeRestore(item=tree, restore_args=args)))
+    except Exception as e:  # noqa: BLE001 - see restore_arrays
+        raise _damaged(folder, e) from e
 
 
 def load_model(directory: str | Path) -> tuple[str, Any, nnx.Module]:
     """(kind, config, model) of a segllm-jax checkpoint folder."""
     kind, config = read_config(directory)
-    model = build_model(kind, config, abstract=True)
+    try:
+        model = build_model(kind, config, abstract=True)
+    except (ValueError, TypeError, ZeroDivisionError) as e:  # a well-typed config with impossible sizes
+        raise CheckpointError(f"{Path(directory) / 'config.json'} does not describe a model that can be built "
+                              f"({type(e).__name__}: {str(e)[:160]}).") from None
     return kind, config, restore_arrays(directory, model)
 
 
@@ -225,12 +230,18 @@ class Loaded:
 
 
 def load(directory: str | Path) -> Loaded:
-    """``segllm_jax.load(DIR)``: model and tokenizer of a converted or trained checkpoint folder."""
+    """``segllm_jax.load(DIR)``: model and tokenizer of a converted or trained checkpoint folder.
+
+    A SegLLM folder must have its tokenizer files (checked before anything is loaded); other kinds
+    may lack them (``tokenizer`` is then None)."""
     from segllm_jax.tokenizer import SegTokenizer
 
     directory = Path(directory)
+    kind, _ = read_config(directory)
+    if kind == "segllm":
+        folder_checks.check_tokenizer(directory)
     kind, config, model = load_model(directory)
-    has_tokenizer = any((directory / f).exists() for f in ("tokenizer.json", "tokenizer.model"))
+    has_tokenizer = any((directory / f).is_file() for f in folder_checks.TOKENIZER_FILES)
     tokenizer = SegTokenizer.from_pretrained(directory) if has_tokenizer else None
     if tokenizer is not None and kind == "segllm":
         tokenizer.check_vocab_size(config.llm.vocab_size)

@@ -1,40 +1,189 @@
 """``segllm-jax``: the command-line entry point.
 
-Errors we raise on purpose (:class:`SegLLMError`) are printed as one sentence with exit code 2;
-``--debug`` shows the traceback instead.
+The error policy, applied to every subcommand:
+
+* a user mistake is one sentence on stderr, ``segllm-jax <command>: ...``, and exit code 2; nothing
+  the user owns is changed and no partial output is left under a final name. ``--debug`` shows the
+  traceback instead. Argument mistakes are caught by the parser (types below) and cheap input
+  checks (files, folders, ports, checkpoint folders, manifests) run before any model loads;
+* batch commands (``infer``, ``eval``, ``chat --script``) record a failing item (with its id) and
+  go on; their exit code is 1 when any item failed, 0 otherwise;
+* nothing reaches a model hub: the hub libraries' offline switches are set at start-up.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
+import os
+import socket
 import sys
-
+import warnings
 from pathlib import Path
+from typing import Callable
 
 from segllm_jax.errors import InputError, SegLLMError
 
+# Set before any hub library is imported: every model, tokenizer and config is read from local folders.
+OFFLINE_ENVIRONMENT = {
+    "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_IMPLICIT_TOKEN": "1", "GRADIO_ANALYTICS_ENABLED": "False",
+    "TRANSFORMERS_VERBOSITY": "error", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1", "TF_CPP_MIN_LOG_LEVEL": "2",
+}
+
+
+def go_offline() -> None:
+    """Process-wide offline switches and quiet libraries (the CLI owns its process; a library user's
+    process is left alone, and the library itself only ever opens local folders)."""
+    os.environ.update(OFFLINE_ENVIRONMENT)
+    warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecations are not for users
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message=".*DecompressionBomb.*")  # our own pixel limit says it better
+    try:
+        from PIL import Image
+
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+    except ImportError:  # pragma: no cover - PIL is a dependency
+        pass
+
+
+# ---- argument types: mistakes are caught while parsing, before anything loads --------------------
+
+
+def _number(kind: type, low: float | None, high: float | None, what: str,
+            above_low: bool = False) -> Callable[[str], int | float]:
+    """An argparse type: a finite ``kind`` number in [low, high] (or (low, high] with ``above_low``)."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if isinstance(value, float) and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+        too_low = low is not None and (value <= low if above_low else value < low)
+        if too_low or (high is not None and value > high):
+            lower = f"above {low:g}" if above_low else f"at least {low:g}"
+            bounds = f"{lower} and at most {high:g}" if high is not None else lower
+            raise argparse.ArgumentTypeError(f"must be {bounds}, not {text}")
+        return value
+
+    parse.__name__ = what
+    return parse
+
+
+def positive_int(high: int | None = None) -> Callable[[str], int]:
+    return _number(int, 1, high, "a whole number")
+
+
+def non_negative_int(high: int | None = None) -> Callable[[str], int]:
+    return _number(int, 0, high, "a whole number")
+
+
+def positive_float(high: float | None = None) -> Callable[[str], float]:
+    return _number(float, 0, high, "a number", above_low=True)
+
+
+PORT = _number(int, 1, 65535, "a port number")
+
+
+def existing_file(text: str) -> str:
+    path = Path(text)
+    if not path.exists():
+        raise argparse.ArgumentTypeError(f"{text}: no such file")
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"{text} is a folder, not a file")
+    return text
+
+
+def existing_path(text: str) -> str:
+    if not Path(text).exists():
+        raise argparse.ArgumentTypeError(f"{text}: no such file or folder")
+    return text
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a mistake is one line (no usage block) and exit code 2, like every other error."""
+
+    def error(self, message: str):  # noqa: D401 - argparse's hook
+        self.exit(2, f"{self.prog}: {message}; see {self.prog} --help.\n")
+
+
+# ---- edge checks shared by the commands ------------------------------------------------------------
+
+
+def _segllm_checkpoint(directory: str) -> None:
+    """The folder must hold a loadable SegLLM (config, params, tokenizer) before JAX is imported."""
+    from segllm_jax import checkpoint_folder
+
+    checkpoint_folder.inspect(directory, kinds=("segllm",), tokenizer=True)
+
+
+def _port_is_free(host: str, port: int) -> None:
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        raise InputError(f"--host {host} is not an address of this machine; use 127.0.0.1 or 0.0.0.0.") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        try:
+            probe.bind(address)
+        except OSError as e:
+            raise InputError(f"cannot listen on {host}:{port} ({e.strerror}); pick another --port.") from None
+
+
+def _read_script(path: str) -> list[str]:
+    """The script's lines, decoded strictly: a bad byte is reported with its line, before anything is written."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise InputError(f"cannot read the script {path}: {e.strerror}.") from None
+    try:
+        return data.decode("utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise InputError(f"the script {path} is not UTF-8 text (line {line}); save it as UTF-8.") from None
+
+
+# ---- the commands --------------------------------------------------------------------------------
+
 
 def _convert(args: argparse.Namespace) -> int:
-    from segllm_jax_convert.convert import convert_checkpoint, convert_training_init
+    from segllm_jax_convert.destination import check_destination
 
     init_sources = (args.llava, args.clip, args.hipie)
     if any(init_sources):
         if not all(init_sources) or len(args.paths) != 1:
             raise InputError("a training init needs --llava, --clip and --hipie, and one output folder.")
-        dst = convert_training_init(args.llava, args.clip, args.hipie, args.paths[0], progress=not args.quiet)
+        check_destination(args.paths[0], init_sources, args.overwrite)
+        from segllm_jax_convert.convert import convert_training_init
+
+        dst = convert_training_init(args.llava, args.clip, args.hipie, args.paths[0], progress=not args.quiet,
+                                    overwrite=args.overwrite)
         print(f"training init from {args.llava}, {args.clip}, {args.hipie} -> {dst}")
         return 0
     if len(args.paths) != 2:
         raise InputError("convert takes SRC and DST (or --llava/--clip/--hipie and DST).")
     src, dst = args.paths
+    if not Path(src).exists():
+        raise InputError(f"{src}: no such file or folder; pass a checkpoint folder or a .safetensors, .bin or "
+                         ".pth file.")
+    check_destination(dst, [src] + ([args.vision_config] if args.vision_config else []), args.overwrite)
+    from segllm_jax_convert.convert import convert_checkpoint
+
     dst = convert_checkpoint(src, dst, kind=args.kind, param_dtype=args.dtype, vision_config=args.vision_config,
-                             progress=not args.quiet)
+                             progress=not args.quiet, overwrite=args.overwrite)
     print(f"converted {src} -> {dst}")
     return 0
 
 
 def _check_conversion(args: argparse.Namespace) -> int:
+    from segllm_jax import checkpoint_folder
+
+    if not Path(args.src).exists():  # never a hub id: a mistyped path is just that
+        raise InputError(f"{args.src}: no such file or folder; pass the PyTorch checkpoint that was converted.")
+    checkpoint_folder.inspect(args.dst)
     from segllm_jax_convert.check import check_conversion
 
     report = check_conversion(args.src, args.dst, seed=args.seed)
@@ -43,23 +192,40 @@ def _check_conversion(args: argparse.Namespace) -> int:
 
 
 def _chat(args: argparse.Namespace) -> int:
+    from segllm_jax import preprocess
+    from segllm_jax.outputs import check_output_folder
+
+    if args.script and not args.image:
+        raise InputError("--script needs --image (the picture the script's questions are about).")
+    _segllm_checkpoint(args.checkpoint)
+    if args.image:
+        preprocess.load_image(args.image)  # a bad picture is refused before the model loads
+    lines = _read_script(args.script) if args.script else None
+    check_output_folder(args.out)
+
+    import io
+
     from segllm_jax.chat import run_chat
     from segllm_jax.checkpoint import load
 
     loaded = load(args.checkpoint)
-    if args.script:
-        try:
-            stream = open(args.script, encoding="utf-8")
-        except OSError as e:
-            raise InputError(f"cannot read the script {args.script}: {e.strerror}.") from None
-        with stream:
-            failures = run_chat(loaded, args.image, stream, Path(args.out), interactive=False, mode=args.mode)
+    if lines is not None:
+        failures = run_chat(loaded, args.image, io.StringIO("\n".join(lines) + "\n"), Path(args.out),
+                            interactive=False, mode=args.mode)
         return 1 if failures else 0
-    run_chat(loaded, args.image, sys.stdin, Path(args.out), interactive=True, mode=args.mode)
+    stdin = io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="replace") if hasattr(sys.stdin, "buffer") \
+        else sys.stdin
+    run_chat(loaded, args.image, stdin, Path(args.out), interactive=True, mode=args.mode)
     return 0
 
 
 def _infer(args: argparse.Namespace) -> int:
+    from segllm_jax.infer import read_manifest
+    from segllm_jax.outputs import check_output_folder
+
+    _segllm_checkpoint(args.checkpoint)
+    read_manifest(args.manifest)  # every line checked before the model loads
+    check_output_folder(args.out)
     from segllm_jax.checkpoint import load
     from segllm_jax.infer import run_infer
 
@@ -72,19 +238,30 @@ def _infer(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from segllm_jax.eval.data_spec import EvalData
+    from segllm_jax.outputs import check_output_folder
+
+    _segllm_checkpoint(args.checkpoint)
+    EvalData.parse(args.data).check()  # files and folders exist before the model loads
+    check_output_folder(args.out)
     from segllm_jax.checkpoint import load
     from segllm_jax.eval.evaluate import run_eval
 
     modes = ["teacher", "autoregressive"] if args.mode == "both" else [args.mode]
-    results = run_eval(load(args.checkpoint), args.data, args.out, modes, ablate_memory=args.ablate_memory,
-                       limit=args.limit)
+    results, failures = run_eval(load(args.checkpoint), args.data, args.out, modes,
+                                 ablate_memory=args.ablate_memory, limit=args.limit)
     for name, metrics in results.items():
         print(f"### {name}\n\n{metrics.markdown()}\n")
+    for failure in failures:
+        print(f"{failure['id']}: {failure['error']}", file=sys.stderr)
     print(f"written: {Path(args.out) / 'metrics.json'}, metrics.md, iou_per_round.png")
-    return 0
+    return 1 if failures else 0
 
 
 def _make_mrshapes(args: argparse.Namespace) -> int:
+    from segllm_jax.outputs import check_output_folder
+
+    check_output_folder(args.out)
     from segllm_jax.data import mrshapes
 
     sizes = {"train": args.train, "val": args.val, "test": args.test}
@@ -98,6 +275,11 @@ def _make_mrshapes(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    from segllm_jax.outputs import check_output_folder
+
+    if args.checkpoint is not None:
+        _segllm_checkpoint(args.checkpoint)
+    check_output_folder(args.out)
     from segllm_jax.demo import run_demo
 
     run_demo(args.out, seed=args.seed, checkpoint_dir=args.checkpoint)
@@ -105,8 +287,11 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from segllm_jax.web_demo import serve
+    _port_is_free(args.host, args.port)  # before minutes of model loading, not after
+    _segllm_checkpoint(args.checkpoint)
+    from segllm_jax.web_demo import require_gradio, serve
 
+    require_gradio()
     return serve(args.checkpoint, host=args.host, port=args.port, mode=args.mode, max_upload_mb=args.max_upload_mb,
                  idle_timeout_s=args.idle_timeout, max_sessions=args.max_sessions, warmup=not args.no_warmup)
 
@@ -114,6 +299,14 @@ def _serve(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     import dataclasses
 
+    from segllm_jax.errors import ConfigError
+
+    try:  # a syntax error in the config file is the user's, not ours: say where it is
+        compile(Path(args.config).read_bytes(), args.config, "exec")
+    except SyntaxError as e:
+        raise ConfigError(f"{args.config}, line {e.lineno}: {e.msg}; fix the config file.") from None
+    except ValueError:
+        raise ConfigError(f"{args.config} is not a Python file (it holds NUL bytes).") from None
     from segllm_jax.train.loop import load_config, train
 
     config = load_config(args.config)
@@ -128,104 +321,122 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="segllm-jax", description=__doc__.splitlines()[0])
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = Parser(prog="segllm-jax", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-sentence errors")
+    common = argparse.ArgumentParser(add_help=False)  # --debug also after the subcommand
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
-    p = sub.add_parser("convert", help="convert a PyTorch/HF checkpoint to a segllm-jax checkpoint")
+    def command(name: str, run: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, parents=[common])
+        p.set_defaults(run=run)
+        return p
+
+    p = command("convert", _convert, "convert a PyTorch/HF checkpoint to a segllm-jax checkpoint")
     p.add_argument("paths", nargs="+", metavar="SRC DST",
                    help="checkpoint folder or file (.safetensors, .bin, .pth), then the output folder")
     p.add_argument("--kind", default=None, help="source kind, if it cannot be detected")
-    p.add_argument("--vision-config", default=None, help="CLIP config.json, for a SegLLM release whose tower "
-                   "is not ViT-L/14")
-    p.add_argument("--llava", default=None, help="training init: LLaVA-1.5 folder")
-    p.add_argument("--clip", default=None, help="training init: CLIP ViT folder")
-    p.add_argument("--hipie", default=None, help="training init: HIPIE r50_parts.pth")
+    p.add_argument("--vision-config", default=None, type=existing_file,
+                   help="CLIP config.json, for a SegLLM release whose tower is not ViT-L/14")
+    p.add_argument("--llava", default=None, type=existing_path, help="training init: LLaVA-1.5 folder")
+    p.add_argument("--clip", default=None, type=existing_path, help="training init: CLIP ViT folder")
+    p.add_argument("--hipie", default=None, type=existing_file, help="training init: HIPIE r50_parts.pth")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="parameter dtype")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a non-empty DST (written aside, swapped in only when complete)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(run=_convert)
 
-    p = sub.add_parser("check-conversion", help="compare a converted checkpoint with the PyTorch original")
-    p.add_argument("src")
-    p.add_argument("dst")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(run=_check_conversion)
+    p = command("check-conversion", _check_conversion, "compare a converted checkpoint with the PyTorch original")
+    p.add_argument("src", help="the PyTorch checkpoint folder (local; never downloaded)")
+    p.add_argument("dst", help="the converted segllm-jax folder")
+    p.add_argument("--seed", type=non_negative_int(), default=0)
 
-    p = sub.add_parser("chat", help="multi-round segmentation of an image, interactive or scripted")
+    p = command("chat", _chat, "multi-round segmentation of an image, interactive or scripted")
     p.add_argument("--checkpoint", required=True, help="converted segllm-jax checkpoint folder")
-    p.add_argument("--image", default=None, help="image to start with (asked for if absent)")
-    p.add_argument("--script", default=None, help="file with one query per line (non-interactive)")
+    p.add_argument("--image", default=None, type=existing_file, help="image to start with (asked for if absent)")
+    p.add_argument("--script", default=None, type=existing_file,
+                   help="UTF-8 file with one query per line (non-interactive; needs --image)")
     p.add_argument("--out", default="chat_out", help="where overlays, masks and results.json go")
     p.add_argument("--mode", default="incremental", choices=["incremental", "recompute"])
-    p.set_defaults(run=_chat)
 
-    p = sub.add_parser("infer", help="batched inference over a manifest of images x conversations")
+    p = command("infer", _infer, "batched inference over a manifest of images x conversations")
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--manifest", required=True, help='JSON lines: {"image": PATH, "queries": [...]}')
+    p.add_argument("--manifest", required=True, type=existing_file,
+                   help='JSON lines: {"image": PATH, "queries": [...], "id": NAME (optional)}')
     p.add_argument("--out", default="infer_out")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.set_defaults(run=_infer)
+    p.add_argument("--batch-size", type=positive_int(1024), default=8)
 
-    p = sub.add_parser("serve", help="multi-round segmentation in the browser (needs the `demo` extra: Gradio)")
+    p = command("serve", _serve, "multi-round segmentation in the browser (needs the `demo` extra: Gradio)")
     p.add_argument("--checkpoint", required=True, help="converted segllm-jax checkpoint folder")
     p.add_argument("--host", default="127.0.0.1",
                    help="bind address (default loopback only; e.g. 0.0.0.0 exposes the demo to the network)")
-    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--port", type=PORT, default=7860)
     p.add_argument("--mode", default="incremental", choices=["incremental", "recompute"])
-    p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest image file accepted")
-    p.add_argument("--idle-timeout", type=float, default=1800.0, help="seconds before an idle session is released")
-    p.add_argument("--max-sessions", type=int, default=16, help="browser sessions held at once")
+    p.add_argument("--max-upload-mb", type=positive_float(1024), default=20.0, help="largest image file accepted")
+    p.add_argument("--idle-timeout", type=positive_float(7 * 24 * 3600), default=1800.0,
+                   help="seconds before an idle session is released")
+    p.add_argument("--max-sessions", type=positive_int(1024), default=16, help="browser sessions held at once")
     p.add_argument("--no-warmup", action="store_true", help="skip compiling the model before serving")
-    p.set_defaults(run=_serve)
 
-    p = sub.add_parser("train", help="train (or resume) SegLLM from a config file")
-    p.add_argument("--config", required=True, help="Python file defining CONFIG = TrainConfig(...)")
+    p = command("train", _train, "train (or resume) SegLLM from a config file")
+    p.add_argument("--config", required=True, type=existing_file, help="Python file defining CONFIG = TrainConfig(...)")
     p.add_argument("--workdir", required=True, help="checkpoints and metrics; rerun to resume")
-    p.add_argument("--steps", type=int, default=None, help="override the config's step count")
-    p.set_defaults(run=_train)
+    p.add_argument("--steps", type=positive_int(), default=None, help="override the config's step count")
 
-    p = sub.add_parser("eval", help="per-round gIoU / cIoU / P@0.5 on conversation data")
+    p = command("eval", _eval, "per-round gIoU / cIoU / P@0.5 on conversation data")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--data", required=True, help="mrshapes:DIR:SPLIT, or a JSON file naming conversations, "
                    "registers and images_root")
     p.add_argument("--out", default="eval_out")
     p.add_argument("--mode", default="both", choices=["teacher", "autoregressive", "both"])
     p.add_argument("--ablate-memory", action="store_true", help="also evaluate with the [REF] embeddings zeroed")
-    p.add_argument("--limit", type=int, default=None, help="first N conversations of each file")
-    p.set_defaults(run=_eval)
+    p.add_argument("--limit", type=positive_int(), default=None, help="first N conversations of each file")
 
-    p = sub.add_parser("make-mrshapes", help="generate MR-Shapes splits (conversation JSON, optionally TFDS)")
+    p = command("make-mrshapes", _make_mrshapes, "generate MR-Shapes splits (conversation JSON, optionally TFDS)")
     p.add_argument("--out", required=True, help="folder for images/, annotations/, conversations/ (and tfds/)")
-    p.add_argument("--seed", type=int, default=0, help="the same seed gives the same files")
-    p.add_argument("--train", type=int, default=1000, help="scenes (one conversation each) in the train split")
-    p.add_argument("--val", "--validation", dest="val", type=int, default=100, help="scenes in the val split")
-    p.add_argument("--test", type=int, default=100, help="scenes in the test split")
-    p.add_argument("--max-rounds", type=int, default=6, help="rounds per conversation, at most")
+    p.add_argument("--seed", type=non_negative_int(), default=0, help="the same seed gives the same files")
+    p.add_argument("--train", type=non_negative_int(10**7), default=1000,
+                   help="scenes (one conversation each) in the train split")
+    p.add_argument("--val", "--validation", dest="val", type=non_negative_int(10**7), default=100,
+                   help="scenes in the val split")
+    p.add_argument("--test", type=non_negative_int(10**7), default=100, help="scenes in the test split")
+    p.add_argument("--max-rounds", type=positive_int(64), default=6, help="rounds per conversation, at most")
     p.add_argument("--tfds", action="store_true", help="also write OUT/tfds/mrshapes/<version> (array_record; "
                    "val is TFDS's 'validation' split)")
-    p.set_defaults(run=_make_mrshapes)
 
-    p = sub.add_parser("demo", help="the trained tiny model on a 4-round MR-Shapes conversation (the README's "
-                                    "first command)")
+    p = command("demo", _demo, "the trained tiny model on a 4-round MR-Shapes conversation (the README's first "
+                               "command)")
     p.add_argument("--out", default="demo_out")
-    p.add_argument("--seed", type=int, default=7, help="MR-Shapes seed of the test scene")
+    p.add_argument("--seed", type=non_negative_int(), default=7, help="MR-Shapes seed of the test scene")
     p.add_argument("--checkpoint", default=None, help="checkpoint folder (default: the shipped checkpoints/tiny_mrshapes)")
-    p.set_defaults(run=_demo)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    go_offline()
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for noisy in ("absl", "orbax", "jax"):  # checkpoint-library chatter is not for people
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    # library chatter is not for people: a problem we can name is our one sentence, the rest are bugs
+    for noisy in ("absl", "orbax", "jax", "httpx", "transformers", "gradio", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
         return args.run(args)
     except SegLLMError as e:
         if args.debug:
             raise
-        print(f"segllm-jax {args.command}: {e}", file=sys.stderr)
+        print(f"segllm-jax {args.command}: {one_line(str(e))}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"segllm-jax {args.command}: interrupted; finished outputs are complete, nothing is half-written.",
+              file=sys.stderr)
+        return 130
+
+
+def one_line(message: str) -> str:
+    """An error as one line: a message quoting a file's text must not spill over several lines."""
+    return " ".join(message.split())
 
 
 if __name__ == "__main__":

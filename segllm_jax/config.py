@@ -90,6 +90,8 @@ class LlamaConfig:
             )
         except KeyError as e:
             raise ConfigError(f"LLaMA config.json lacks the field {e.args[0]!r}.") from None
+        except (TypeError, ValueError, AttributeError, ZeroDivisionError) as e:
+            raise ConfigError(f"LLaMA config.json has a field of the wrong type or value ({e}).") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,6 +146,8 @@ class VisionConfig:
     @classmethod
     def from_hf_dict(cls, d: Mapping[str, Any], **overrides: Any) -> "VisionConfig":
         """Reads a CLIP ``config.json`` (the full CLIP config or its ``vision_config``)."""
+        if not isinstance(d, Mapping):
+            raise ConfigError(f"a CLIP config must be a JSON object, not a {type(d).__name__}.")
         d = d.get("vision_config", d)
         try:
             return cls(
@@ -159,6 +163,8 @@ class VisionConfig:
             )
         except KeyError as e:
             raise ConfigError(f"CLIP vision config.json lacks the field {e.args[0]!r}.") from None
+        except (TypeError, ValueError, AttributeError) as e:
+            raise ConfigError(f"CLIP vision config.json has a field of the wrong type or value ({e}).") from None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """``segllm-jax infer``: many images x conversations, batched, for GPU inference jobs.
 
 The manifest is JSON lines, one conversation per line: ``{"image": PATH, "queries": [q1, q2, ...]}``
-(queries may carry ``[REF:k]``; an optional ``"id"`` names the output folder). Conversations are
+(queries may carry ``[REF:k]``; an optional ``"id"`` names the output folder: a plain file name,
+unique in the manifest). The whole manifest is checked before any work starts. Conversations are
 processed in groups of ``--batch-size``: per round, every conversation of the group that still has
 a query is rebuilt and run in ONE teacher-forced batch (:mod:`segllm_jax.batch`), then HIPIE
 decodes all of the group's new ``<seg>`` prompts together, each on its own image's backbone
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from pathlib import Path
 
 import jax
@@ -27,8 +29,11 @@ from segllm_jax import batch as batching
 from segllm_jax.checkpoint import Loaded
 from segllm_jax.errors import InputError, SegLLMError
 from segllm_jax.models.hipie.model import image_features_jit, predict
+from segllm_jax.outputs import atomic_save_image, atomic_write_text, check_file_name, make_output_folder
 from segllm_jax.session import ImageContext, RoundResult, blend, round_result
 from segllm_jax.tokenizer import ConversationEncoder, EncodedConversation, Round, check_fits, parse_references
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -43,18 +48,75 @@ class _Conversation:
     error: str | None = None
 
 
+MANIFEST_FIELDS = ("image", "queries", "id")
+RESULTS = "results.json"
+
+
+def _manifest_entry(entry: object, where: str) -> tuple[str, list[str], str | None]:
+    """(image, queries, id) of one manifest line, every field's type checked."""
+    if not isinstance(entry, dict):
+        raise InputError(f"{where}: expected a JSON object {{\"image\": PATH, \"queries\": [...]}}, "
+                         f"not {type(entry).__name__}.")
+    unknown = sorted(set(entry) - set(MANIFEST_FIELDS))
+    if unknown:
+        raise InputError(f"{where}: unknown field(s) {', '.join(map(repr, unknown))}; the fields are "
+                         f"{', '.join(MANIFEST_FIELDS)}.")
+    image, queries = entry.get("image"), entry.get("queries")
+    if not isinstance(image, str) or not image.strip():
+        raise InputError(f"{where}: \"image\" must be a non-empty path string.")
+    if not isinstance(queries, list) or not queries:
+        raise InputError(f"{where}: \"queries\" must be a non-empty list of strings (one per round), "
+                         f"not {type(queries).__name__}.")
+    bad = [i + 1 for i, q in enumerate(queries) if not isinstance(q, str)]
+    if bad:
+        raise InputError(f"{where}: \"queries\" entries must be strings (entry {bad[0]} is not).")
+    name = entry.get("id")
+    if name is not None:
+        check_file_name(name, f"{where}: \"id\"")
+        if name.casefold() == RESULTS:
+            raise InputError(f"{where}: \"id\" {name!r} would collide with {RESULTS}; choose another.")
+    return image, queries, name
+
+
+def _default_id(n: int, image: str) -> str:
+    """``<line>_<image stem>``, or just ``<line>`` when the stem is not a safe file name."""
+    try:
+        return check_file_name(f"{n:05d}_{Path(image).stem}", "id")
+    except InputError:
+        return f"{n:05d}"
+
+
 def read_manifest(path: str | Path) -> list[_Conversation]:
-    items = []
-    for n, line in enumerate(Path(path).read_text().splitlines(), start=1):
+    """The manifest's conversations, checked completely before any work starts: one sentence (with the
+    line number) for the first bad line, a repeated id, or an empty manifest."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise InputError(f"cannot read the manifest {path}: {e.strerror}.") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise InputError(f"{path} is not UTF-8 text (line {line}); save it as UTF-8.") from None
+    items: list[_Conversation] = []
+    seen: dict[str, int] = {}
+    for n, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
+        where = f"{path}, line {n}"
         try:
             entry = json.loads(line)
-            queries = [str(q) for q in entry["queries"]]
-            image = str(entry["image"])
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise InputError(f"{path}, line {n}: expected {{\"image\": PATH, \"queries\": [...]}}.") from None
-        items.append(_Conversation(str(entry.get("id", f"{n:05d}_{Path(image).stem}")), image, queries))
+        except json.JSONDecodeError as e:
+            raise InputError(f"{where}: not valid JSON ({e.msg}).") from None
+        image, queries, name = _manifest_entry(entry, where)
+        name = name or _default_id(n, image)
+        if name.casefold() in seen:
+            raise InputError(f"{where}: id {name!r} repeats line {seen[name.casefold()]}; ids name output "
+                             "folders and must be unique.")
+        seen[name.casefold()] = n
+        items.append(_Conversation(name, image, queries))
+    if not items:
+        raise InputError(f"{path} holds no conversations; write one JSON object per line.")
     return items
 
 
@@ -104,12 +166,12 @@ def _step_round(loaded: Loaded, encoder: ConversationEncoder, group: list[_Conve
 
 def _write(conv: _Conversation, out: Path) -> dict:
     entry = {"id": conv.id, "image": conv.image, "rounds": [], "error": conv.error}
-    folder = out / conv.id
+    folder = out / conv.id  # a checked file name (read_manifest): never outside ``out``
     if conv.results:
         folder.mkdir(parents=True, exist_ok=True)
     for res in conv.results:
-        blend(conv.ctx.image, res.mask).save(folder / f"round_{res.index}.png")
-        Image.fromarray(res.mask.astype(np.uint8) * 255).save(folder / f"round_{res.index}_mask.png")
+        atomic_save_image(folder / f"round_{res.index}.png", blend(conv.ctx.image, res.mask))
+        atomic_save_image(folder / f"round_{res.index}_mask.png", Image.fromarray(res.mask.astype(np.uint8) * 255))
         entry["rounds"].append({"round": res.index, "text": res.text, "refs": list(res.refs),
                                 "box": [round(float(v), 2) for v in res.box], "score": round(res.score, 6),
                                 "mask": f"{conv.id}/round_{res.index}_mask.png"})
@@ -118,9 +180,8 @@ def _write(conv: _Conversation, out: Path) -> dict:
 
 def run_infer(loaded: Loaded, manifest: str | Path, out: str | Path, batch_size: int = 8,
               progress: bool = True) -> list[dict]:
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     items = read_manifest(manifest)
+    out = make_output_folder(out)
     encoder = ConversationEncoder(loaded.tokenizer, loaded.config.num_image_tokens)
     results = []
     bar = tqdm(total=sum(len(c.queries) for c in items), unit="round", desc="infer", disable=not progress)
@@ -131,6 +192,9 @@ def run_infer(loaded: Loaded, manifest: str | Path, out: str | Path, batch_size:
                 conv.ctx = ImageContext.prepare(conv.image, loaded.config)
             except SegLLMError as e:
                 conv.error = str(e)
+            except Exception as e:  # noqa: BLE001 - one odd file must not end a long batch job
+                log.warning("infer: %s: unexpected error preparing %s", conv.id, conv.image, exc_info=True)
+                conv.error = f"{conv.image} could not be prepared (unexpected {type(e).__name__}: {str(e)[:160]})."
         usable = [c for c in group if c.ctx]
         if usable:
             blank = np.zeros_like(usable[0].ctx.frame_u8)  # keeps image_index = position in the group
@@ -142,5 +206,5 @@ def run_infer(loaded: Loaded, manifest: str | Path, out: str | Path, batch_size:
         for conv in group:
             results.append(_write(conv, out))
     bar.close()
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    atomic_write_text(out / RESULTS, json.dumps(results, indent=2) + "\n")
     return results

@@ -30,6 +30,7 @@ ImageSource = Union[str, os.PathLike, bytes, bytearray, Image.Image, np.ndarray]
 
 HIPIE_IMAGE_SIZE = 1024  # SegLLM's fixed HIPIE input side (spec §6)
 MAX_IMAGE_PIXELS = 100_000_000  # larger pictures are refused before decoding (both models downscale anyway)
+MAX_ASPECT_RATIO = 20  # longer/shorter side; beyond it HIPIE's frame keeps a sliver of a few pixels
 
 
 # --------------------------------------------------------------------------------------------
@@ -82,33 +83,32 @@ def load_image(source: ImageSource, *, exif_transpose: bool = True) -> Image.Ima
     """
     name = "the image"
     try:
-        if isinstance(source, Image.Image):
-            img = source
-        elif isinstance(source, np.ndarray):
-            channels = source.shape[2] if source.ndim == 3 else 1
-            if source.dtype != np.uint8 or source.ndim not in (2, 3) or channels not in (1, 3, 4):
-                raise InputError(f"an image array must be uint8 [H, W], [H, W, 3] or [H, W, 4], not "
-                                 f"{source.dtype} {list(source.shape)}.")
-            img = Image.fromarray(source)
-        elif isinstance(source, (bytes, bytearray)):
-            name = f"the {len(source)}-byte image"
-            img = Image.open(io.BytesIO(bytes(source)))
-        else:
-            path = Path(source)
-            name = str(path)
-            if not path.is_file():
-                raise InputError(f"{name} does not exist or is not a file; pass the path of a picture.")
-            img = Image.open(path)
-        w, h = img.size
-        if w * h > MAX_IMAGE_PIXELS:  # checked from the header, before anything is decoded
-            raise InputError(f"{name} is {w}x{h} ({w * h / 1e6:.0f} megapixels), over the "
-                             f"{MAX_IMAGE_PIXELS / 1e6:.0f}-megapixel limit; downscale it first.")
         with warnings.catch_warnings():
-            # PIL warns about huge images ("decompression bomb") and odd EXIF; our own limit is above
+            # PIL warns about huge images ("decompression bomb", already at open) and odd EXIF; our
+            # own limits below say it in one sentence instead
             warnings.simplefilter("ignore")
+            if isinstance(source, Image.Image):
+                img = source
+            elif isinstance(source, np.ndarray):
+                channels = source.shape[2] if source.ndim == 3 else 1
+                if source.dtype != np.uint8 or source.ndim not in (2, 3) or channels not in (1, 3, 4):
+                    raise InputError(f"an image array must be uint8 [H, W], [H, W, 3] or [H, W, 4], not "
+                                     f"{source.dtype} {list(source.shape)}.")
+                img = Image.fromarray(source)
+            elif isinstance(source, (bytes, bytearray)):
+                name = f"the {len(source)}-byte image"
+                img = Image.open(io.BytesIO(bytes(source)))
+            else:
+                path = Path(source)
+                name = str(path)
+                if not path.is_file():
+                    raise InputError(f"{name} does not exist or is not a file; pass the path of a picture.")
+                img = Image.open(path)
+            check_image_size(*img.size, name)  # from the header, before anything is decoded
             img.load()  # decode now: truncated files fail here
             if exif_transpose:
                 img = ImageOps.exif_transpose(img)
+                check_image_size(*img.size, name)
             return _to_rgb(img)
     except InputError:
         raise
@@ -119,6 +119,23 @@ def load_image(source: ImageSource, *, exif_transpose: bool = True) -> Image.Ima
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise InputError(f"{name} cannot be decoded, it is probably truncated or corrupt "
                          f"({type(e).__name__}: {str(e)[:120]}).") from None
+
+
+def check_image_size(width: int, height: int, name: str = "the image") -> None:
+    """Refuses pictures the models cannot use: empty, over the pixel limit, or so elongated that the
+    short side would vanish in HIPIE's frame (and CLIP's resize would blow the long side up).
+
+    Why here: a 1x5000 strip otherwise fails deep inside a resize with a ``ValueError``.
+    """
+    if width < 1 or height < 1:
+        raise InputError(f"{name} is {width}x{height} pixels; it has no pixels to segment.")
+    if width * height > MAX_IMAGE_PIXELS:
+        raise InputError(f"{name} is {width}x{height} ({width * height / 1e6:.0f} megapixels), over the "
+                         f"{MAX_IMAGE_PIXELS / 1e6:.0f}-megapixel limit; downscale it first.")
+    ratio = max(width, height) / min(width, height)
+    if ratio > MAX_ASPECT_RATIO:
+        raise InputError(f"{name} is {width}x{height} pixels, more than {MAX_ASPECT_RATIO}:1 between its sides; "
+                         "crop it to a less elongated picture first.")
 
 
 # --------------------------------------------------------------------------------------------
@@ -153,6 +170,9 @@ def hipie_image(image: Image.Image, size: int = HIPIE_IMAGE_SIZE) -> tuple[np.nd
     if image.mode != "RGB":
         image = _to_rgb(image)
     h, w = hipie_resized_hw(image.height, image.width, size)
+    if min(h, w) < 1:
+        raise InputError(f"an image of {image.width}x{image.height} pixels is too elongated for the {size}x{size} "
+                         "HIPIE frame (its short side would vanish); crop it first.")
     resized = np.asarray(image.resize((w, h), Image.BILINEAR), dtype=np.uint8)  # [h, w, 3]
     return _pad_bottom_right(resized, size), (h, w)
 

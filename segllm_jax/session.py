@@ -156,7 +156,7 @@ class MultiRoundSession:
         if not question.strip():
             raise InputError("The question is empty; type what to segment.")
         conversation = self.encoder.append(self._conversation, Round(question, len(refs), not self.rounds))
-        self._check_length(conversation)
+        check_fits(conversation, self.model.cfg.context_length)  # its sentence says what to do
         if self.mode == "incremental":
             hidden, prompt, cache = self._run_incremental(conversation, refs)
         else:
@@ -180,12 +180,6 @@ class MultiRoundSession:
     @property
     def _capacity(self) -> int:
         return self.model.cfg.context_length + LENGTH_BUCKET
-
-    def _check_length(self, conversation: EncodedConversation) -> None:
-        try:
-            check_fits(conversation, self.model.cfg.context_length)
-        except InputError as e:
-            raise InputError(f"{e} Start a new conversation (clear history) to go on.") from None
 
     def _slot_values(self, conversation: EncodedConversation, start: int,
                      refs: list[int], round_ids: range) -> tuple[np.ndarray, jax.Array]:

@@ -111,8 +111,10 @@ class SegTokenizer:
                 hf = LlamaTokenizer.from_pretrained(
                     folder, local_files_only=True, legacy=False, add_bos_token=True, add_eos_token=False
                 )
-        except (OSError, ValueError) as err:
-            raise TokenizerError(f"Cannot load the tokenizer in {folder}: {err}") from err
+        except Exception as err:  # noqa: BLE001 - transformers/tokenizers report a broken file with many types
+            detail = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+            raise TokenizerError(f"Cannot load the tokenizer in {folder} ({detail}); the tokenizer files are "
+                                 "damaged, copy them again from the source checkpoint.") from err
         tokenizer = cls(hf)
         if tokenizer.marks_word_start_after_added_tokens():
             warnings.warn(
@@ -452,7 +454,7 @@ class ConversationEncoder:
         found = [s for s in self.tokenizer.special_strings() if s in one.question]
         if found:
             raise InputError(
-                f"The question {one.question!r} contains the reserved token text {found}; remove it."
+                f"The question {quote(one.question)} contains the reserved token text {found}; remove it."
             )
 
 
@@ -471,6 +473,15 @@ def _merge_text(parts: list[str | _Slot]) -> list[str | _Slot]:
 
 
 # --- user text ---------------------------------------------------------------------------------------
+
+def quote(text: str, limit: int = 60) -> str:
+    """``text`` quoted for a message, shortened in the middle: a 20,000-character question must not
+    turn a one-sentence error into a page."""
+    if len(text) <= limit:
+        return repr(text)
+    half = limit // 2
+    return f"{text[:half]!r}...{text[-half:]!r} ({len(text)} characters)"
+
 
 _REF_TAG = re.compile(r"\[REF:\s*(\d+(?:\s*,\s*\d+)*)\s*\]")
 _REF_LIKE = re.compile(r"\[\s*REF|REF\s*:", re.IGNORECASE)
@@ -497,7 +508,7 @@ def parse_references(text: str, num_previous_rounds: int | None = None) -> tuple
         raise InputError(f"A round is referenced twice in {refs}.")
     if num_previous_rounds is not None and any(k > num_previous_rounds for k in refs):
         raise InputError(
-            f"{text!r} references round {max(refs)}, but only {num_previous_rounds} earlier round(s) exist."
+            f"{quote(text)} references round {max(refs)}, but only {num_previous_rounds} earlier round(s) exist."
         )
     return clean, refs
 
@@ -525,10 +536,11 @@ def check_fits(conversation: EncodedConversation, max_length: int) -> None:
         first = conversation.rounds[0].end
         raise InputError(
             f"The conversation needs {needed} tokens but the model accepts {max_length}; not even round 1 "
-            f"fits ({first} tokens)."
+            f"fits ({first} tokens), so shorten the question."
         )
     used = conversation.rounds[fit - 1].end
     raise InputError(
         f"The conversation needs {needed} tokens but the model accepts {max_length}; only the first {fit} "
-        f"of its {total} rounds fit ({used} tokens). Clear the history to start a new conversation."
+        f"of its {total} rounds fit ({used} tokens); clear the history to start a new conversation, or shorten "
+        "the question."
     )

@@ -14,7 +14,16 @@ Design:
 * Sessions are released when the tab closes (``demo.unload``), after ``idle_timeout_s`` without a
   request (a background sweeper), or by "New image". At most ``max_sessions`` live at once.
 * Uploads are limited to ``max_upload_mb`` (Gradio refuses larger files before they reach us) and go
-  through the session's own image checks (pixel limit read from the header, decodable picture).
+  through the session's own image checks (pixel limit read from the header, decodable picture). The
+  upload reaches us unprocessed (``preprocess=False``), so a file that is not a picture gets our one
+  sentence, not Gradio's "Could not preprocess input component"; any failed upload also releases
+  the tab's session, so the previous image never answers the next question.
+* Every picture and mask we return is a file in the session's own folder, written under a temporary
+  name, renamed into place and made read-only before Gradio sees it. (Returning PIL images made
+  Gradio re-encode them into one shared cache file per content, rewritten in place while another
+  request was reading it: truncated responses under load.)
+* All temporary folders (sessions, generated examples) live under one root that is removed on exit,
+  including on SIGTERM (``serve`` turns it into a clean shutdown).
 * Gradio is imported lazily: ``import segllm_jax`` never needs it (``pip install 'segllm-jax[demo]'``).
 * The default bind address is 127.0.0.1; anything else must be asked for and prints a warning.
 """
@@ -22,7 +31,9 @@ Design:
 import dataclasses
 import html
 import logging
+import os
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -36,6 +47,7 @@ from PIL import Image
 
 from segllm_jax.checkpoint import Loaded
 from segllm_jax.errors import InputError, SegLLMError
+from segllm_jax.outputs import atomic_save_image
 from segllm_jax.session import MultiRoundSession, RoundResult
 from segllm_jax.tokenizer import parse_references
 
@@ -92,8 +104,10 @@ def compose_query(text: str, checked: Sequence[int | str] | None) -> str:
     return text + (f"[REF:{','.join(map(str, extra))}]" if extra else "")
 
 
-def example_images(directory: str | Path | None, *, generate: int = 2, size: int = 256) -> list[str]:
-    """Example pictures: ``<checkpoint>/examples/*`` if present, else ``generate`` MR-Shapes scenes."""
+def example_images(directory: str | Path | None, *, generate: int = 2, size: int = 256,
+                   out: str | Path | None = None) -> list[str]:
+    """Example pictures: ``<checkpoint>/examples/*`` if present, else ``generate`` MR-Shapes scenes
+    written to ``out`` (default: a new temporary folder, which the caller removes)."""
     if directory is not None:
         folder = Path(directory) / "examples"
         if folder.is_dir():
@@ -104,7 +118,8 @@ def example_images(directory: str | Path | None, *, generate: int = 2, size: int
         return []
     from segllm_jax.data.mrshapes import generate_scene
 
-    out = Path(tempfile.mkdtemp(prefix="segllm-web-examples-"))
+    out = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="segllm-web-examples-"))
+    out.mkdir(parents=True, exist_ok=True)
     paths = []
     for seed in range(generate):
         scene = generate_scene(np.random.default_rng(seed), size)
@@ -126,13 +141,19 @@ class UserSession:
     files: Path  # this user's mask PNGs (deleted on release)
     last_used: float
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
-    overlays: list[Image.Image] = dataclasses.field(default_factory=list)
+    overlays: list[str] = dataclasses.field(default_factory=list)  # overlay PNG per round (this folder)
     mask_files: list[str] = dataclasses.field(default_factory=list)
 
+    def save(self, name: str, image: Image.Image) -> str:
+        """``files/name`` written completely (temporary name, rename) and made read-only, then its path."""
+        path = atomic_save_image(self.files / name, image)
+        os.chmod(path, 0o444)
+        return str(path)
+
     def reset_history(self) -> None:
-        self.overlays.clear()
-        for f in self.mask_files:
+        for f in (*self.overlays, *self.mask_files):
             Path(f).unlink(missing_ok=True)
+        self.overlays.clear()
         self.mask_files.clear()
 
 
@@ -144,7 +165,7 @@ class SessionStore:
         self.idle_timeout_s, self.max_sessions, self.clock = float(idle_timeout_s), int(max_sessions), clock
         self._sessions: dict[str, UserSession] = {}
         self._lock = threading.Lock()
-        self._root = Path(tempfile.mkdtemp(prefix="segllm-web-"))
+        self._root = Path(tempfile.mkdtemp(prefix="segllm-web-"))  # everything temporary of this demo
         self._stop = threading.Event()
         self.released = 0  # how many sessions were released so far (for tests and logs)
         interval = sweep_interval_s if sweep_interval_s is not None else min(60.0, max(1.0, self.idle_timeout_s / 4))
@@ -175,13 +196,22 @@ class SessionStore:
                 raise InputError(f"The demo is serving its maximum of {self.max_sessions} sessions; "
                                  "try again in a few minutes.")
 
+    @property
+    def root(self) -> Path:
+        """The demo's temporary folder (sessions' files, generated examples); removed by :meth:`close`."""
+        return self._root
+
     def put(self, key: str, session: MultiRoundSession) -> UserSession:
-        """Stores a new session for ``key`` (replacing the old one); refuses when the store is full."""
+        """Stores a new session for ``key`` (replacing, i.e. releasing, the old one); refuses when the
+        store is full. Counting and inserting happen under one lock: concurrent uploads never overshoot."""
         self.release(key)
-        self.check_room(key)
+        self.sweep()
         with self._lock:
-            files = self._root / uuid.uuid4().hex
-            files.mkdir()
+            if len(self._sessions) >= self.max_sessions:
+                raise InputError(f"The demo is serving its maximum of {self.max_sessions} sessions; "
+                                 "try again in a few minutes.")
+            files = self._root / "sessions" / uuid.uuid4().hex
+            files.mkdir(parents=True)
             user = UserSession(key, session, files, self.clock())
             self._sessions[key] = user
             return user
@@ -259,29 +289,39 @@ def build_app(loaded: Loaded, *, examples: Sequence[str | Path] | str | None = "
     gr = require_gradio()
     if mode not in ("incremental", "recompute"):
         raise InputError(f"mode must be 'incremental' or 'recompute', not {mode!r}.")
+    for name, value in (("max_sessions", max_sessions), ("max_upload_mb", max_upload_mb),
+                        ("idle_timeout_s", idle_timeout_s)):
+        if not value > 0 or value == float("inf"):  # also refuses NaN
+            raise InputError(f"{name} must be a positive finite number, not {value!r}.")
     store = SessionStore(idle_timeout_s=idle_timeout_s, max_sessions=max_sessions, sweep_interval_s=sweep_interval_s)
     model_lock = model_lock or threading.Lock()
     max_bytes = int(max_upload_mb * 1024 * 1024)
     if examples == "auto":
-        examples = example_images(loaded.directory)
+        examples = example_images(loaded.directory, out=store.root / "examples")
     examples = [str(p) for p in (examples or [])]
 
     def fail(e: Exception):
         return gr.Error(str(e), print_exception=False)
 
-    def outputs_for(user: UserSession | None, overlay=None, status: str = ""):
+    def outputs_for(user: UserSession | None, overlay: str | None = None, status: str = ""):
         n = len(user.session.rounds) if user is not None else 0
-        gallery = ([(img, f"round {r.index}: {r.text}") for img, r in zip(user.overlays, user.session.rounds)]
+        gallery = ([(path, f"round {r.index}: {r.text}") for path, r in zip(user.overlays, user.session.rounds)]
                    if user is not None else [])
         refs = gr.update(choices=[(str(k), k) for k in range(1, n + 1)], value=[])
         files = list(user.mask_files) if user is not None and user.mask_files else None
         return overlay, gallery, refs, files, _history_html(user), status
 
-    def set_image(image_path: str | None, request: gr.Request):
-        """New picture for this tab: builds its session (image features), forgets the old conversation."""
+    def set_image(upload: Any, request: gr.Request):
+        """New picture for this tab: builds its session (image features), forgets the old conversation.
+
+        ``upload`` is Gradio's unprocessed file payload (a dict with ``path``, already checked to be in
+        Gradio's upload folder). Whatever goes wrong, the tab's old session is released first, so a
+        failed upload never leaves the previous image answering questions.
+        """
         key = request.session_hash
+        store.release(key)
+        image_path = upload.get("path") if isinstance(upload, dict) else getattr(upload, "path", upload)
         if not image_path:
-            store.release(key)
             return outputs_for(None, status="Upload an image or pick an example to start.")
         try:
             size = Path(image_path).stat().st_size
@@ -291,9 +331,11 @@ def build_app(loaded: Loaded, *, examples: Sequence[str | Path] | str | None = "
             with model_lock:
                 session = MultiRoundSession(loaded, image_path, mode=mode)
             user = store.put(key, session)
-        except SegLLMError as e:
+        except (SegLLMError, OSError) as e:
             store.release(key)
-            raise fail(e) from None
+            reason = str(e) if isinstance(e, SegLLMError) else f"The upload cannot be read ({e.strerror})."
+            raise gr.Error(f"{reason} The previous image was dropped; upload another picture.",
+                           print_exception=False) from None
         w, h = session.image.size
         return outputs_for(user, status=f"Image loaded ({w}×{h}). Ask for something to segment.")
 
@@ -313,11 +355,11 @@ def build_app(loaded: Loaded, *, examples: Sequence[str | Path] | str | None = "
                 raise fail(e) from None
             if store.get(request.session_hash) is not user:  # released (tab closed, new image) meanwhile
                 raise gr.Error(no_session, print_exception=False)
-            overlay = user.session.overlay(result, round_color(result.index))
+            k = result.index
+            overlay = user.save(f"round_{k}.png", user.session.overlay(result, round_color(k)))
             user.overlays.append(overlay)
-            mask_path = user.files / f"round_{result.index}_mask.png"
-            Image.fromarray(result.mask.astype(np.uint8) * 255).save(mask_path)
-            user.mask_files.append(str(mask_path))
+            user.mask_files.append(user.save(f"round_{k}_mask.png",
+                                             Image.fromarray(result.mask.astype(np.uint8) * 255)))
             return (*outputs_for(user, overlay, _status(result)), "")
 
     def clear_history(request: gr.Request):
@@ -348,7 +390,7 @@ def build_app(loaded: Loaded, *, examples: Sequence[str | Path] | str | None = "
                 if examples:
                     gr.Examples(examples=[[p] for p in examples], inputs=[image_in], label="Examples")
             with gr.Column(scale=1):
-                overlay_out = gr.Image(label="This round", type="pil", format="png", interactive=False,
+                overlay_out = gr.Image(label="This round", type="filepath", format="png", interactive=False,
                                        elem_id="segllm-overlay", height=360)
         with gr.Row():
             query = gr.Textbox(label="Query", placeholder="e.g. Segment the red circle.  ([REF:1] cites round 1)",
@@ -370,7 +412,7 @@ def build_app(loaded: Loaded, *, examples: Sequence[str | Path] | str | None = "
         round_outputs = [overlay_out, gallery, refs, masks, history, status]
         # progress and error badges go on the overlay only (an error's sentence is shown as a toast)
         image_in.change(set_image, inputs=[image_in], outputs=round_outputs, api_name="set_image",
-                        concurrency_limit=4, show_progress_on=[overlay_out])
+                        concurrency_limit=4, show_progress_on=[overlay_out], preprocess=False)
         send.click(ask, inputs=[query, refs], outputs=[*round_outputs, query], api_name="ask",
                    concurrency_limit=4, concurrency_id="ask", show_progress_on=[overlay_out])
         query.submit(ask, inputs=[query, refs], outputs=[*round_outputs, query], api_visibility="private",
@@ -404,11 +446,15 @@ def launch(demo: "gr.Blocks", *, host: str = "127.0.0.1", port: int | None = DEF
         print(warning, file=sys.stderr, flush=True)
     demo.queue(max_size=64)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's start-up self-checks log every request
-    result = demo.launch(server_name=host, server_port=port, share=False, ssr_mode=False, inbrowser=False,
-                         prevent_thread_lock=True, quiet=True, show_error=True,
-                         max_file_size=getattr(demo, "segllm_max_file_size", None),
-                         allowed_paths=list(getattr(demo, "segllm_example_dirs", [])), footer_links=["api"],
-                         enable_monitoring=False, mcp_server=False)
+    try:
+        result = demo.launch(server_name=host, server_port=port, share=False, ssr_mode=False, inbrowser=False,
+                             prevent_thread_lock=True, quiet=True, show_error=True,
+                             max_file_size=getattr(demo, "segllm_max_file_size", None),
+                             allowed_paths=list(getattr(demo, "segllm_example_dirs", [])), footer_links=["api"],
+                             enable_monitoring=False, mcp_server=False)
+    except OSError as e:  # the port was taken after the CLI checked it
+        raise InputError(f"cannot serve on {host}:{port} ({str(e).splitlines()[0][:120]}); pick another "
+                         "--port.") from None
     if not quiet:
         print(f"SegLLM demo on {result[1]} (Ctrl-C to stop)", file=sys.stderr, flush=True)
     if not prevent_thread_lock:
@@ -427,10 +473,30 @@ def warm_up(loaded: Loaded, mode: str = "incremental") -> float:
     return time.perf_counter() - t
 
 
+def _interrupt_on_sigterm() -> None:
+    """SIGTERM (``kill``, ``docker stop``, systemd) shuts down like Ctrl-C, so the ``finally`` blocks
+    remove the temporary folders instead of the process dying with them left behind."""
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
+
+
+def close_app(demo: "gr.Blocks") -> None:
+    """Stops the server (if running) and removes every temporary folder of the app."""
+    try:
+        demo.close(verbose=False)
+    finally:
+        demo.segllm_store.close()
+
+
 def serve(checkpoint: str | Path, *, host: str = "127.0.0.1", port: int = DEFAULT_PORT, mode: str = "incremental",
           max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
           max_sessions: int = DEFAULT_MAX_SESSIONS, warmup: bool = True) -> int:
-    """``segllm-jax serve``: loads the checkpoint once, warms it up, serves until interrupted."""
+    """``segllm-jax serve``: loads the checkpoint once, warms it up, serves until interrupted (Ctrl-C or
+    SIGTERM), then removes its temporary folders."""
     require_gradio()
     from segllm_jax.checkpoint import load
 
@@ -438,10 +504,13 @@ def serve(checkpoint: str | Path, *, host: str = "127.0.0.1", port: int = DEFAUL
     if warmup:
         print("compiling the model (one warm-up conversation)...", file=sys.stderr, flush=True)
         print(f"warm-up done in {warm_up(loaded, mode):.1f} s", file=sys.stderr, flush=True)
+    _interrupt_on_sigterm()
     demo = build_app(loaded, mode=mode, max_upload_mb=max_upload_mb, idle_timeout_s=idle_timeout_s,
                      max_sessions=max_sessions)
     try:
         launch(demo, host=host, port=port)
+    except KeyboardInterrupt:
+        pass  # SIGTERM or Ctrl-C before the server was up: still a clean exit
     finally:
-        demo.segllm_store.close()
+        close_app(demo)
     return 0

@@ -15,8 +15,8 @@ evaluation's 0.5): the no-memory ablation. IoUs are counted in the HIPIE frame, 
 
 from __future__ import annotations
 
-import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import Literal, Sequence
 
@@ -29,43 +29,18 @@ from tqdm.auto import tqdm
 from segllm_jax import batch as batching
 from segllm_jax import preprocess
 from segllm_jax.checkpoint import Loaded
-from segllm_jax.data.conversations import parse_conversation, read_conversations
+from segllm_jax.data.conversations import parse_conversation
 from segllm_jax.data.pipeline import ExampleBuilder, collate_inputs
-from segllm_jax.data.registers import AnnotationRegistry, RegisterSpec
-from segllm_jax.errors import InputError
+from segllm_jax.data.registers import AnnotationRegistry
+from segllm_jax.errors import InputError, SegLLMError
 from segllm_jax.eval.charts import line_chart
+from segllm_jax.eval.data_spec import EvalData, read_entries
 from segllm_jax.eval.metrics import RoundMetrics
 from segllm_jax.models.hipie.model import image_features_jit, predict
+from segllm_jax.outputs import atomic_write_text, make_output_folder
 from segllm_jax.tokenizer import ConversationEncoder
 
 Mode = Literal["teacher", "autoregressive"]
-
-
-@dataclasses.dataclass(frozen=True)
-class EvalData:
-    """Conversation JSON files plus where their images and annotation registers are."""
-
-    conversations: tuple[str, ...]
-    registers: tuple[RegisterSpec, ...]
-    images_root: str
-    annotations_root: str = "."
-
-    @classmethod
-    def parse(cls, spec: str) -> "EvalData":
-        """``mrshapes:DIR:SPLIT`` (a folder written by ``mrshapes.write_split``) or a JSON file with the fields."""
-        if spec.startswith("mrshapes:"):
-            _, folder, split = spec.split(":", 2)
-            root = Path(folder)
-            register = root / "annotations" / f"mrshapes_{split}.json"
-            return cls((str(root / "conversations" / f"mrshapes_{split}.json"),),
-                       (RegisterSpec("mrshapes", str(register)),), str(root / "images"))
-        try:
-            d = json.loads(Path(spec).read_text())
-            return cls(tuple(d["conversations"]), tuple(RegisterSpec(**r) for r in d["registers"]),
-                       d["images_root"], d.get("annotations_root", "."))
-        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-            raise InputError(f"--data {spec!r}: expected mrshapes:DIR:SPLIT or a JSON file with conversations, "
-                             f"registers and images_root ({type(e).__name__}).") from None
 
 
 @nnx.jit
@@ -111,8 +86,13 @@ def _evaluate_one(loaded: Loaded, example: dict, entry: dict, mode: Mode, gate: 
 
 
 def evaluate(loaded: Loaded, data: EvalData, mode: Mode = "autoregressive", *, ablate_memory: bool = False,
-             limit: int | None = None, limit_rounds: int | None = 6, progress: bool = True) -> RoundMetrics:
-    """Metrics per round over every conversation of ``data`` (the first ``limit`` of each file)."""
+             limit: int | None = None, limit_rounds: int | None = 6, progress: bool = True,
+             failures: list[dict] | None = None) -> RoundMetrics:
+    """Metrics per round over every conversation of ``data`` (the first ``limit`` of each file).
+
+    With a ``failures`` list, a conversation that cannot be used (missing image, bad annotation) is
+    appended to it as ``{"id", "error"}`` and skipped; without one, its error is raised.
+    """
     if mode not in ("teacher", "autoregressive"):
         raise InputError(f"mode must be 'teacher' or 'autoregressive', not {mode!r}.")
     cfg = loaded.config
@@ -120,12 +100,18 @@ def evaluate(loaded: Loaded, data: EvalData, mode: Mode = "autoregressive", *, a
                              AnnotationRegistry(data.registers, data.annotations_root), Path(data.images_root),
                              limit_rounds, cfg.context_length, cfg.vision.image_size, cfg.hipie_image_size,
                              is_eval=True)
-    entries = [e for path in data.conversations for e in read_conversations(path)[:limit]]
+    entries = [e for path in data.conversations for e in read_entries(path, limit)]
     gate = 0.0 if ablate_memory else cfg.eval_reference_gate
     metrics = RoundMetrics()
-    for entry in tqdm(entries, desc=f"eval ({mode})", unit="conv", disable=not progress):
-        example = builder.build(entry)
-        pred_masks, gt_masks, boxes = _evaluate_one(loaded, example, entry, mode, gate, limit_rounds)
+    for n, entry in enumerate(tqdm(entries, desc=f"eval ({mode})", unit="conv", disable=not progress)):
+        try:
+            example = builder.build(entry)
+            pred_masks, gt_masks, boxes = _evaluate_one(loaded, example, entry, mode, gate, limit_rounds)
+        except SegLLMError as e:
+            if failures is None:
+                raise
+            failures.append({"id": str(entry.get("id", f"#{n}")), "error": str(e)})
+            continue
         metrics.add_conversation(list(pred_masks), list(gt_masks), list(boxes))
     return metrics
 
@@ -141,22 +127,40 @@ def plot_rounds(results: dict[str, RoundMetrics], path: str | Path, metric: str 
     return line_chart(series, path, f"{metric} per round", y_range=(0.0, 1.0), x_ticks=ticks, markers=True)
 
 
-def write_report(results: dict[str, RoundMetrics], out: str | Path) -> None:
-    """``metrics.json``, ``metrics.md`` and ``iou_per_round.png`` in ``out``."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps({k: m.summary() for k, m in results.items()}, indent=2) + "\n")
-    (out / "metrics.md").write_text("\n\n".join(f"### {k}\n\n{m.markdown()}" for k, m in results.items()) + "\n")
-    plot_rounds(results, out / "iou_per_round.png")
+def write_report(results: dict[str, RoundMetrics], out: str | Path,
+                 failures: dict[str, list[dict]] | None = None) -> None:
+    """``metrics.json`` (each mode's summary, plus ``"failed"``: the conversations skipped, with their
+    ids and errors), ``metrics.md`` and ``iou_per_round.png`` in ``out``, each written atomically."""
+    out = make_output_folder(out)
+    failures = failures or {}
+    summaries = {k: {**m.summary(), "failed": failures.get(k, [])} for k, m in results.items()}
+    atomic_write_text(out / "metrics.json", json.dumps(summaries, indent=2) + "\n")
+    atomic_write_text(out / "metrics.md", "\n\n".join(f"### {k}\n\n{m.markdown()}" for k, m in results.items()) + "\n")
+    partial = out / f".iou_per_round.{os.getpid()}.png"  # matplotlib picks the format from the suffix
+    try:
+        plot_rounds(results, partial)
+        os.replace(partial, out / "iou_per_round.png")
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def run_eval(loaded: Loaded, data_spec: str, out: str | Path, modes: Sequence[Mode], *, ablate_memory: bool = False,
-             limit: int | None = None) -> dict[str, RoundMetrics]:
-    data = EvalData.parse(data_spec)
-    results = {}
+             limit: int | None = None) -> tuple[dict[str, RoundMetrics], list[dict]]:
+    """Evaluates and writes the report; returns the metrics and the conversations that failed (each
+    ``{"id", "error"}``, once even if several modes met it). Refuses (writing nothing) when every
+    conversation failed: there is nothing to report."""
+    data = EvalData.parse(data_spec).check()
+    results, failures = {}, {}
     for mode in modes:
-        results[mode] = evaluate(loaded, data, mode, limit=limit)
-        if ablate_memory:
-            results[f"{mode} (no memory)"] = evaluate(loaded, data, mode, ablate_memory=True, limit=limit)
-    write_report(results, out)
-    return results
+        for ablate in (False, True) if ablate_memory else (False,):
+            name = f"{mode} (no memory)" if ablate else mode
+            failures[name] = []
+            results[name] = evaluate(loaded, data, mode, ablate_memory=ablate, limit=limit,
+                                     failures=failures[name])
+    if all(m.num_rounds == 0 for m in results.values()):
+        first = next((f for fs in failures.values() for f in fs), None)
+        raise InputError("no conversation could be evaluated" + (f"; the first, {first['id']}: {first['error']}"
+                                                                  if first else "; the data holds none."))
+    write_report(results, out, failures)
+    unique = {(f["id"], f["error"]): f for fs in failures.values() for f in fs}
+    return results, list(unique.values())

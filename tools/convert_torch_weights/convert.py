@@ -21,6 +21,7 @@ from segllm_jax.config import HipieConfig, LlamaConfig, SegLLMConfig, VisionConf
 from segllm_jax.errors import CheckpointError
 from segllm_jax.models.segllm import box_encoder, seg_predictor
 from segllm_jax_convert.clip import clip_vision_table
+from segllm_jax_convert.destination import check_destination, written_atomically
 from segllm_jax_convert.engine import MappingTable, convert, flat_targets
 from segllm_jax_convert.hipie import SEGLLM_PREFIX, hipie_table
 from segllm_jax_convert.io import TensorSource, open_checkpoint
@@ -45,7 +46,10 @@ class SourceKind:
 
 
 def _hf_config(src: Path) -> dict:
-    return load_json(src / "config.json") if src.is_dir() else {}
+    config = load_json(src / "config.json") if src.is_dir() else {}
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{src / 'config.json'} must hold a JSON object, not a {type(config).__name__}.")
+    return config
 
 
 def _hipie_config(_src: Path, source: TensorSource, _vision) -> HipieConfig:
@@ -97,15 +101,15 @@ def detect_kind(src: Path, source: TensorSource) -> str:
 
 def convert_checkpoint(src: str | Path, dst: str | Path, *, kind: str | None = None,
                        param_dtype: str | None = None, vision_config: str | Path | None = None,
-                       progress: bool = True) -> Path:
-    """Converts SRC into the folder DST (created; must not hold a checkpoint already).
+                       progress: bool = True, overwrite: bool = False) -> Path:
+    """Converts SRC into the folder DST: a new or empty folder, or any folder with ``overwrite``
+    (never SRC itself, inside it or around it); written aside and moved into place when complete.
 
     ``vision_config``: a CLIP ``config.json`` for a SegLLM release whose tower is not ViT-L/14
     (a release names its tower only as a hub id).
     """
     src, dst = Path(src), Path(dst)
-    if (dst / "params").exists():
-        raise CheckpointError(f"{dst} already holds a checkpoint; choose an empty output folder.")
+    check_destination(dst, [src] + ([vision_config] if vision_config else []), overwrite)
     source = open_checkpoint(src)
     kind = kind or detect_kind(src, source)
     if kind not in SOURCE_KINDS:
@@ -119,16 +123,17 @@ def convert_checkpoint(src: str | Path, dst: str | Path, *, kind: str | None = N
     log.info("converting %s (%s, %.1f MB) -> %s", src, kind, source.nbytes / 2**20, dst)
     arrays = convert(source, spec.table(config), flat_targets(model), progress=progress)
     training = spec.training_arrays(source, config, progress)
-    checkpoint.save(dst, spec.model_kind, config, arrays, training_arrays=training)
-    if src.is_dir():
-        for name in TOKENIZER_FILES:
-            if (src / name).exists():
-                shutil.copy2(src / name, dst / name)
+    with written_atomically(dst) as tmp:
+        checkpoint.save(tmp, spec.model_kind, config, arrays, training_arrays=training)
+        if src.is_dir():
+            for name in TOKENIZER_FILES:
+                if (src / name).is_file():
+                    shutil.copy2(src / name, tmp / name)
     return dst
 
 
 def convert_training_init(llava: str | Path, clip: str | Path, hipie: str | Path, dst: str | Path, *,
-                          seed: int = 0, progress: bool = True) -> Path:
+                          seed: int = 0, progress: bool = True, overwrite: bool = False) -> Path:
     """SegLLM's starting point for training (spec §5.1) from its three sources, as one checkpoint.
 
     ``llava``: a LLaVA-1.5 folder (LLaMA + ``mm_projector``, 32000-token vocabulary, tokenizer);
@@ -141,8 +146,10 @@ def convert_training_init(llava: str | Path, clip: str | Path, hipie: str | Path
     from segllm_jax.tokenizer import SegTokenizer
 
     llava, clip, hipie, dst = Path(llava), Path(clip), Path(hipie), Path(dst)
-    if (dst / "params").exists():
-        raise CheckpointError(f"{dst} already holds a checkpoint; choose an empty output folder.")
+    check_destination(dst, [llava, clip, hipie], overwrite)
+    for path in (llava, clip, hipie):
+        if not path.exists():
+            raise CheckpointError(f"{path}: no such file or folder.")
     llava_config = _hf_config(llava)
     tokenizer = SegTokenizer.from_pretrained(llava)
     base_vocab = int(llava_config["vocab_size"])
@@ -171,6 +178,7 @@ def convert_training_init(llava: str | Path, clip: str | Path, hipie: str | Path
     training = dn_resizer_arrays(sources["hipie"], config, "", progress=progress)
     log.info("training init: %d new token rows, fresh mask_enc_head and segmentator_predictor",
              tokenizer.vocab_size - base_vocab)
-    checkpoint.save(dst, "segllm", config, arrays, training_arrays=training)
-    tokenizer.save(dst)
+    with written_atomically(dst) as tmp:
+        checkpoint.save(tmp, "segllm", config, arrays, training_arrays=training)
+        tokenizer.save(tmp)
     return dst

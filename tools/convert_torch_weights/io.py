@@ -10,7 +10,9 @@ a checkpoint must never execute code, and one that tries is refused with a clear
 from __future__ import annotations
 
 import json
+import re
 import struct
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
@@ -113,10 +115,16 @@ def _read_pickle(path: Path) -> tuple[dict[str, TensorInfo], Callable[[str], np.
     import zipfile
 
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+        with warnings.catch_warnings():  # torch's notes on pickle protocols are not for the user
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{path} was refused: loading it would run code or build non-tensor objects "
-                              f"(weights_only=True: {str(e).splitlines()[0][:200]}).") from None
+        # torch's own message advises retrying with weights_only=False, i.e. running the file's code:
+        # never pass that on; name only what the file asked for
+        found = re.search(r"GLOBAL\s+([\w.]+)", str(e))
+        what = f" (it asks for {found.group(1)})" if found else ""
+        raise CheckpointError(f"{path} was refused: loading it would run code or build non-tensor objects{what}; "
+                              "only plain tensor checkpoints are read, so ask for a safetensors file.") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
         raise CheckpointError(f"{path} cannot be read as a PyTorch checkpoint; it may be truncated "
                               f"({type(e).__name__}: {str(e).splitlines()[0][:200]}).") from None
@@ -167,7 +175,8 @@ def open_checkpoint(path: str | Path) -> TensorSource:
     """All tensors of a checkpoint file or folder, read lazily. Duplicate keys across shards are an error."""
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(f"{path} does not exist.")
+        raise CheckpointError(f"{path}: no such file or folder; pass a checkpoint folder or a .safetensors, "
+                              ".bin or .pth file.")
     files = _files_in(path) if path.is_dir() else [path]
     infos: dict[str, TensorInfo] = {}
     loaders: dict[Path, Callable[[str], np.ndarray]] = {}
