@@ -1,6 +1,7 @@
 """HIPIE forward cost per stage: backbone, encoder, decoder, mask head (random weights, jit).
 
     python benchmarks/hipie_forward.py [--size 1024] [--prompts 1 8] [--runs 5] [--warmup 1]
+                                       [--msda-impl xla|xla_dense|pallas|...] [--compile-only]
 
 Stages (each its own jitted function, timings device-synchronised with ``block_until_ready``):
 
@@ -14,12 +15,15 @@ Stages (each its own jitted function, timings device-synchronised with ``block_u
 Reported: median wall time of ``--runs`` runs after ``--warmup`` runs, each stage's share of the
 sum, and the compiled program's memory (XLA ``memory_analysis``: outputs + temporaries, i.e.
 what the stage allocates beyond its inputs and the 217 MiB of float32 weights) plus the device's
-``peak_bytes_in_use`` where the backend reports it (GPU/TPU).
+``peak_bytes_in_use`` where the backend reports it (GPU/TPU).  ``--msda-impl xla_dense`` runs the
+all-queries-at-once deformable attention (the pre-blocking path) for before/after comparisons;
+``--compile-only`` reports the memory without running anything (for sizes that would not fit).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 
@@ -102,15 +106,18 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--msda-impl", default="auto", help="pallas_kernels.ms_deform_attn impl (default: auto)")
+    ap.add_argument("--compile-only", action="store_true", help="memory analysis only, no timing")
     a = ap.parse_args()
     global _SHAPES
     s = a.size
     _SHAPES = tuple((-(-s // st), -(-s // st)) for st in (8, 16, 32, 64))
     dev = jax.devices()[0]
     print(f"backend={jax.default_backend()} device={dev.device_kind} jax={jax.__version__} size={s} "
-          f"runs={a.runs} (median after {a.warmup} warm-up)")
+          f"runs={a.runs} (median after {a.warmup} warm-up) msda_impl={a.msda_impl}")
     t0 = time.perf_counter()
-    model = Hipie(HipieConfig.hipie_r50_segllm(), rngs=nnx.Rngs(0))
+    cfg = dataclasses.replace(HipieConfig.hipie_r50_segllm(), msda_impl=a.msda_impl)
+    model = Hipie(cfg, rngs=nnx.Rngs(0))
     print(f"model built in {time.perf_counter() - t0:.1f}s (random weights)")
     backbone, encoder, decoder, mask_head = _stages(model)
     rng = np.random.default_rng(0)
@@ -121,6 +128,10 @@ def main() -> None:
         prompts = jnp.asarray(rng.normal(size=(n, 8, 768)).astype(np.float32))
         index = jnp.zeros((n,), jnp.int32)
         sel = jnp.full((n,), model.cfg.num_bg_queries, jnp.int32)
+        if a.compile_only:
+            rows.append((n, None, _stage_memory(model, image, prompts, index, sel, size_probe, (backbone, encoder, decoder, mask_head)), None))
+            _print_table(rows[-1:], header=len(rows) == 1)
+            continue
         t_bb, levels = _time(backbone, (model, image), a.runs, a.warmup)
         t_enc, (memory, lang) = _time(encoder, (model, levels, prompts, index), a.runs, a.warmup)
         t_dec, (logits, boxes, iou, params, ref) = _time(decoder, (model, memory, lang), a.runs, a.warmup)
@@ -134,6 +145,21 @@ def main() -> None:
             peak = stats["peak_bytes_in_use"]
         rows.append((n, [t_bb, t_enc, t_dec, t_mask], mem, peak))
         _print_table(rows[-1:], header=len(rows) == 1)  # print as we go: a later size may not fit in memory
+    timed = [r for r in rows if r[1] is not None]
+    if len(timed) >= 2:
+        (n0, t0s, _, _), (n1, t1s, _, _) = timed[0], timed[-1]
+        print(f"\n{n1} vs {n0} prompt(s): encoder {t1s[1] / t0s[1]:.2f}x, total {sum(t1s) / sum(t0s):.2f}x the time")
+
+
+def _stage_memory(model, image, prompts, index, sel, size_probe, stages) -> list[int | None]:
+    """Memory of every stage from abstract inputs: nothing is executed (``--compile-only``)."""
+    backbone, encoder, decoder, mask_head = stages
+    levels = jax.eval_shape(backbone, model, image)
+    memory, lang = jax.eval_shape(encoder, model, levels, prompts, index)
+    _, _, _, params, ref = jax.eval_shape(decoder, model, memory, lang)
+    return [_memory_bytes(backbone, model, image), _memory_bytes(encoder, model, levels, prompts, index),
+            _memory_bytes(decoder, model, memory, lang),
+            _memory_bytes(mask_head, model, memory, params, ref, sel, size_probe)]
 
 
 def _print_table(rows, header: bool = True) -> None:
@@ -143,6 +169,7 @@ def _print_table(rows, header: bool = True) -> None:
         print("| prompts | stage | median time (s) | share | outputs + temporaries (MiB) |")
         print("|---|---|---|---|---|")
     for n, times, mem, peak in rows:
+        times = times or [float("nan")] * len(names)  # --compile-only
         total = sum(times)
         for name, t, m in zip(names, times, mem):
             ms = f"{m / 2**20:.0f}" if m is not None else "n/a"

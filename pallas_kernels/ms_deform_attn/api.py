@@ -3,8 +3,9 @@
 ``ms_deform_attn`` keeps the PyTorch op's layout so that ported modules can call
 it with the tensors they already have.  The Pallas kernels have no autodiff,
 so each backend provides a forward and a backward kernel that are glued
-together with ``jax.custom_vjp``; the pure-JAX reference is differentiated by
-JAX itself.
+together with ``jax.custom_vjp``.  The blocked pure-JAX path (``xla.py``) has its
+own custom VJP (so that its backward is blocked too); the dense reference is
+differentiated by JAX itself.
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.ms_deform_attn.reference import SpatialShapes, ms_deform_attn_xla
+from pallas_kernels.ms_deform_attn.reference import SpatialShapes, ms_deform_attn_dense
+from pallas_kernels.ms_deform_attn.xla import ms_deform_attn_xla
 
-Impl = Literal["auto", "xla", "pallas", "pallas_gpu", "pallas_tpu"]
-IMPLS: tuple[str, ...] = ("auto", "xla", "pallas", "pallas_gpu", "pallas_tpu")
+Impl = Literal["auto", "xla", "xla_dense", "pallas", "pallas_gpu", "pallas_tpu"]
+IMPLS: tuple[str, ...] = ("auto", "xla", "xla_dense", "pallas", "pallas_gpu", "pallas_tpu")
 _FLOAT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float64))
 
 
@@ -190,7 +192,8 @@ def ms_deform_attn(
       level_start_index: exclusive prefix sums of ``H_l * W_l``; checked when concrete.
       sampling_locations: ``[B, Q, H, L, P, 2]``.
       attention_weights: ``[B, Q, H, L, P]``.
-      impl: ``"xla"`` (pure JAX), ``"pallas"`` (kernel for this backend; on CPU the GPU
+      impl: ``"xla"`` (pure JAX in query blocks, bounded memory), ``"xla_dense"`` (the
+        all-queries-at-once reference, for tests and before/after benchmarks), ``"pallas"`` (kernel for this backend; on CPU the GPU
         kernel in interpret mode), ``"pallas_gpu"`` / ``"pallas_tpu"`` (a specific kernel,
         interpret mode off-device), or ``"auto"`` (pallas on GPU/TPU, xla elsewhere).
     """
@@ -200,6 +203,8 @@ def ms_deform_attn(
     resolved = _resolve_impl(impl)
     if resolved == "xla":
         return ms_deform_attn_xla(value, shapes, starts, sampling_locations, attention_weights)
+    if resolved == "xla_dense":
+        return ms_deform_attn_dense(value, shapes, starts, sampling_locations, attention_weights)
     batch, num_queries, heads = sampling_locations.shape[:3]
     out = _pallas_msda(resolved, shapes, starts, value, sampling_locations, attention_weights)
     return out.reshape(batch, num_queries, heads * value.shape[-1])

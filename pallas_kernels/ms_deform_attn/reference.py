@@ -1,8 +1,8 @@
-"""Pure-JAX multi-scale deformable attention (the ``impl="xla"`` path).
+"""Pure-JAX multi-scale deformable attention: the building blocks and the dense reference.
 
-This is the numerical reference for the Pallas kernels and the default on CPU.
-It follows the idea of scenic's deformable-DETR attention: instead of one
-``grid_sample`` per level (as the PyTorch fallback does), the four bilinear
+``ms_deform_attn_dense`` is the numerical reference for the blocked ``impl="xla"``
+path (``xla.py``) and the Pallas kernels.  It follows the idea of scenic's
+deformable-DETR attention: instead of one ``grid_sample`` per level (as the PyTorch fallback does), the four bilinear
 corners of every sample of every level are turned into flat row indices into
 ``value`` and a combined weight ``attention_weight * bilinear_weight``; a
 single gather then fetches all ``L * P * 4`` rows per query and head and a
@@ -90,36 +90,61 @@ def bilinear_corners(
     return jnp.stack(indices, axis=-3), jnp.stack(weights, axis=-3)
 
 
-def ms_deform_attn_xla(
+def head_major_samples(
+    sampling_locations: jax.Array,  # [B, q, H, L, P, 2] normalised (x, y)
+    attention_weights: jax.Array,  # [B, q, H, L, P]
+    spatial_shapes: SpatialShapes,
+    level_start_index: Sequence[int],
+) -> tuple[jax.Array, jax.Array]:
+    """Every corner of every sample as a flat row index and a combined weight, head-major.
+
+    Returns ``(index [B, H, q, K] int32, weight [B, H, q, K])`` with ``K = L * P * 4`` and
+    ``weight = attention_weight * bilinear_weight`` in the locations' compute dtype.  The index
+    is piecewise constant in the locations, so every gradient of the op flows through ``weight``.
+    """
+    batch, num_queries, heads, num_levels, num_points, _ = sampling_locations.shape
+    index, bilinear = bilinear_corners(sampling_locations, spatial_shapes, level_start_index)
+    weight = bilinear * attention_weights.astype(bilinear.dtype)[..., None]  # [B, q, H, L, P, 4]
+    k = num_levels * num_points * 4
+    # Head-major so each (b, h) gathers rows of its own [S, Dh] slab.
+    index = index.reshape(batch, num_queries, heads, k).transpose(0, 2, 1, 3)
+    weight = weight.reshape(batch, num_queries, heads, k).transpose(0, 2, 1, 3)
+    return index, weight
+
+
+def gather_rows(value_bh: jax.Array, index: jax.Array) -> jax.Array:
+    """``value_bh [B, H, S, Dh]`` rows at ``index [B, H, q, K]`` -> ``[B, H, q, K, Dh]``."""
+
+    def gather_one(v: jax.Array, idx: jax.Array) -> jax.Array:
+        return jnp.take(v, idx.reshape(-1), axis=0, mode="clip").reshape(*idx.shape, v.shape[-1])
+
+    return jax.vmap(jax.vmap(gather_one))(value_bh, index)
+
+
+def weighted_sum(weight: jax.Array, rows: jax.Array, acc_dtype: jnp.dtype) -> jax.Array:
+    """``sum_k weight[b, h, q, k] * rows[b, h, q, k, :]`` -> ``[B, q, H, Dh]`` in ``acc_dtype``."""
+    return jnp.einsum("bhqk,bhqkd->bqhd", weight.astype(acc_dtype), rows, preferred_element_type=acc_dtype)
+
+
+def ms_deform_attn_dense(
     value: jax.Array,  # [B, S, H, Dh]
     spatial_shapes: SpatialShapes,
     level_start_index: Sequence[int],
     sampling_locations: jax.Array,  # [B, Q, H, L, P, 2]
     attention_weights: jax.Array,  # [B, Q, H, L, P]
 ) -> jax.Array:  # [B, Q, H * Dh]
-    """Reference MSDA: one packed gather of all corners, float32 accumulation."""
+    """Reference MSDA: one packed gather of all corners of all queries, float32 accumulation.
+
+    The simplest statement of the op, differentiated by JAX itself.  It materialises
+    ``[B, H, Q, L*P*4, Dh]`` gathered rows (1.4 GiB per image for the 1024-px encoder, and the
+    same again as a residual for the backward), which is why ``impl="xla"`` runs the blocked
+    form in ``xla.py``; this one stays as the readable reference the tests compare against.
+    """
     batch, _, heads, head_dim = value.shape
-    _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
-    acc_dtype = compute_dtype(value.dtype)
-
-    index, bilinear = bilinear_corners(sampling_locations, spatial_shapes, level_start_index)
-    weight = bilinear * attention_weights.astype(bilinear.dtype)[..., None]  # [B, Q, H, L, P, 4]
-    k = num_levels * num_points * 4
-    # Head-major so each (b, h) gathers rows of its own [S, Dh] slab.
-    index = index.reshape(batch, num_queries, heads, k).transpose(0, 2, 1, 3)  # [B, H, Q, K]
-    weight = weight.reshape(batch, num_queries, heads, k).transpose(0, 2, 1, 3)  # [B, H, Q, K]
-    value_bh = value.transpose(0, 2, 1, 3)  # [B, H, S, Dh]
-
-    def gather_one(v: jax.Array, idx: jax.Array) -> jax.Array:
-        return jnp.take(v, idx.reshape(-1), axis=0, mode="clip").reshape(*idx.shape, head_dim)
-
-    rows = jax.vmap(jax.vmap(gather_one))(value_bh, index)  # [B, H, Q, K, Dh]
-    out = jnp.einsum(
-        "bhqk,bhqkd->bqhd",
-        weight.astype(acc_dtype),
-        rows,
-        preferred_element_type=acc_dtype,
-    )  # [B, Q, H, Dh]
+    num_queries = sampling_locations.shape[1]
+    index, weight = head_major_samples(sampling_locations, attention_weights, spatial_shapes, level_start_index)
+    rows = gather_rows(value.transpose(0, 2, 1, 3), index)  # [B, H, Q, K, Dh]
+    out = weighted_sum(weight, rows, compute_dtype(value.dtype))  # [B, Q, H, Dh]
     return out.reshape(batch, num_queries, heads * head_dim).astype(value.dtype)
 
 

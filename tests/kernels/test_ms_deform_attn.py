@@ -19,11 +19,12 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from transformers.models.mask2former.modeling_mask2former import multi_scale_deformable_attention
 
-from pallas_kernels import ms_deform_attn
+from pallas_kernels.ms_deform_attn import ms_deform_attn, ms_deform_attn_dense, ms_deform_attn_xla
 from pallas_kernels.ms_deform_attn.api import _resolve_impl
+from pallas_kernels.ms_deform_attn.xla import query_block_size
 
 KERNELS = ("pallas", "pallas_tpu")
-ALL_IMPLS = ("xla",) + KERNELS
+ALL_IMPLS = ("xla", "xla_dense") + KERNELS
 # Non-square levels, a 1x1 level, and a width-1 level.
 SHAPES = ((6, 8), (3, 4), (2, 1), (1, 1))
 
@@ -65,10 +66,11 @@ def _grads(impl, shapes, value, loc, aw, cotangent):
     return jax.grad(loss, argnums=(0, 1, 2))(value, loc, aw)
 
 
-def test_xla_forward_and_grads_match_transformers():
+@pytest.mark.parametrize("impl", ["xla", "xla_dense"])
+def test_xla_forward_and_grads_match_transformers(impl):
     shapes = ((32, 32), (16, 16), (8, 8), (4, 4))  # SegLLM's level ratios, scaled down
     value, loc, aw = _inputs(shapes, batch=2, queries=40, heads=8, head_dim=32, points=4)
-    out = ms_deform_attn(value, shapes, _starts(shapes), loc, aw, impl="xla")
+    out = ms_deform_attn(value, shapes, _starts(shapes), loc, aw, impl=impl)
     expected = _torch_msda(shapes, value, loc, aw)
     assert out.shape == (2, 40, 8 * 32)
     assert _rel_err(out, expected) <= 1e-5
@@ -76,7 +78,7 @@ def test_xla_forward_and_grads_match_transformers():
     cotangent = np.random.default_rng(1).standard_normal(expected.shape).astype(np.float32)
     tensors = [torch.from_numpy(x).requires_grad_() for x in (value, loc, aw)]
     (multi_scale_deformable_attention(tensors[0], list(shapes), tensors[1], tensors[2]) * torch.from_numpy(cotangent)).sum().backward()
-    for got, t in zip(_grads("xla", shapes, value, loc, aw, cotangent), tensors):
+    for got, t in zip(_grads(impl, shapes, value, loc, aw, cotangent), tensors):
         assert _rel_err(got, t.grad.numpy()) <= 1e-5
 
 
@@ -254,3 +256,87 @@ def test_invalid_arguments_raise(kwargs, match):
     args = dict(value=value, shapes=SHAPES, starts=_starts(SHAPES), loc=loc, aw=aw, impl="xla") | kwargs
     with pytest.raises(ValueError, match=match):
         ms_deform_attn(args["value"], args["shapes"], args["starts"], args["loc"], args["aw"], impl=args["impl"])
+
+
+def _blocked_and_dense(shapes, value, loc, aw, cotangent, block_bytes):
+    """(out, grads) of the blocked path with a given budget and of the dense reference."""
+    starts = _starts(shapes)
+
+    def run(fn):
+        out, pull_back = jax.vjp(lambda v, l, a: fn(v, shapes, starts, l, a), value, loc, aw)
+        return out, pull_back(jnp.asarray(cotangent, out.dtype))
+
+    blocked = functools.partial(ms_deform_attn_xla, block_bytes=block_bytes)
+    return run(jax.jit(blocked, static_argnums=(1, 2))), run(jax.jit(ms_deform_attn_dense, static_argnums=(1, 2)))
+
+
+@pytest.mark.parametrize(
+    "queries,block_q",
+    # one block (budget >= everything), whole blocks only, whole blocks + a shorter last one, 8-query minimum
+    [(40, 40), (40, 10), (45, 10), (45, 1)],
+    ids=["one_block", "whole_blocks", "with_tail", "min_block"],
+)
+def test_blocked_xla_equals_dense_reference(queries, block_q):
+    """Forward bitwise equal to the dense reference; gradients equal up to float32 summation order."""
+    shapes = ((16, 16), (8, 8), (4, 4), (2, 2))
+    value, loc, aw = _inputs(shapes, batch=2, queries=queries, heads=4, head_dim=8, points=4, low=-0.05, high=1.05)
+    per_query = 2 * 4 * (4 * 4 * 4) * 8 * 4  # B * H * K * Dh * itemsize
+    cotangent = np.random.default_rng(9).standard_normal((2, queries, 4 * 8)).astype(np.float32)
+    (out, grads), (ref_out, ref_grads) = _blocked_and_dense(shapes, value, loc, aw, cotangent, block_q * per_query)
+    np.testing.assert_array_equal(out, ref_out)
+    for name, g, e in zip(("value", "sampling_locations", "attention_weights"), grads, ref_grads):
+        assert g.shape == e.shape and g.dtype == e.dtype, name
+        assert _rel_err(g, e) <= 1e-6, name
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float64"])
+def test_blocked_xla_other_dtypes(dtype):
+    """bf16: same forward as the dense reference; its gradients accumulate grad_value in float32
+    (the dense one rounds each scatter-add to bf16), so they are compared to float32 instead.
+    float64: both paths compute in float64."""
+    shapes = ((6, 8), (3, 4))
+    value, loc, aw = _inputs(shapes, batch=1, queries=21, heads=2, head_dim=4, points=2, seed=10)
+    cotangent = np.random.default_rng(11).standard_normal((1, 21, 8))
+    with jax.enable_x64(dtype == "float64"):
+        args = [jnp.asarray(x, dtype) for x in (value, loc, aw)]
+        (out, grads), (ref_out, ref_grads) = _blocked_and_dense(shapes, *args, cotangent, block_bytes=1)
+        assert out.dtype == jnp.dtype(dtype) and [g.dtype for g in grads] == [jnp.dtype(dtype)] * 3
+        np.testing.assert_array_equal(np.asarray(out, np.float64), np.asarray(ref_out, np.float64))
+        if dtype == "float64":
+            for g, e in zip(grads, ref_grads):
+                assert _rel_err(g, e) <= 1e-12
+            return
+        exact = _grads("xla_dense", shapes, *[x.astype(jnp.float32) for x in args], cotangent.astype(np.float32))
+        for g, e in zip(grads, exact):
+            assert _rel_err(g.astype(jnp.float32), e) <= 2**-8
+
+
+def test_query_block_size_follows_the_budget():
+    # HIPIE encoder, 1 and 8 images: K = 64 corners, Dh = 32, float32 -> 64 KiB of rows per query and image
+    assert query_block_size(21760, 1, 8, 64, 32, 4, budget_bytes=16 * 2**20) == 256
+    assert query_block_size(21760, 8, 8, 64, 32, 4, budget_bytes=16 * 2**20) == 32
+    assert query_block_size(21760, 64, 8, 64, 32, 4, budget_bytes=16 * 2**20) == 8  # floor of 8 queries
+    assert query_block_size(5, 1, 8, 64, 32, 4, budget_bytes=2**30) == 5  # never more than Q
+    assert query_block_size(3, 64, 8, 64, 32, 4, budget_bytes=1) == 3
+
+
+def test_blocked_xla_temporaries_do_not_grow_with_queries():
+    """Compiled forward+backward temporaries: the blocked path holds one block of gathered rows
+    (plus O(inputs) buffers), the dense one all of them (twice: once more as the residual)."""
+    shapes = ((64, 64), (32, 32), (16, 16), (8, 8))
+    seq = sum(h * w for h, w in shapes)
+    value = jax.ShapeDtypeStruct((2, seq, 8, 32), jnp.float32)
+    loc = jax.ShapeDtypeStruct((2, seq, 8, 4, 4, 2), jnp.float32)
+    aw = jax.ShapeDtypeStruct((2, seq, 8, 4, 4), jnp.float32)
+    rows_bytes = 2 * 8 * seq * 64 * 32 * 4  # every gathered row: 1.4 GiB
+
+    def temp_bytes(impl):
+        def loss(v, l, a):
+            return jnp.sum(ms_deform_attn(v, shapes, _starts(shapes), l, a, impl=impl))
+
+        compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(value, loc, aw).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    inputs_bytes = sum(int(np.prod(x.shape)) * 4 for x in (value, loc, aw))
+    assert temp_bytes("xla_dense") >= rows_bytes
+    assert temp_bytes("xla") <= 16 * 2**20 * 2 + 3 * inputs_bytes  # <= 2 blocks + O(inputs): ~160 MiB, not 1.4 GiB
