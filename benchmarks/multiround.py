@@ -48,7 +48,7 @@ def _questions(rounds: int) -> list[str]:
 
 
 def _loaded(config: str, folder: Path) -> checkpoint.Loaded:
-    train_tokenizer([SYSTEM_PROMPT + " USER: ASSISTANT:", *QUESTIONS] * 20, folder, vocab_size=300)
+    train_tokenizer([SYSTEM_PROMPT + " USER: ASSISTANT:", *QUESTIONS], folder)
     tokenizer = SegTokenizer.from_pretrained(folder)
     if config == "7b":
         cfg = SegLLMConfig.segllm_7b(vocab_size=tokenizer.vocab_size)

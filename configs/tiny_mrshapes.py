@@ -1,12 +1,15 @@
-"""The learning proof: the tiny SegLLM trained from scratch on MR-Shapes on a 2-core CPU.
+"""Learning recipe, stage 2 of 2: the tiny SegLLM on MR-Shapes multi-round conversations, from stage 1.
 
+    segllm-jax train --config configs/tiny_mrshapes_stage1.py --workdir runs/tiny_mrshapes_stage1
     segllm-jax train --config configs/tiny_mrshapes.py --workdir runs/tiny_mrshapes
     segllm-jax eval --checkpoint runs/tiny_mrshapes/model --data mrshapes:$DATA:test --ablate-memory
 
-The data (2000 training scenes, 100 validation and 100 test scenes of up to 6 rounds, seed 0, and a
-tokenizer trained on the training questions) is generated on first use under ``$SEGLLM_MRSHAPES_DATA``
-(default ``~/.cache/segllm_jax/mrshapes``). ``SEGLLM_MRSHAPES_STEPS`` and ``SEGLLM_MRSHAPES_SCENES``
-override the step count and the training scenes (the CI run uses a few of each). The shipped checkpoint ``checkpoints/tiny_mrshapes`` is this run's ``model/`` folder.
+Stage 2 starts from stage 1's exported model (``$SEGLLM_MRSHAPES_STAGE1``, default
+``runs/tiny_mrshapes_stage1/model``) through ``init_checkpoint``, the path users take from a converted
+release, and trains on the benchmark's conversations (up to 6 rounds, each referring to earlier answers
+through the [REF] memory), every round's prompt supervised. Same data folder and variables as stage 1
+(``docs/learning_proof.md`` has the whole recipe and what each part buys). The shipped checkpoint
+``checkpoints/tiny_mrshapes`` is this run's ``model/`` folder.
 """
 
 import os
@@ -15,10 +18,11 @@ from pathlib import Path
 from segllm_jax.train.config import mrshapes_cpu, prepare_tiny_mrshapes
 
 DATA = os.environ.get("SEGLLM_MRSHAPES_DATA", str(Path.home() / ".cache" / "segllm_jax" / "mrshapes"))
+STAGE1 = os.environ.get("SEGLLM_MRSHAPES_STAGE1", "runs/tiny_mrshapes_stage1/model")
 _scenes = int(os.environ.get("SEGLLM_MRSHAPES_SCENES", "2000"))
 _mixture, _tokenizer_dir, _vocab = prepare_tiny_mrshapes(DATA, n_scenes=_scenes, seed=0, max_rounds=6,
                                                          eval_scenes=100)
 
-CONFIG = mrshapes_cpu(_mixture, _tokenizer_dir, _vocab,
-                      **({"steps": int(os.environ["SEGLLM_MRSHAPES_STEPS"])}
-                         if "SEGLLM_MRSHAPES_STEPS" in os.environ else {}))
+CONFIG = mrshapes_cpu(_mixture, _tokenizer_dir, _vocab, init_checkpoint=STAGE1 or None,
+                      steps=int(os.environ.get("SEGLLM_MRSHAPES_STEPS", "1500")), batch_size=4, max_rounds=6,
+                      hipie_prompts=16)

@@ -43,7 +43,7 @@ import os
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Mapping, Sequence, Union
+from typing import Any, Collection, Mapping, Sequence, Union
 
 import numpy as np
 from PIL import Image
@@ -468,11 +468,12 @@ def _direct_options(scene: Scene) -> list[tuple[Query, int]]:
     return options
 
 
-def _referring_options(scene: Scene, rounds: Sequence[Round]) -> dict[str, list[tuple[int, Query, int]]]:
-    """Valid (ref_round, query, target) per relation: unique, reference-dependent, new target."""
+def _referring_options(scene: Scene, references: Sequence[int],
+                       exclude: Collection[int] = ()) -> dict[str, list[tuple[int, Query, int]]]:
+    """Valid (index into ``references``, query, target) per relation: unique, reference-dependent, and a
+    target outside ``exclude``. ``references`` are instance indices (a conversation's earlier answers)."""
     kinds = sorted({s.kind for s in scene.shapes})
     colors = sorted({s.color for s in scene.shapes})
-    answered = {r.target for r in rounds}
     options: dict[str, list[tuple[int, Query, int]]] = {}
     for relation in REFERRING_RELATIONS:
         filters = [(None, None)]
@@ -480,13 +481,12 @@ def _referring_options(scene: Scene, rounds: Sequence[Round]) -> dict[str, list[
             filters += [(k, None) for k in kinds]
         if relation != "same_color":
             filters += [(None, c) for c in colors]
-        for ref_round, past in enumerate(rounds):
+        for position, ref in enumerate(references):
             for kind, color in filters:
                 query = Query(relation, kind=kind, color=color)
-                target = resolve(scene, query, past.target)
-                if target is not None and target not in answered and \
-                        depends_on_reference(scene, query, past.target):
-                    options.setdefault(relation, []).append((ref_round, query, target))
+                target = resolve(scene, query, ref)
+                if target is not None and target not in exclude and depends_on_reference(scene, query, ref):
+                    options.setdefault(relation, []).append((position, query, target))
     return options
 
 
@@ -503,13 +503,24 @@ def generate_conversation(scene: Scene, rng: np.random.Generator, max_rounds: in
     query, target = direct[int(rng.integers(len(direct)))]
     rounds = [Round(query, target, None, _question(rng, describe(query)))]
     while len(rounds) < n_rounds:
-        options = _referring_options(scene, rounds)
+        answered = [r.target for r in rounds]
+        options = _referring_options(scene, answered, set(answered))
         if not options:
             break
         relation = sorted(options)[int(rng.integers(len(options)))]
         ref_round, query, target = options[relation][int(rng.integers(len(options[relation])))]
         rounds.append(Round(query, target, ref_round, _question(rng, describe(query, ref_round))))
     return Conversation(rounds=tuple(rounds))
+
+
+def vocabulary_text() -> str:
+    """Every word a generated question can contain, once (a tokenizer trained on a few scenes must
+    still know the colour, kind and relation words those scenes happened not to use)."""
+    queries = [Query("direct", kind=k, color=c, extreme=e) for k in (*KINDS, None) for c in (*PALETTE, None)
+               for e in (*EXTREMES, None)]
+    queries += [Query(r) for r in REFERRING_RELATIONS]
+    phrases = [describe(q, ref_round=8) for q in queries] + [f"instance {k}" for k in range(1, 10)]
+    return " ".join(t.format(p) for t in _TEMPLATES for p in phrases[:1]) + " " + " ".join(phrases)
 
 
 def _question(rng: np.random.Generator, noun_phrase: str) -> str:

@@ -52,6 +52,7 @@ class TrainConfig:
     prompt_l2_weight: float = 1e-3
     use_hipie_loss: bool = True  # False: LM CE + prompt L2 only (HIPIE gets no gradient)
     max_rounds: int = 2  # <seg> prompts per conversation sent to HIPIE (spec §5.2)
+    hipie_prompts: int | None = None  # training aid: exactly this many prompts per step go to HIPIE (see step)
     mask_points: int = 112 * 112  # point-sampled mask loss: points per mask (TRAIN_NUM_POINTS, §5.2)
     class_loss_weight: float = 2.0  # CLASS_WEIGHT of the HIPIE criterion (every loss_ce* term, §5.2)
     # what trains
@@ -82,6 +83,9 @@ class TrainConfig:
             raise ConfigError(f"the data pipeline makes {self.clip_size}px CLIP and {self.frame}px HIPIE images but "
                               f"the model takes {self.model.vision.image_size} and {self.model.hipie_image_size}; "
                               "set clip_size/frame to match.")
+        if self.hipie_prompts is not None and (self.hipie_prompts < 1 or self.hipie_prompts % self.batch_size):
+            raise ConfigError(f"hipie_prompts={self.hipie_prompts} must be a positive multiple of batch_size "
+                              f"({self.batch_size}), so every host sends the same number of prompts.")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"warmup_ratio={self.warmup_ratio} must be in [0, 1).")
 
@@ -121,36 +125,42 @@ def mrshapes_cpu(data: MixtureConfig, tokenizer_dir: str, vocab_size: int, **ove
     return TrainConfig(**{**base, **overrides})
 
 
-def prepare_tiny_mrshapes(root: str, n_scenes: int = 8, seed: int = 0, vocab_size: int = 300,
-                          max_rounds: int = 3, eval_scenes: int = 0) -> tuple[MixtureConfig, str, int]:
-    """MR-Shapes scenes + a tokenizer trained on their questions under ``root`` (idempotent).
+def prepare_tiny_mrshapes(root: str, n_scenes: int = 8, seed: int = 0, max_rounds: int = 3, eval_scenes: int = 0,
+                          grounding_rounds: int = 6) -> tuple[MixtureConfig, str, int]:
+    """MR-Shapes scenes + grounding conversations + a word-level tokenizer under ``root`` (idempotent).
 
-    Writes the ``train`` split (``n_scenes``) and, with ``eval_scenes > 0``, ``val`` and ``test`` splits
-    of that size (same seed; a split is part of every scene's seed, so splits never share a scene).
-    Returns ``(mixture, tokenizer_dir, vocab_size)``; the model's vocabulary is the tokenizer's (base
-    pieces + SegLLM's added tokens). A folder prepared with other arguments is refused, not mixed.
+    Writes the ``train`` split (``n_scenes``), the stage-1 grounding conversations on the same scenes
+    (``grounding_rounds`` each, :mod:`segllm_jax.data.mrshapes_grounding`) and, with ``eval_scenes > 0``,
+    ``val`` and ``test`` splits of that size (same seed; a split is part of every scene's seed, so splits
+    never share a scene). The tokenizer is trained on the text the LLM reads as text: the system prompt,
+    the role names and the questions (no placeholder payloads). Returns ``(mixture, tokenizer_dir,
+    vocab_size)`` for the benchmark's conversations; :func:`grounding_mixture` gives stage 1's. A folder
+    prepared with other arguments is refused, not mixed.
     """
     import json
     from pathlib import Path
 
     from segllm_jax.data import mrshapes
-    from segllm_jax.data.registers import RegisterSpec
+    from segllm_jax.data.conversations import parse_placeholders
+    from segllm_jax.data.mrshapes_grounding import write_grounding
     from segllm_jax.data.tiny_tokenizer import train_tokenizer
-    from segllm_jax.tokenizer import SYSTEM_PROMPT, SegTokenizer
+    from segllm_jax.tokenizer import ASSISTANT_ROLE, SYSTEM_PROMPT, USER_ROLE, SegTokenizer
 
     out = Path(root)
     done = out / "READY.json"
-    request = {"n_scenes": n_scenes, "seed": seed, "vocab_size": vocab_size, "max_rounds": max_rounds,
-               "eval_scenes": eval_scenes}
+    request = {"n_scenes": n_scenes, "seed": seed, "max_rounds": max_rounds, "eval_scenes": eval_scenes,
+               "grounding_rounds": grounding_rounds, "tokenizer": "word-level"}
     if not done.exists():
-        files = mrshapes.write_split(out, "train", n_scenes, seed, max_rounds=max_rounds)
+        files = [mrshapes.write_split(out, "train", n_scenes, seed, max_rounds=max_rounds).conversations,
+                 write_grounding(out, n_scenes, seed, grounding_rounds)]
         if eval_scenes:
             for split in ("val", "test"):
                 mrshapes.write_split(out, split, eval_scenes, seed, max_rounds=max_rounds)
-        texts = [SYSTEM_PROMPT + " USER: ASSISTANT:"]
-        for entry in mrshapes.read_conversations(files.conversations):
-            texts += [turn["value"] for turn in entry["conversations"]]
-        train_tokenizer(texts * 4, out / "tokenizer", vocab_size=vocab_size)
+        texts = [f"{SYSTEM_PROMPT} {USER_ROLE}: {ASSISTANT_ROLE}:", mrshapes.vocabulary_text()]
+        for path in files:
+            for entry in mrshapes.read_conversations(path):
+                texts += [parse_placeholders(turn["value"])[1] for turn in entry["conversations"]]
+        train_tokenizer(texts, out / "tokenizer")
         vocab = SegTokenizer.from_pretrained(out / "tokenizer").vocab_size
         done.write_text(json.dumps({**request, "vocab": vocab}))
     ready = json.loads(done.read_text())
@@ -158,8 +168,17 @@ def prepare_tiny_mrshapes(root: str, n_scenes: int = 8, seed: int = 0, vocab_siz
     if made != request:
         raise ConfigError(f"{out} holds MR-Shapes prepared with {made}, not {request}; "
                           "remove the folder or choose another one.")
-    mixture = MixtureConfig(conversations=(ConversationFile("mrshapes_train.json"),),
-                            registers=(RegisterSpec("mrshapes", "mrshapes_train.json"),),
-                            images_root=str(out / "images"), annotations_root=str(out / "annotations"),
-                            conversations_root=str(out / "conversations"))
-    return mixture, str(out / "tokenizer"), ready["vocab"]
+    return mrshapes_mixture(out, "mrshapes_train.json"), str(out / "tokenizer"), ready["vocab"]
+
+
+def mrshapes_mixture(root, conversations: str) -> MixtureConfig:
+    """A mixture of one conversation file of a prepared MR-Shapes folder (train images and register)."""
+    from pathlib import Path
+
+    from segllm_jax.data.registers import RegisterSpec
+
+    out = Path(root)
+    return MixtureConfig(conversations=(ConversationFile(conversations),),
+                         registers=(RegisterSpec("mrshapes", "mrshapes_train.json"),),
+                         images_root=str(out / "images"), annotations_root=str(out / "annotations"),
+                         conversations_root=str(out / "conversations"))

@@ -196,6 +196,9 @@ def make_train_batch(examples: Sequence[Mapping[str, Any]], cfg: TrainConfig, st
         rounds.append(pick)
         start += n
     hipie_index = np.concatenate(selected).astype(np.int32)
+    rounds = np.concatenate(rounds).astype(np.int32)
+    if cfg.hipie_prompts is not None:
+        hipie_index, rounds = _fixed_prompt_count(hipie_index, rounds, cfg, step, row_offset, len(examples))
     n_seg, n_ref = int(conv.seg_rows.shape[0]), int(conv.ref_rows.shape[0])
     n_seg_pad, n_ref_pad = _round_up(n_seg, cfg.ref_pad_multiple), _round_up(n_ref, cfg.ref_pad_multiple)
     seg_weight = np.zeros(n_seg_pad, np.float32)
@@ -220,7 +223,22 @@ def make_train_batch(examples: Sequence[Mapping[str, Any]], cfg: TrainConfig, st
             aux_masks=jnp.asarray(np.concatenate([e["aux_masks"] for e in examples])[hipie_index]),
             has_aux=jnp.asarray(np.concatenate([e["has_aux"] for e in examples])[hipie_index]))
     return TrainBatch(conv=conv, seg_weight=jnp.asarray(seg_weight), hipie_index=jnp.asarray(hipie_index),
-                      hipie_round=jnp.asarray(np.concatenate(rounds).astype(np.int32)), **extra)
+                      hipie_round=jnp.asarray(rounds), **extra)
+
+
+def _fixed_prompt_count(index: np.ndarray, rounds: np.ndarray, cfg: TrainConfig, step: int, row_offset: int,
+                        rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exactly ``cfg.hipie_prompts`` prompts for this host's ``rows`` (its share of the global count): a
+    random subset when there are more, the selection plus random repeats when there are fewer. One
+    static prompt count means one compiled step whatever the conversations' lengths; a repeated prompt
+    only weighs twice in its step's mean."""
+    want = cfg.hipie_prompts * rows // cfg.batch_size
+    rng = np.random.default_rng([cfg.seed, step, row_offset, 1])
+    if index.size >= want:
+        keep = np.sort(rng.permutation(index.size)[:want])
+    else:
+        keep = np.concatenate([np.arange(index.size), rng.integers(0, index.size, want - index.size)])
+    return index[keep], rounds[keep]
 
 
 def batch_shardings(batch: TrainBatch, mesh: Mesh) -> Any:

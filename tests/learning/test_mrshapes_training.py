@@ -39,18 +39,30 @@ def test_prepared_folder_with_other_arguments_is_refused(tmp_path):
         prepare_tiny_mrshapes(str(tmp_path), n_scenes=5, eval_scenes=2)
 
 
-def test_short_run_of_the_config_learns(tmp_path):
-    """``segllm-jax train --config configs/tiny_mrshapes.py`` for 40 steps on its own data: the total loss
-    (LM + HIPIE + prompt L2) of the last 10 steps is well below that of the first 10."""
-    env = {**os.environ, "SEGLLM_MRSHAPES_DATA": str(tmp_path / "data"), "SEGLLM_MRSHAPES_STEPS": "40",
-           "SEGLLM_MRSHAPES_SCENES": "64"}
-    subprocess.run([sys.executable, "-m", "segllm_jax.cli", "train", "--config", str(REPO / "configs/tiny_mrshapes.py"),
-                    "--workdir", str(tmp_path / "run")], env=env, check=True, cwd=REPO, timeout=900)
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == list(range(40))
-    first, last = np.mean([r["loss"] for r in rows[:10]]), np.mean([r["loss"] for r in rows[-10:]])
+def _train(config: str, workdir: Path, env: dict) -> list[dict]:
+    subprocess.run([sys.executable, "-m", "segllm_jax.cli", "train", "--config", str(REPO / "configs" / config),
+                    "--workdir", str(workdir)], env=env, check=True, cwd=REPO, timeout=900)
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_short_run_of_both_stages_learns(tmp_path):
+    """The recipe's two commands, shortened: stage 1 (grounding conversations) for 30 steps, then stage 2
+    (the benchmark's conversations) from stage 1's exported model for 30 steps. Stage 1's total loss
+    falls well below its start; stage 2 starts from it, not from scratch (its first HIPIE losses are
+    below stage 1's first ones) and keeps falling."""
+    env = {**os.environ, "SEGLLM_MRSHAPES_DATA": str(tmp_path / "data"), "SEGLLM_MRSHAPES_STEPS": "30",
+           "SEGLLM_MRSHAPES_SCENES": "48", "SEGLLM_MRSHAPES_STAGE1": str(tmp_path / "stage1" / "model")}
+    stage1 = _train("tiny_mrshapes_stage1.py", tmp_path / "stage1", env)
+    assert [r["step"] for r in stage1] == list(range(30))
+    first, last = np.mean([r["loss"] for r in stage1[:8]]), np.mean([r["loss"] for r in stage1[-8:]])
     assert last < 0.8 * first, (first, last)
-    assert np.mean([r["loss_hipie"] for r in rows[-10:]]) < np.mean([r["loss_hipie"] for r in rows[:10]])
-    assert (tmp_path / "run" / "model" / "config.json").is_file()
+    assert np.mean([r["loss_hipie"] for r in stage1[-8:]]) < np.mean([r["loss_hipie"] for r in stage1[:8]])
+    assert (tmp_path / "stage1" / "model" / "training_params").is_dir()  # the DN label encoder travels on
+
+    stage2 = _train("tiny_mrshapes.py", tmp_path / "stage2", env)
+    assert [r["step"] for r in stage2] == list(range(30))
+    assert np.mean([r["loss_hipie"] for r in stage2[:8]]) < np.mean([r["loss_hipie"] for r in stage1[:8]])
+    assert np.mean([r["loss"] for r in stage2[-8:]]) < np.mean([r["loss"] for r in stage2[:8]])
+    assert (tmp_path / "stage2" / "model" / "config.json").is_file()
     for curve in ("loss.png", "iou_train.png"):  # the run's smoothed curves, written when it ends
-        assert (tmp_path / "run" / curve).stat().st_size > 0, curve
+        assert (tmp_path / "stage2" / curve).stat().st_size > 0, curve

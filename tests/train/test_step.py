@@ -178,3 +178,26 @@ def test_step_with_hipie_term_trains_hipie(setup):
         np.testing.assert_array_equal(after.frozen[k], v, err_msg=k)
     for k in ("segmentator/backbone/res3/0/conv1/kernel", "segmentator/decoder/layers/0/norm1/scale"):
         assert not np.array_equal(before.params[k], after.params[k]), k
+
+
+@pytest.mark.parametrize("count", [2, 8])
+def test_fixed_prompt_count(setup, count):
+    """``hipie_prompts``: exactly that many prompts reach HIPIE whatever the conversations' lengths (a
+    subset when there are more, repeats when fewer), each a real <seg> of the batch, deterministically."""
+    cfg, tokenizer, _ = setup
+    cfg = dataclasses.replace(cfg, batch_size=2, use_hipie_loss=True, max_rounds=6, hipie_prompts=count)
+    host = next(iter(make_pipeline(cfg, tokenizer, num_epochs=1)))
+    available = sum(int(e["seg_positions"].size) for e in host["examples"])
+    assert 2 < available < 8  # the two cases below really are a subset and a padding
+    batch = S.make_train_batch(host["examples"], cfg, 3)
+    index = np.asarray(batch.hipie_index)
+    assert index.shape == (count,) and batch.target_masks.shape[0] == count
+    assert np.all(np.asarray(batch.seg_weight)[index] == 1) and index.max() < available
+    assert len(set(index.tolist())) == min(count, available)
+    np.testing.assert_array_equal(np.asarray(S.make_train_batch(host["examples"], cfg, 3).hipie_index), index)
+
+
+def test_prompt_count_must_split_over_the_batch(setup):
+    cfg, _, _ = setup
+    with pytest.raises(Exception, match="hipie_prompts"):
+        dataclasses.replace(cfg, batch_size=4, hipie_prompts=6)

@@ -1,0 +1,97 @@
+"""Grounding conversations on MR-Shapes scenes: the data of the learning recipe's first stage.
+
+Why: the released SegLLM starts from a HIPIE that was already grounded on referring expressions and an
+LLM that already reads. A tiny model trained from scratch has neither, and on the benchmark's own
+conversations (mostly superlatives and relations, two HIPIE prompts per conversation, each answer
+depending on the previous ones) it learns to segment *a* shape long before it learns *which* one.
+This module writes the analogue of HIPIE's referring-expression pretraining on the same training
+scenes: every round is an independent referring question about the scene,
+
+* direct questions, with a share of plain attribute questions ("the red circle") that are easy to
+  ground, next to superlatives ("the topmost triangle");
+* referring questions whose reference is a ground-truth instance handed over as mask-encode and
+  box-encode inputs, exactly as a later round sees an earlier answer, so the [REF] path is trained
+  from the start,
+
+several rounds per scene, so different targets in one image are the contrastive signal. The JSON is
+the released conversation format and points at the ``train`` split's images and register (same mask
+ids), so it trains through the ordinary pipeline, with nothing special in the model or the step.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from segllm_jax.data import mrshapes
+from segllm_jax.data.mrshapes import DATASET_NAME, Query, Scene
+from segllm_jax.errors import InputError
+
+GROUNDING_FILE = f"{DATASET_NAME}_grounding.json"
+
+
+def grounding_rounds(scene: Scene, rng: np.random.Generator, n_rounds: int = 6, attribute_share: float = 0.5,
+                     referring_share: float = 0.5) -> list[tuple[Query, int, int | None]]:
+    """``n_rounds`` independent ``(query, target, reference instance or None)`` about ``scene``.
+
+    Round 1 is direct (it carries the image); each later round is referring with probability
+    ``referring_share`` (when the scene has a valid one), else direct. A direct round is an attribute
+    question with probability ``attribute_share`` (when the scene has one), else a superlative.
+    Targets may repeat across rounds: the rounds do not depend on each other.
+    """
+    direct = mrshapes._direct_options(scene)
+    if not direct:
+        return []
+    attributes = [o for o in direct if o[0].extreme is None]
+    superlatives = [o for o in direct if o[0].extreme is not None]
+    referring = [(ref, q, t) for options in mrshapes._referring_options(scene, range(len(scene.shapes))).values()
+                 for ref, q, t in options]
+    rounds: list[tuple[Query, int, int | None]] = []
+    for k in range(n_rounds):
+        if k > 0 and referring and rng.random() < referring_share:
+            ref, query, target = referring[int(rng.integers(len(referring)))]
+            rounds.append((query, target, ref))
+            continue
+        pool = attributes if attributes and (not superlatives or rng.random() < attribute_share) else superlatives
+        query, target = pool[int(rng.integers(len(pool)))]
+        rounds.append((query, target, None))
+    return rounds
+
+
+def grounding_entry(seed: int, index: int, n_rounds: int = 6) -> dict:
+    """The grounding conversation of training scene ``index`` (JSON entry, released format)."""
+    scene, _ = mrshapes.scene_and_conversation(seed, "train", index)
+    rng = np.random.default_rng([seed, 101, index])  # its own stream: the train split is unchanged
+    image = f"{DATASET_NAME}/train/{index:06d}.png"
+    mask_id = [f"train_{index:06d}_{i}" for i in range(len(scene.shapes))].__getitem__
+    turns = []
+    for k, (query, target, ref) in enumerate(grounding_rounds(scene, rng, n_rounds)):
+        image_tag = f"[IMAGE256:{image}] " if k == 0 else ""
+        if ref is None:
+            question = mrshapes._question(rng, mrshapes.describe(query))
+            human = f"{image_tag}{question}"
+            gpt = f"[MASK-DECODE:{image}|{DATASET_NAME}|{mask_id(target)}]"
+        else:
+            # "instance k" names an earlier round in a real conversation; here any earlier number
+            question = mrshapes._question(rng, mrshapes.describe(query, int(rng.integers(max(k, 1)))))
+            human = (f"{image_tag}[MASK-ENCODE:{image}|{DATASET_NAME}|{mask_id(ref)}]"
+                     f"[BOX-ENCODE:{image}|{DATASET_NAME}|{mask_id(ref)}]{question}")
+            gpt = f"[MASK-DECODE:{query.relation}:{mask_id(ref)}:{mask_id(target)}:{image}:{DATASET_NAME}]"
+        turns += [{"from": "human", "value": human}, {"from": "gpt", "value": gpt}]
+    return {"id": f"{DATASET_NAME}_grounding_{index:06d}", "task": "segmentation", "conversations": turns}
+
+
+def write_grounding(out_dir: str | Path, n: int, seed: int, n_rounds: int = 6) -> Path:
+    """``<out>/conversations/mrshapes_grounding.json`` for the first ``n`` scenes of the ``train`` split
+    that ``mrshapes.write_split(out, "train", >= n, seed)`` wrote (its images and register are reused)."""
+    if n < 0 or seed < 0 or n_rounds < 1:
+        raise InputError(f"need n >= 0, seed >= 0 and n_rounds >= 1 (got {n}, {seed}, {n_rounds}).")
+    path = Path(out_dir) / "conversations" / GROUNDING_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    entries = [grounding_entry(seed, i, n_rounds) for i in range(n)]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps([e for e in entries if e["conversations"]], indent=1) + "\n", encoding="utf-8")
+    tmp.replace(path)
+    return path
