@@ -220,7 +220,7 @@ def _chat(args: argparse.Namespace) -> int:
 
 
 def _infer(args: argparse.Namespace) -> int:
-    from segllm_jax.infer import read_manifest
+    from segllm_jax.manifest import read_manifest
     from segllm_jax.outputs import check_output_folder
 
     _segllm_checkpoint(args.checkpoint)

@@ -29,7 +29,8 @@ from segllm_jax import batch as batching
 from segllm_jax.checkpoint import Loaded
 from segllm_jax.errors import InputError, SegLLMError
 from segllm_jax.models.hipie.model import image_features_jit, predict
-from segllm_jax.outputs import atomic_save_image, atomic_write_text, check_file_name, make_output_folder
+from segllm_jax.manifest import RESULTS, read_manifest
+from segllm_jax.outputs import atomic_save_image, atomic_write_text, make_output_folder
 from segllm_jax.session import ImageContext, RoundResult, blend, round_result
 from segllm_jax.tokenizer import ConversationEncoder, EncodedConversation, Round, check_fits, parse_references
 
@@ -46,78 +47,6 @@ class _Conversation:
     refs: list[list[int]] = dataclasses.field(default_factory=list)
     results: list[RoundResult] = dataclasses.field(default_factory=list)
     error: str | None = None
-
-
-MANIFEST_FIELDS = ("image", "queries", "id")
-RESULTS = "results.json"
-
-
-def _manifest_entry(entry: object, where: str) -> tuple[str, list[str], str | None]:
-    """(image, queries, id) of one manifest line, every field's type checked."""
-    if not isinstance(entry, dict):
-        raise InputError(f"{where}: expected a JSON object {{\"image\": PATH, \"queries\": [...]}}, "
-                         f"not {type(entry).__name__}.")
-    unknown = sorted(set(entry) - set(MANIFEST_FIELDS))
-    if unknown:
-        raise InputError(f"{where}: unknown field(s) {', '.join(map(repr, unknown))}; the fields are "
-                         f"{', '.join(MANIFEST_FIELDS)}.")
-    image, queries = entry.get("image"), entry.get("queries")
-    if not isinstance(image, str) or not image.strip():
-        raise InputError(f"{where}: \"image\" must be a non-empty path string.")
-    if not isinstance(queries, list) or not queries:
-        raise InputError(f"{where}: \"queries\" must be a non-empty list of strings (one per round), "
-                         f"not {type(queries).__name__}.")
-    bad = [i + 1 for i, q in enumerate(queries) if not isinstance(q, str)]
-    if bad:
-        raise InputError(f"{where}: \"queries\" entries must be strings (entry {bad[0]} is not).")
-    name = entry.get("id")
-    if name is not None:
-        check_file_name(name, f"{where}: \"id\"")
-        if name.casefold() == RESULTS:
-            raise InputError(f"{where}: \"id\" {name!r} would collide with {RESULTS}; choose another.")
-    return image, queries, name
-
-
-def _default_id(n: int, image: str) -> str:
-    """``<line>_<image stem>``, or just ``<line>`` when the stem is not a safe file name."""
-    try:
-        return check_file_name(f"{n:05d}_{Path(image).stem}", "id")
-    except InputError:
-        return f"{n:05d}"
-
-
-def read_manifest(path: str | Path) -> list[_Conversation]:
-    """The manifest's conversations, checked completely before any work starts: one sentence (with the
-    line number) for the first bad line, a repeated id, or an empty manifest."""
-    try:
-        data = Path(path).read_bytes()
-    except OSError as e:
-        raise InputError(f"cannot read the manifest {path}: {e.strerror}.") from None
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        raise InputError(f"{path} is not UTF-8 text (line {line}); save it as UTF-8.") from None
-    items: list[_Conversation] = []
-    seen: dict[str, int] = {}
-    for n, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}, line {n}"
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{where}: not valid JSON ({e.msg}).") from None
-        image, queries, name = _manifest_entry(entry, where)
-        name = name or _default_id(n, image)
-        if name.casefold() in seen:
-            raise InputError(f"{where}: id {name!r} repeats line {seen[name.casefold()]}; ids name output "
-                             "folders and must be unique.")
-        seen[name.casefold()] = n
-        items.append(_Conversation(name, image, queries))
-    if not items:
-        raise InputError(f"{path} holds no conversations; write one JSON object per line.")
-    return items
 
 
 @nnx.jit
@@ -180,7 +109,7 @@ def _write(conv: _Conversation, out: Path) -> dict:
 
 def run_infer(loaded: Loaded, manifest: str | Path, out: str | Path, batch_size: int = 8,
               progress: bool = True) -> list[dict]:
-    items = read_manifest(manifest)
+    items = [_Conversation(e.id, e.image, e.queries) for e in read_manifest(manifest)]
     out = make_output_folder(out)
     encoder = ConversationEncoder(loaded.tokenizer, loaded.config.num_image_tokens)
     results = []
