@@ -513,6 +513,15 @@ def generate_conversation(scene: Scene, rng: np.random.Generator, max_rounds: in
     return Conversation(rounds=tuple(rounds))
 
 
+def question_type(question: str, task_type: str | None) -> str:
+    """A round's question type for per-type metrics: the relation of a referring round (its MASK-DECODE
+    task type), else "superlative" or "attribute" for a direct question (by its extreme word)."""
+    if task_type:
+        return task_type
+    words = set(question.lower().replace("?", " ").replace(".", " ").split())
+    return "superlative" if words & set(EXTREMES) else "attribute"
+
+
 def vocabulary_text() -> str:
     """Every word a generated question can contain, once (a tokenizer trained on a few scenes must
     still know the colour, kind and relation words those scenes happened not to use)."""

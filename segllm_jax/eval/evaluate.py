@@ -30,6 +30,7 @@ from segllm_jax import batch as batching
 from segllm_jax import preprocess
 from segllm_jax.checkpoint import Loaded
 from segllm_jax.data.conversations import parse_conversation
+from segllm_jax.data.mrshapes import question_type
 from segllm_jax.data.pipeline import ExampleBuilder, collate_inputs
 from segllm_jax.data.registers import AnnotationRegistry
 from segllm_jax.errors import InputError, SegLLMError
@@ -87,8 +88,11 @@ def _evaluate_one(loaded: Loaded, example: dict, entry: dict, mode: Mode, gate: 
 
 def evaluate(loaded: Loaded, data: EvalData, mode: Mode = "autoregressive", *, ablate_memory: bool = False,
              limit: int | None = None, limit_rounds: int | None = 6, progress: bool = True,
-             failures: list[dict] | None = None) -> RoundMetrics:
+             failures: list[dict] | None = None, by_type: dict[str, RoundMetrics] | None = None) -> RoundMetrics:
     """Metrics per round over every conversation of ``data`` (the first ``limit`` of each file).
+
+    With a ``by_type`` dict, every round is also pooled by its question type
+    (:func:`segllm_jax.data.mrshapes.question_type`), in round slot 0 of ``by_type[type]``.
 
     With a ``failures`` list, a conversation that cannot be used (missing image, bad annotation) is
     appended to it as ``{"id", "error"}`` and skipped; without one, its error is raised.
@@ -113,6 +117,10 @@ def evaluate(loaded: Loaded, data: EvalData, mode: Mode = "autoregressive", *, a
             failures.append({"id": str(entry.get("id", f"#{n}")), "error": str(e)})
             continue
         metrics.add_conversation(list(pred_masks), list(gt_masks), list(boxes))
+        if by_type is not None:
+            rounds = parse_conversation(entry, limit_rounds).rounds
+            for r, pred, gt, box in zip(rounds, pred_masks, gt_masks, boxes):
+                by_type.setdefault(question_type(r.question, r.target.task_type), RoundMetrics()).update(0, pred, gt, box)
     return metrics
 
 
@@ -128,14 +136,20 @@ def plot_rounds(results: dict[str, RoundMetrics], path: str | Path, metric: str 
 
 
 def write_report(results: dict[str, RoundMetrics], out: str | Path,
-                 failures: dict[str, list[dict]] | None = None) -> None:
+                 failures: dict[str, list[dict]] | None = None,
+                 by_type: dict[str, dict[str, RoundMetrics]] | None = None) -> None:
     """``metrics.json`` (each mode's summary, plus ``"failed"``: the conversations skipped, with their
     ids and errors), ``metrics.md`` and ``iou_per_round.png`` in ``out``, each written atomically."""
     out = make_output_folder(out)
     failures = failures or {}
-    summaries = {k: {**m.summary(), "failed": failures.get(k, [])} for k, m in results.items()}
+    by_type = by_type or {}
+    summaries = {k: {**m.summary(), "failed": failures.get(k, []),
+                     **({"by_type": {t: tm.summary() for t, tm in by_type[k].items()}} if k in by_type else {})}
+                 for k, m in results.items()}
     atomic_write_text(out / "metrics.json", json.dumps(summaries, indent=2) + "\n")
-    atomic_write_text(out / "metrics.md", "\n\n".join(f"### {k}\n\n{m.markdown()}" for k, m in results.items()) + "\n")
+    sections = [f"### {k}\n\n{m.markdown()}" + (f"\n\nBy question type:\n\n{RoundMetrics.by_type_markdown(by_type[k])}"
+                                                 if by_type.get(k) else "") for k, m in results.items()]
+    atomic_write_text(out / "metrics.md", "\n\n".join(sections) + "\n")
     partial = out / f".iou_per_round.{os.getpid()}.png"  # matplotlib picks the format from the suffix
     try:
         plot_rounds(results, partial)
@@ -150,17 +164,17 @@ def run_eval(loaded: Loaded, data_spec: str, out: str | Path, modes: Sequence[Mo
     ``{"id", "error"}``, once even if several modes met it). Refuses (writing nothing) when every
     conversation failed: there is nothing to report."""
     data = EvalData.parse(data_spec).check()
-    results, failures = {}, {}
+    results, failures, by_type = {}, {}, {}
     for mode in modes:
         for ablate in (False, True) if ablate_memory else (False,):
             name = f"{mode} (no memory)" if ablate else mode
-            failures[name] = []
+            failures[name], by_type[name] = [], {}
             results[name] = evaluate(loaded, data, mode, ablate_memory=ablate, limit=limit,
-                                     failures=failures[name])
+                                     failures=failures[name], by_type=by_type[name])
     if all(m.num_rounds == 0 for m in results.values()):
         first = next((f for fs in failures.values() for f in fs), None)
         raise InputError("no conversation could be evaluated" + (f"; the first, {first['id']}: {first['error']}"
                                                                   if first else "; the data holds none."))
-    write_report(results, out, failures)
+    write_report(results, out, failures, by_type)
     unique = {(f["id"], f["error"]): f for fs in failures.values() for f in fs}
     return results, list(unique.values())

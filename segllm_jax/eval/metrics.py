@@ -33,7 +33,7 @@ Accumulators hold only sums, so shards merge by addition: ``merge`` for objects,
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -171,6 +171,17 @@ class RoundMetrics:
                 values = (summary[f"{k}_round{i}"] for k in ("mIoU", "oIoU", "P@0.5"))
                 cells = " | ".join(f"{100 * v:.2f}" for v in values)
                 lines.append(f"| {i + 1} | {int(summary[f'n_round{i}'])} | {cells} |")
+        return "\n".join(lines)
+
+    @staticmethod
+    def by_type_markdown(by_type: Mapping[str, "RoundMetrics"]) -> str:
+        """A markdown table, one row per question type (each type's masks pooled in its round slot 0)."""
+        lines = ["| question type | n | gIoU | cIoU | P@0.5 |", "|---|---:|---:|---:|---:|"]
+        for name in sorted(by_type):
+            s = by_type[name].summary()
+            if "n_round0" in s:
+                cells = " | ".join(f"{100 * s[f'{k}_round0']:.2f}" for k in ("mIoU", "oIoU", "P@0.5"))
+                lines.append(f"| {name} | {int(s['n_round0'])} | {cells} |")
         return "\n".join(lines)
 
     def _grow(self, rounds: int) -> None:

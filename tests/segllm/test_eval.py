@@ -30,8 +30,11 @@ def test_eval_cli_writes_the_report(tiny, split, tmp_path, capsys):
     assert set(metrics) == {"teacher", "teacher (no memory)", "autoregressive", "autoregressive (no memory)"}
     for summary in metrics.values():
         assert summary["n_round0"] == 1 and 0.0 <= summary["oIoU_round0"] <= 1.0
+        rounds = sum(v for k, v in summary.items() if k.startswith("n_round"))
+        assert rounds >= 2 and sum(t["n_round0"] for t in summary["by_type"].values()) == rounds
     assert (tmp_path / "eval" / "iou_per_round.png").stat().st_size > 0
-    assert "mIoU" in (tmp_path / "eval" / "metrics.md").read_text()
+    report = (tmp_path / "eval" / "metrics.md").read_text()
+    assert "mIoU" in report and "| question type |" in report
 
 
 def test_an_oracle_scores_one(tiny, split, monkeypatch):
@@ -54,8 +57,19 @@ def test_an_oracle_scores_one(tiny, split, monkeypatch):
 
     monkeypatch.setattr(ExampleBuilder, "build", build)
     monkeypatch.setattr(evaluate_module, "predict", oracle)
+    by_type = {}
     summary = evaluate(loaded, EvalData.parse(f"mrshapes:{split}:test"), "autoregressive", limit=2,
-                       progress=False).summary()
+                       progress=False, by_type=by_type).summary()
+    entries = json.loads((split / "conversations" / "mrshapes_test.json").read_text())[:2]
+    want = {}
+    for entry in entries:  # the types of the rounds, from the generator's own record of each question
+        for k, turn in enumerate(entry["conversations"][1::2]):
+            payload = turn["value"][len("[MASK-DECODE:"):-1]
+            task = payload.split(":")[0] if payload.count(":") >= 4 else None
+            kind = mrshapes.question_type(entry["conversations"][2 * k]["value"], task)
+            want[kind] = want.get(kind, 0) + 1
+    assert {t: int(m.summary()["n_round0"]) for t, m in by_type.items()} == want
+    assert all(m.summary()["oIoU_round0"] == pytest.approx(1.0) for m in by_type.values())
     rounds = [k for k in summary if k.startswith("oIoU_round")]
     assert rounds and all(summary[k] == pytest.approx(1.0) for k in rounds)
     assert all(summary[k.replace("oIoU", "P@0.5")] == 1.0 for k in rounds)
