@@ -55,6 +55,7 @@ class TrainConfig:
     hipie_prompts: int | None = None  # training aid: exactly this many prompts per step go to HIPIE (see step)
     mask_points: int = 112 * 112  # point-sampled mask loss: points per mask (TRAIN_NUM_POINTS, §5.2)
     class_loss_weight: float = 2.0  # CLASS_WEIGHT of the HIPIE criterion (every loss_ce* term, §5.2)
+    ranking_loss_weight: float = 0.0  # training aid (not in the original): hipie_loss.target_ranking_loss
     # what trains
     freeze_pretrained: bool = True  # spec §5.1; False trains all but FrozenBN buffers (from-scratch runs)
     # numerics and memory
@@ -114,13 +115,15 @@ def mrshapes_cpu(data: MixtureConfig, tokenizer_dir: str, vocab_size: int, **ove
     step ~5x); fixed padding so the step compiles once; the HIPIE loss on, its classification weight
     5x the release's (10 instead of 2): from scratch, grounding the prompt (which shape the question
     names) is what lags behind masks and boxes, and a 400-step probe ranked the right query first
-    1.5x as often with it. Step count: the 20-minute budget of that machine."""
+    1.5x as often with it; and the target-ranking aid (``ranking_loss_weight``, see
+    ``hipie_loss.target_ranking_loss``), which the from-scratch model needs to tell shapes apart."""
     model = SegLLMConfig.tiny_mrshapes(vocab_size)
     base = dict(model=model, data=data, tokenizer_dir=tokenizer_dir, batch_size=8, steps=1900,
                 pad_multiple=256, ref_pad_multiple=48, clip_size=model.vision.image_size,
                 frame=model.hipie_image_size, learning_rate=1e-3, warmup_ratio=0.03, compute_dtype="float32",
                 remat="none", mesh_shape=(1, 1, 1), mask_points=1024, freeze_pretrained=False,
-                class_loss_weight=10.0, use_hipie_loss=True, checkpoint_every=500, keep_checkpoints=1,
+                class_loss_weight=10.0, ranking_loss_weight=5.0, use_hipie_loss=True, checkpoint_every=500,
+                keep_checkpoints=2,
                 tensorboard=True)
     return TrainConfig(**{**base, **overrides})
 

@@ -59,6 +59,7 @@ class HipieLossOptions:
     k_fg: int | None = None  # padded fg matches per prompt; default OTA_CANDIDATES · max_gt (never truncates)
     criterion: CriterionConfig = field(default_factory=CriterionConfig)
     costs: MatcherCosts = field(default_factory=MatcherCosts)
+    ranking_weight: float = 0.0  # training aid, not in the original: see target_ranking_loss
 
     @property
     def fg_slots(self) -> int:
@@ -253,6 +254,11 @@ def hipie_loss_details(hipie, levels: LevelInputs, prompts: jax.Array, image_ind
     crit = hipie_criterion(fg, fg_idx, dn_group, gt_idx, enc, enc_idx, targets, prompts, bg=bg,
                            key=k_pts, points=replay.points, draws=replay.draws, cfg=crit_cfg)
     loss = sum(crit.weighted.values())
+    extra_metrics = {}
+    if options.ranking_weight:
+        rank = target_ranking_loss(fl, fg_idx, targets.positive_map)
+        loss = loss + options.ranking_weight * rank
+        extra_metrics["loss_rank"] = jax.lax.stop_gradient(rank)
 
     # iou_train (§6.3): last matched fg query of the final layer, per prompt
     last = fg_masks[-1]  # [B, K, h, w]
@@ -261,10 +267,39 @@ def hipie_loss_details(hipie, levels: LevelInputs, prompts: jax.Array, image_ind
     iou = iou_train_metric(jax.lax.stop_gradient(last_logits), target_masks)
     metrics = {k: jax.lax.stop_gradient(v) for k, v in crit.weighted.items()}
     metrics.update(loss_hipie=jax.lax.stop_gradient(loss), prompt_l2=jax.lax.stop_gradient(crit.prompt_l2),
-                   iou_train=iou)
+                   iou_train=iou, **extra_metrics)
     return HipieLossDetails(loss=loss, metrics=metrics, forward=fwd, targets=targets, dn=dn, fg_indices=fg_idx,
                             dn_indices=gt_idx, enc_indices=enc_idx, fg_masks=fg_masks, dn_masks=dn_masks,
                             criterion=crit)
+
+
+def target_ranking_loss(fg_logits: jax.Array, fg_indices: PaddedIndices, positive_map: jax.Array) -> jax.Array:
+    """A training aid (``TrainConfig.ranking_loss_weight``; the original has no such term): softmax
+    cross-entropy over a prompt's foreground queries that the ones matched to its *target* have the
+    highest target score, averaged over decoder layers and prompts.
+
+    Why: inference answers with the query of highest target score, a choice *between* queries. The
+    focal class loss scores each query on its own; with the 0.01 prior every other shape's query is an
+    easy negative whose gradient the focal factor all but removes, so from scratch the cheapest way
+    down is a logit that tracks "is a good box" rather than "is the shape this prompt names". This term
+    compares the target's queries with the others directly (several matched queries count as one
+    positive set: log-sum-exp of all minus log-sum-exp of the positives).
+
+    fg_logits [L, B, Q, T] token logits (target = tokens T/2.., scored by their mean as inference does);
+    fg_indices [L, B, K] matched pairs; positive_map [B, G, T] from :func:`device_targets`.
+    """
+    half = fg_logits.shape[-1] // 2
+    score = jnp.mean(fg_logits[..., half:].astype(jnp.float32), axis=-1)  # [L, B, Q]
+    target_slot = jnp.argmax(positive_map[:, :, half], axis=1)  # [B] the GT slot holding the target tokens
+    is_target = fg_indices.valid & (fg_indices.tgt == target_slot[None, :, None])  # [L, B, K]
+    layers, batch, queries = score.shape
+    rows = jnp.arange(layers)[:, None, None], jnp.arange(batch)[None, :, None]
+    positive = jnp.zeros(score.shape, bool).at[rows[0], rows[1], fg_indices.src].max(is_target)  # [L, B, Q]
+    has = positive.any(-1)
+    lse_all = jax.nn.logsumexp(score, axis=-1)
+    lse_pos = jax.nn.logsumexp(jnp.where(positive, score, -jnp.inf), axis=-1)
+    per = jnp.where(has, lse_all - jnp.where(has, lse_pos, 0.0), 0.0)
+    return per.sum() / jnp.maximum(has.sum(), 1)
 
 
 def hipie_loss(hipie, levels: LevelInputs, prompts: jax.Array, image_index: jax.Array | None,
@@ -290,4 +325,4 @@ def hipie_loss(hipie, levels: LevelInputs, prompts: jax.Array, image_index: jax.
 
 
 __all__ = ["HipieLossDetails", "HipieLossOptions", "HipieReplay", "device_targets", "dn_indices",
-           "hide_extra_dn_slots", "hipie_loss", "hipie_loss_details", "match_on_host"]
+           "hide_extra_dn_slots", "hipie_loss", "hipie_loss_details", "match_on_host", "target_ranking_loss"]

@@ -157,7 +157,8 @@ def _hipie_term(cfg: TrainConfig):
     from segllm_jax.train.hipie_loss import HipieLossOptions
 
     options = HipieLossOptions(criterion=CriterionConfig(num_points=cfg.mask_points,
-                                                         class_weight=cfg.class_loss_weight))
+                                                         class_weight=cfg.class_loss_weight),
+                               ranking_weight=cfg.ranking_loss_weight)
     return train_step_lib.hipie_term_from_loss(functools.partial(hipie_loss_details, options=options))
 
 
