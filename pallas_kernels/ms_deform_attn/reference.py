@@ -112,13 +112,20 @@ def head_major_samples(
     return index, weight
 
 
-def gather_rows(value_bh: jax.Array, index: jax.Array) -> jax.Array:
-    """``value_bh [B, H, S, Dh]`` rows at ``index [B, H, q, K]`` -> ``[B, H, q, K, Dh]``."""
+def gather_rows(value: jax.Array, index: jax.Array) -> jax.Array:
+    """Rows of ``value [B, S, H, Dh]`` at per-head ``index [B, H, q, K]`` -> ``[B, H, q, K, Dh]``.
+
+    Gathers from the free reshape ``[B, S*H, Dh]`` (row ``s*H + h``) rather than a
+    head-major transposed copy of ``value``: no extra ``[B, H, S, Dh]`` buffer.
+    """
+    heads = value.shape[2]
+    flat = value.reshape(value.shape[0], -1, value.shape[3])  # [B, S*H, Dh]
+    rows = index * heads + jnp.arange(heads, dtype=index.dtype)[:, None, None]  # [B, H, q, K]
 
     def gather_one(v: jax.Array, idx: jax.Array) -> jax.Array:
         return jnp.take(v, idx.reshape(-1), axis=0, mode="clip").reshape(*idx.shape, v.shape[-1])
 
-    return jax.vmap(jax.vmap(gather_one))(value_bh, index)
+    return jax.vmap(gather_one)(flat, rows)
 
 
 def weighted_sum(weight: jax.Array, rows: jax.Array, acc_dtype: jnp.dtype) -> jax.Array:
@@ -143,7 +150,7 @@ def ms_deform_attn_dense(
     batch, _, heads, head_dim = value.shape
     num_queries = sampling_locations.shape[1]
     index, weight = head_major_samples(sampling_locations, attention_weights, spatial_shapes, level_start_index)
-    rows = gather_rows(value.transpose(0, 2, 1, 3), index)  # [B, H, Q, K, Dh]
+    rows = gather_rows(value, index)  # [B, H, Q, K, Dh]
     out = weighted_sum(weight, rows, compute_dtype(value.dtype))  # [B, Q, H, Dh]
     return out.reshape(batch, num_queries, heads * head_dim).astype(value.dtype)
 

@@ -108,13 +108,12 @@ def _blocked(
     batch, _, heads, head_dim = value.shape
     num_queries = sampling_locations.shape[1]
     acc_dtype = compute_dtype(value.dtype)
-    value_bh = value.transpose(0, 2, 1, 3)  # [B, H, S, Dh]
 
     def block(start, size, out):
         index, weight = head_major_samples(_rows_of(sampling_locations, start, size),
                                            _rows_of(attention_weights, start, size),
                                            spatial_shapes, level_start_index)  # [B, H, q, K]
-        rows = gather_rows(value_bh, index)  # [B, H, q, K, Dh]: the only big temporary
+        rows = gather_rows(value, index)  # [B, H, q, K, Dh]: the only big temporary
         return _put_rows(out, weighted_sum(weight, rows, acc_dtype), start)
 
     out = _zeros((batch, num_queries, heads, head_dim), value.dtype, value, sampling_locations, attention_weights)
@@ -130,16 +129,14 @@ def _blocked_bwd(spatial_shapes, level_start_index, budget_bytes, residuals, gra
     value, sampling_locations, attention_weights = residuals
     num_queries = sampling_locations.shape[1]
     acc_dtype = compute_dtype(value.dtype)
-    value_bh = value.transpose(0, 2, 1, 3)  # [B, H, S, Dh]
-    grad_bh = grad_out.transpose(0, 2, 1, 3)  # [B, H, Q, Dh]
 
     def block(start, size, carry):
         grad_value, grad_loc, grad_aw = carry
         loc, aw = _rows_of(sampling_locations, start, size), _rows_of(attention_weights, start, size)
         weight, pull_back, index = jax.vjp(lambda l, a: _weight_and_index(l, a, spatial_shapes, level_start_index),
                                            loc, aw, has_aux=True)  # [B, H, q, K] each
-        dout = jax.lax.dynamic_slice_in_dim(grad_bh, start, size, axis=2).astype(acc_dtype)  # [B, H, q, Dh]
-        rows = gather_rows(value_bh, index)  # [B, H, q, K, Dh]
+        dout = _rows_of(grad_out, start, size).transpose(0, 2, 1, 3).astype(acc_dtype)  # [B, H, q, Dh]
+        rows = gather_rows(value, index)  # [B, H, q, K, Dh]
         grad_weight = jnp.einsum("bhqkd,bhqd->bhqk", rows, dout, preferred_element_type=acc_dtype)
         grad_value = _scatter_add_rows(grad_value, index, weight.astype(acc_dtype)[..., None] * dout[:, :, :, None, :])
         g_loc, g_aw = pull_back(grad_weight.astype(weight.dtype))
@@ -147,14 +144,14 @@ def _blocked_bwd(spatial_shapes, level_start_index, budget_bytes, residuals, gra
 
     like = (*residuals, grad_out)
     carry = (
-        _zeros(value_bh.shape, acc_dtype, *like),
+        _zeros(value.shape, acc_dtype, *like),
         _zeros(sampling_locations.shape, sampling_locations.dtype, *like),
         _zeros(attention_weights.shape, attention_weights.dtype, *like),
     )
     grad_value, grad_loc, grad_aw = for_query_blocks(
         num_queries, _block_q(value, sampling_locations, budget_bytes), block, carry
     )
-    return grad_value.transpose(0, 2, 1, 3).astype(value.dtype), grad_loc, grad_aw
+    return grad_value.astype(value.dtype), grad_loc, grad_aw
 
 
 def _weight_and_index(loc, aw, spatial_shapes, level_start_index) -> tuple[jax.Array, jax.Array]:
@@ -163,12 +160,19 @@ def _weight_and_index(loc, aw, spatial_shapes, level_start_index) -> tuple[jax.A
 
 
 def _scatter_add_rows(grad_value: jax.Array, index: jax.Array, contrib: jax.Array) -> jax.Array:
-    """``grad_value[b, h, index[b, h, q, k]] += contrib[b, h, q, k]`` (duplicates accumulate)."""
+    """``grad_value[b, index[b, h, q, k], h] += contrib[b, h, q, k]`` (duplicates accumulate).
 
-    def one(g: jax.Array, idx: jax.Array, c: jax.Array) -> jax.Array:  # [S, Dh], [q, K], [q, K, Dh]
-        return g.at[idx.reshape(-1)].add(c.reshape(-1, c.shape[-1]), mode="promise_in_bounds")
+    ``grad_value [B, S, H, Dh]`` is scattered through its free reshape ``[B, S*H, Dh]``, the
+    transpose of :func:`gather_rows`.
+    """
+    batch, seq, heads, head_dim = grad_value.shape
+    rows = index * heads + jnp.arange(heads, dtype=index.dtype)[:, None, None]  # [B, H, q, K]
 
-    return jax.vmap(jax.vmap(one))(grad_value, index, contrib)
+    def one(g: jax.Array, idx: jax.Array, c: jax.Array) -> jax.Array:  # [S*H, Dh], [H, q, K], [H, q, K, Dh]
+        return g.at[idx.reshape(-1)].add(c.reshape(-1, head_dim), mode="promise_in_bounds")
+
+    flat = jax.vmap(one)(grad_value.reshape(batch, seq * heads, head_dim), rows, contrib)
+    return flat.reshape(grad_value.shape)
 
 
 _blocked.defvjp(_blocked_fwd, _blocked_bwd)
