@@ -106,6 +106,8 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--config", choices=["segllm", "tiny"], default="segllm",
+                    help="segllm: HIPIE-R50 as SegLLM runs it; tiny: toy widths (smoke runs)")
     ap.add_argument("--msda-impl", default="auto", help="pallas_kernels.ms_deform_attn impl (default: auto)")
     ap.add_argument("--compile-only", action="store_true", help="memory analysis only, no timing")
     a = ap.parse_args()
@@ -114,9 +116,10 @@ def main() -> None:
     _SHAPES = tuple((-(-s // st), -(-s // st)) for st in (8, 16, 32, 64))
     dev = jax.devices()[0]
     print(f"backend={jax.default_backend()} device={dev.device_kind} jax={jax.__version__} size={s} "
-          f"runs={a.runs} (median after {a.warmup} warm-up) msda_impl={a.msda_impl}")
+          f"runs={a.runs} (median after {a.warmup} warm-up) config={a.config} msda_impl={a.msda_impl}")
     t0 = time.perf_counter()
-    cfg = dataclasses.replace(HipieConfig.hipie_r50_segllm(), msda_impl=a.msda_impl)
+    base = HipieConfig.tiny() if a.config == "tiny" else HipieConfig.hipie_r50_segllm()
+    cfg = dataclasses.replace(base, msda_impl=a.msda_impl)
     model = Hipie(cfg, rngs=nnx.Rngs(0))
     print(f"model built in {time.perf_counter() - t0:.1f}s (random weights)")
     backbone, encoder, decoder, mask_head = _stages(model)
@@ -125,7 +128,7 @@ def main() -> None:
     size_probe = jnp.zeros((s,), jnp.int8)  # carries the static image size through jit as a shape
     rows = []
     for n in a.prompts:
-        prompts = jnp.asarray(rng.normal(size=(n, 8, 768)).astype(np.float32))
+        prompts = jnp.asarray(rng.normal(size=(n, cfg.prompt_tokens, cfg.text_dim)).astype(np.float32))
         index = jnp.zeros((n,), jnp.int32)
         sel = jnp.full((n,), model.cfg.num_bg_queries, jnp.int32)
         if a.compile_only:

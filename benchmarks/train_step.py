@@ -175,12 +175,15 @@ def main() -> None:
     parser.add_argument("--dry-run", action="store_true", help="abstract state, compile only: FLOPs, no timing")
     parser.add_argument("--peak-tflops", type=float, default=None, help="peak FLOP/s of the device, in TFLOP/s")
     parser.add_argument("--data", default=None, help="MR-Shapes folder (default: a temporary one)")
+    parser.add_argument("--variant", type=int, default=None, help="run only this row of the preset (0-based)")
     args = parser.parse_args()
     batch_size = args.batch_size or (2 if args.preset == "tiny" else 8)
     with tempfile.TemporaryDirectory() as tmp:
         data = prepare_tiny_mrshapes(args.data or tmp, n_scenes=max(8, batch_size), seed=0)
-        rows = [(v.name, measure(v.cfg, args.steps, args.dry_run))
-                for v in variants(args.preset, data, batch_size, args.frame)]
+        chosen = variants(args.preset, data, batch_size, args.frame)
+        if args.variant is not None:
+            chosen = chosen[args.variant : args.variant + 1]
+        rows = [(v.name, measure(v.cfg, args.steps, args.dry_run)) for v in chosen]
     peak, source = (None, "dry run") if args.dry_run else peak_flops(args.peak_tflops)
     device = jax.devices()[0]
     print(f"backend={jax.default_backend()} device={device.device_kind} jax={jax.__version__} "
