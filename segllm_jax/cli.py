@@ -178,6 +178,20 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from segllm_jax import checkpoint_folder
+    from segllm_jax_convert.export import check_output
+
+    checkpoint_folder.inspect(args.checkpoint, kinds=("segllm",))  # before anything is read or written
+    check_output(args.out, [args.checkpoint] + ([args.like] if args.like else []))
+    from segllm_jax_convert.export import export_checkpoint
+
+    out = export_checkpoint(args.checkpoint, args.out, part=args.part, dtype=args.dtype, like=args.like,
+                            max_shard_bytes=args.max_shard_mb * 10**6)
+    print(f"exported {args.checkpoint} ({args.part}) -> {out}")
+    return 0
+
+
 def _check_conversion(args: argparse.Namespace) -> int:
     from segllm_jax import checkpoint_folder
 
@@ -345,6 +359,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="replace a non-empty DST (written aside, swapped in only when complete)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = command("export", _export, "write a segllm-jax checkpoint back in the PyTorch release layout")
+    p.add_argument("checkpoint", metavar="CKPT", help="a segllm-jax SegLLM checkpoint folder (converted or trained)")
+    p.add_argument("out", metavar="OUT", help="the new output folder (must not exist)")
+    p.add_argument("--part", default="segllm", choices=["segllm", "llm", "clip", "hipie"],
+                   help="segllm: the release folder; llm: a transformers LLaMA; clip: a CLIP vision tower; "
+                        "hipie: r50_parts.pth")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                   help="floating tensors' dtype (default: as stored)")
+    p.add_argument("--like", default=None, type=existing_path,
+                   help="the PyTorch checkpoint it came from: supplies the keys the converter ignores")
+    p.add_argument("--max-shard-mb", type=positive_int(10**6), default=5000, help="largest safetensors shard")
 
     p = command("check-conversion", _check_conversion, "compare a converted checkpoint with the PyTorch original")
     p.add_argument("src", help="the PyTorch checkpoint folder (local; never downloaded)")

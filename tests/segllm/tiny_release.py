@@ -25,22 +25,14 @@ from tokenizer_fixture import make_llama_tokenizer_dir
 
 from .conftest import golden_segllm_dir
 
-_INVERSE = {
-    engine.identity: lambda x: x,
-    engine.linear_kernel: lambda x: x.T,
-    engine.conv_kernel: lambda x: x.transpose(3, 2, 0, 1),  # HWIO -> OIHW
-}
-
-
 def tiny_config() -> SegLLMConfig:
     # two CLIP blocks like the golden key list (select_layer -2 runs one of them); HIPIE keeps its six
     # decoder layers because the release names the encoder-proposal heads by the index 6
     return SegLLMConfig.tiny(vision=VisionConfig.tiny(num_layers=2), hipie=HipieConfig.tiny(dec_layers=6))
 
 
-def _to_source(transform, array: np.ndarray) -> np.ndarray:
-    inverse = _INVERSE.get(transform)
-    return inverse(array) if inverse else array  # the remaining transforms only slice (G1 query table)
+def _to_source(transform: engine.Invertible, array: np.ndarray) -> np.ndarray:
+    return transform.inverse(array)  # the table's own inverse (the one `segllm-jax export` uses)
 
 
 def _random_params(model, seed: int) -> dict[str, np.ndarray]:

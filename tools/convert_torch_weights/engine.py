@@ -13,6 +13,11 @@ and raises one :class:`ConversionError` naming every offending key otherwise.
 
 Target paths are the NNX state paths joined with "/", e.g. ``layers/3/attn/q_proj/kernel``.
 The engine knows nothing about models: the tables live next to it, one module per model.
+
+The same tables run backwards for ``segllm-jax export`` (:meth:`MappingTable.invert`): each
+:class:`Invertible` transform carries its inverse, and :meth:`Rule.source_key` rebuilds the source
+key from a target path by filling the source regex's named groups. One table, both directions, so an
+export can never drift from what the converter reads.
 """
 
 from __future__ import annotations
@@ -35,18 +40,74 @@ log = logging.getLogger(__name__)
 Transform = Callable[[np.ndarray], np.ndarray]
 
 
-def identity(x: np.ndarray) -> np.ndarray:
-    return x
+@dataclass(frozen=True)
+class Invertible:
+    """A transform that knows its way back: ``forward`` converts (PyTorch -> ours), ``inverse`` exports.
+
+    Why a pair and not two functions in two places: a hand-kept export table would drift from the
+    converter's; here the inverse sits in the very entry the converter uses.
+    """
+
+    forward: Transform
+    inverse: Transform
+    name: str
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self.forward(x)
 
 
-def linear_kernel(x: np.ndarray) -> np.ndarray:
-    """PyTorch ``nn.Linear.weight`` [out, in] -> JAX kernel [in, out]."""
-    return x.T
+identity = Invertible(lambda x: x, lambda x: x, "identity")
+# PyTorch ``nn.Linear.weight`` [out, in] <-> JAX kernel [in, out]
+linear_kernel = Invertible(lambda x: x.T, lambda x: x.T, "linear_kernel")
+# PyTorch ``nn.Conv2d.weight`` [O, I, kh, kw] <-> JAX NHWC kernel [kh, kw, I, O]
+conv_kernel = Invertible(lambda x: x.transpose(2, 3, 1, 0), lambda x: x.transpose(3, 2, 0, 1), "conv_kernel")
 
 
-def conv_kernel(x: np.ndarray) -> np.ndarray:
-    """PyTorch ``nn.Conv2d.weight`` [O, I, kh, kw] -> JAX NHWC kernel [kh, kw, I, O]."""
-    return x.transpose(2, 3, 1, 0)
+def _group_end(pattern: str, start: int) -> int:
+    """Index just past the ``)`` closing the group that opens at ``pattern[start]``."""
+    depth, i = 0, start
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "\\":
+            i += 2
+            continue
+        depth += (c == "(") - (c == ")")
+        i += 1
+        if depth == 0:
+            return i
+    raise ValueError(f"unbalanced group in {pattern!r}")
+
+
+def fill_pattern(pattern: str, values: Mapping[str, str]) -> str:
+    """The one key a table regex names for ``values`` of its named groups.
+
+    Table regexes use a small, deliberate subset: escaped literals, named groups (filled from
+    ``values``), negative look-aheads (guards: zero width, dropped) and optional non-capturing
+    groups ``(?:...)?``, which export writes in full (the canonical, longer name the release uses).
+    Anything else raises ``ValueError``: such a rule cannot be exported and must be rewritten.
+    """
+    out, i = [], 0
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "\\":
+            out.append(pattern[i + 1])
+            i += 2
+        elif pattern.startswith("(?P<", i):
+            name = pattern[i + 4:pattern.index(">", i)]
+            out.append(values[name])
+            i = _group_end(pattern, i)
+        elif pattern.startswith("(?!", i):
+            i = _group_end(pattern, i)
+        elif pattern.startswith("(?:", i):
+            end = _group_end(pattern, i)
+            out.append(fill_pattern(pattern[i + 3:end - 1], values))
+            i = end + (pattern[end:end + 1] == "?")
+        elif c in ".^$*+?{}[]|()":
+            raise ValueError(f"pattern {pattern!r} is not invertible at {pattern[i:]!r}")
+        else:
+            out.append(c)
+            i += 1
+    return "".join(out)
 
 
 @dataclass(frozen=True)
@@ -60,6 +121,22 @@ class Rule:
     def match(self, key: str) -> str | None:
         m = re.fullmatch(self.source, key)
         return self.target.format(**m.groupdict()) if m else None
+
+    def source_key(self, target: str) -> str | None:
+        """The source key this rule maps to ``target`` (None if ``target`` is not this rule's).
+
+        The result is checked by running the rule forwards: it must route back to ``target``.
+        """
+        parts = re.split(r"\{(\w+)\}", self.target)
+        template = "".join(re.escape(p) if i % 2 == 0 else f"(?P<{p}>[^/]+)" for i, p in enumerate(parts))
+        m = re.fullmatch(template, target)
+        if m is None:
+            return None
+        try:
+            key = fill_pattern(self.source, m.groupdict())
+        except (KeyError, ValueError):
+            return None
+        return key if self.match(key) == target else None
 
 
 @dataclass(frozen=True)
@@ -81,6 +158,32 @@ class MappingTable:
 
     def __add__(self, other: "MappingTable") -> "MappingTable":
         return MappingTable(f"{self.name}+{other.name}", self.rules + other.rules, self.ignore + other.ignore)
+
+    def invert(self, arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Our arrays (target paths) -> source keys, each through its rule's inverse transform.
+
+        A target filled from two aliased keys (shared heads saved under two names) yields both.
+        Raises one :class:`ConversionError` naming every path no rule can write back.
+        """
+        out: dict[str, np.ndarray] = {}
+        unmapped, one_way = [], []
+        for target, array in arrays.items():
+            hits = [(key, r.transform) for r in self.rules if (key := r.source_key(target)) is not None]
+            if not hits:
+                unmapped.append(target)
+            for key, transform in hits:
+                if not isinstance(transform, Invertible):
+                    one_way.append(f"{target} ({key})")
+                    continue
+                out[key] = np.ascontiguousarray(transform.inverse(np.asarray(array)))
+        sections = []
+        if unmapped:
+            sections.append(_bullets("parameters no rule writes back", sorted(unmapped)))
+        if one_way:
+            sections.append(_bullets("rules whose transform has no inverse", sorted(one_way)))
+        if sections:
+            raise ConversionError(f"cannot export through table {self.name!r}:\n" + "\n".join(sections))
+        return out
 
     def route(self, key: str) -> tuple[str | None, Transform | None, str | None]:
         """(target, transform, None) for a mapped key, (None, None, reason) for an ignored one."""

@@ -71,15 +71,16 @@ import re  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from segllm_jax_convert.engine import Transform  # noqa: E402
+from segllm_jax_convert.engine import Invertible, Transform  # noqa: E402
 
 log = logging.getLogger(__name__)
 
 _T = _TR
 _D = r"detr\.detr\."
 # the shared heads exist twice in the checkpoint (G12): `detr.detr.X_embed.*` and
-# `detr.detr.transformer.decoder.X_embed.*`; both map to the same target and the engine checks they are equal
-_HEADS = r"detr\.detr\.(?:transformer\.decoder\.)?"
+# `detr.detr.transformer.decoder.X_embed.*`; one rule per alias, both mapping to the same target (the
+# engine checks they are equal), so that export writes both names back
+_HEAD_ALIASES = (r"detr\.detr\.", r"detr\.detr\.transformer\.decoder\.")
 
 
 def _linear_rules(src: str, dst: str) -> tuple[Rule, ...]:
@@ -96,6 +97,7 @@ def query_table_rows(num_queries: int) -> Transform:
     SegLLM itself skips that tensor (shape mismatch) and trains a fresh (100, 256) table; a
     converted model needs *some* table, so the first ``num_queries`` rows are kept and the rule is
     logged loudly. SegLLM-finetuned checkpoints carry the learned 100-row table and pass through.
+    Export writes the model's own table back unchanged (a SegLLM checkpoint's shape).
     """
 
     def rows(x: np.ndarray) -> np.ndarray:
@@ -108,7 +110,7 @@ def query_table_rows(num_queries: int) -> Transform:
             return x[:num_queries]
         return x
 
-    return rows
+    return Invertible(rows, lambda x: x, f"query_table_rows({num_queries})")
 
 
 def _decoder_side_rules(num_queries: int = 100) -> tuple[Rule, ...]:
@@ -131,11 +133,13 @@ def _decoder_side_rules(num_queries: int = 100) -> tuple[Rule, ...]:
         *_linear_rules(L + r"(?P<f>linear[12])", DL + "{f}"),
         *_linear_rules(_T + r"decoder\.ref_point_head\.layers\.(?P<j>\d+)", "decoder/ref_point_head/layers/{j}"),
         # heads (spec §2.5), each converted once from either alias (G12)
-        *_linear_rules(_HEADS + r"class_embed\.(?P<i>\d+)\.dot_product_projection_text",
-                       "class_embed/{i}/dot_product_projection_text"),
-        Rule(_HEADS + r"class_embed\.(?P<i>\d+)\.(?P<p>log_scale|bias_lang|bias0)", "class_embed/{i}/{p}"),
-        *_linear_rules(_HEADS + r"class_embed\.(?P<i>\d+)\.body", "class_embed/{i}/body"),
-        *_linear_rules(_HEADS + r"bbox_embed\.(?P<i>\d+)\.layers\.(?P<j>\d+)", "bbox_embed/{i}/layers/{j}"),
+        *(rule for heads in _HEAD_ALIASES for rule in (
+            *_linear_rules(heads + r"class_embed\.(?P<i>\d+)\.dot_product_projection_text",
+                           "class_embed/{i}/dot_product_projection_text"),
+            Rule(heads + r"class_embed\.(?P<i>\d+)\.(?P<p>log_scale|bias_lang|bias0)", "class_embed/{i}/{p}"),
+            *_linear_rules(heads + r"class_embed\.(?P<i>\d+)\.body", "class_embed/{i}/body"),
+            *_linear_rules(heads + r"bbox_embed\.(?P<i>\d+)\.layers\.(?P<j>\d+)", "bbox_embed/{i}/layers/{j}"),
+        )),
         *_linear_rules(_D + r"iou_head\.(?P<i>\d+)", "iou_head/{i}"),
         # CondInst mask branch (spec §4)
         *_linear_rules(r"detr\.controller\.layers\.(?P<j>\d+)", "controller/layers/{j}"),
