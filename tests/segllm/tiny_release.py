@@ -25,6 +25,7 @@ from tokenizer_fixture import make_llama_tokenizer_dir
 
 from .conftest import golden_segllm_dir
 
+
 def tiny_config() -> SegLLMConfig:
     # two CLIP blocks like the golden key list (select_layer -2 runs one of them); HIPIE keeps its six
     # decoder layers because the release names the encoder-proposal heads by the index 6
