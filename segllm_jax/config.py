@@ -252,7 +252,7 @@ class SegLLMConfig:
 
     @classmethod
     def tiny_mrshapes(cls, vocab_size: int, **overrides: Any) -> "SegLLMConfig":
-        """The learning-proof model (``configs/tiny_mrshapes.py``): every part of the real architecture at
+        """The learning-proof model (``configs/tiny_mrshapes*.py``): every part of the real architecture at
         toy widths, HIPIE on a 128 px frame (MR-Shapes scenes are 128-256 px), CLIP at 32 px."""
         return cls.tiny(vocab_size, **{"hipie_image_size": 128, **overrides})
 

@@ -1,9 +1,9 @@
 """``make demo`` / ``segllm-jax demo``: a scripted 4-round conversation on a generated MR-Shapes scene.
 
 It runs the real path end to end with the trained tiny checkpoint that ships with the repository
-(``checkpoints/tiny_mrshapes``, trained from scratch on MR-Shapes on a 2-core CPU by
-``configs/tiny_mrshapes.py``): the folder is loaded with ``segllm_jax.load``, a test scene the model
-never saw goes through both image pipelines, each round's question (later rounds name an earlier answer
+(``checkpoints/tiny_mrshapes``, trained from scratch on MR-Shapes on a 2-core CPU by the two-stage
+recipe ``configs/tiny_mrshapes_recipe.sh``): the folder is loaded with ``segllm_jax.load``, a test
+scene the model never saw goes through both image pipelines, each round's question (later rounds name an earlier answer
 with ``[REF:k]``) through the tokenizer and ``MultiRoundSession`` (incremental KV cache, reference
 re-encoding, HIPIE), and the overlays are written as PNGs with per-round IoU against the scene's exact
 ground truth.

@@ -109,7 +109,7 @@ def tiny_cpu(data: MixtureConfig, tokenizer_dir: str, vocab_size: int, **overrid
 
 
 def mrshapes_cpu(data: MixtureConfig, tokenizer_dir: str, vocab_size: int, **overrides) -> TrainConfig:
-    """The learning proof on a 2-core CPU (``configs/tiny_mrshapes.py``): the tiny MR-Shapes model trained
+    """The learning proof on a 2-core CPU (both stages, ``configs/tiny_mrshapes*.py``): the tiny MR-Shapes model trained
     from scratch, so nothing is frozen (``freeze_pretrained=False``: the "pretrained" parts would be
     random); 1024 mask points (the 32 x 32 stride-4 mask has 1024 pixels; 12544 would only slow the
     step ~5x); fixed padding so the step compiles once; the HIPIE loss on, its classification weight
