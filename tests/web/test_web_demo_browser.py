@@ -83,40 +83,38 @@ def _image_size(driver, css: str) -> tuple[int, int]:
         " : [0, 0];", css))
 
 
-def test_two_rounds_with_a_reference_in_chromium(browser, served, tmp_path):
-    from segllm_jax.data.mrshapes import generate_scene
-
-    picture = tmp_path / "shapes.png"
-    Image.fromarray(generate_scene(np.random.default_rng(3), (160, 240)).image).save(picture)
-    driver, wait = browser, WebDriverWait(browser, 90, poll_frequency=0.2)
+def _two_rounds(driver, served, picture: Path, first: str, second: str) -> tuple[str, Path]:
+    """Upload ``picture``, ask ``first``, then ``second`` with round 1 ticked as its reference; checks the
+    overlays, gallery, history and downloads along the way. Returns (this tab's session key, screenshot)."""
+    wait = WebDriverWait(driver, 90, poll_frequency=0.2)
+    width, height = Image.open(picture).size
     before = set(served.store.keys())
-
     driver.get(served.url)
     upload = wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "#segllm-image input[type=file]")))
     upload.send_keys(str(picture))
-    _wait_status(driver, wait, "Image loaded (240×160)")
+    _wait_status(driver, wait, f"Image loaded ({width}×{height})")
     (key,) = set(served.store.keys()) - before  # this tab's session
 
     query = driver.find_element(By.CSS_SELECTOR, "#segllm-query textarea")
-    query.send_keys("Segment the largest shape.")
+    query.send_keys(first)
     driver.find_element(By.CSS_SELECTOR, "#segllm-send").click()
     status = _wait_status(driver, wait, "Round 1:")
-    assert "largest shape" in status
-    wait.until(lambda d: _image_size(d, "#segllm-overlay img") == (240, 160), message="round 1 overlay missing")
+    assert first.rstrip(".?")[-12:] in status
+    wait.until(lambda d: _image_size(d, "#segllm-overlay img") == (width, height), message="round 1 overlay missing")
 
     # round 2 references round 1 through the checkbox
     box = wait.until(EC.element_to_be_clickable((By.CSS_SELECTOR, "#segllm-refs input[type=checkbox]")))
     box.click()
     query = driver.find_element(By.CSS_SELECTOR, "#segllm-query textarea")
     assert query.get_attribute("value") == ""  # cleared after the round
-    query.send_keys("Segment the shape nearest to it.")
+    query.send_keys(second)
     driver.find_element(By.CSS_SELECTOR, "#segllm-send").click()
     status = _wait_status(driver, wait, "Round 2:")
     assert "references round 1" in status
     wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#segllm-gallery img")) >= 2,
                message="the gallery does not show both rounds")
-    wait.until(lambda d: _image_size(d, "#segllm-overlay img") == (240, 160), message="round 2 overlay missing")
-    assert "nearest to it" in _text(driver, "#segllm-history")
+    wait.until(lambda d: _image_size(d, "#segllm-overlay img") == (width, height), message="round 2 overlay missing")
+    assert second.rstrip(".?")[-12:] in _text(driver, "#segllm-history")
     assert len(driver.find_elements(By.CSS_SELECTOR, "#segllm-masks a")) >= 2  # PNG downloads
 
     # the tab's server-side session holds exactly these two rounds
@@ -124,11 +122,18 @@ def test_two_rounds_with_a_reference_in_chromium(browser, served, tmp_path):
     assert [r.index for r in user.session.rounds] == [1, 2] and user.session.rounds[1].refs == (1,)
 
     time.sleep(0.5)  # let the last images paint
-    shot = tmp_path / "web_demo.png"
+    shot = picture.with_name("web_demo.png")
     assert driver.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
-    if os.environ.get("SEGLLM_SAVE_SCREENSHOT") == "1":
-        (REPO / "docs").mkdir(exist_ok=True)
-        shutil.copyfile(shot, REPO / "docs" / "web_demo.png")
+    return key, shot
+
+
+def test_two_rounds_with_a_reference_in_chromium(browser, served, tmp_path):
+    from segllm_jax.data.mrshapes import generate_scene
+
+    picture = tmp_path / "shapes.png"
+    Image.fromarray(generate_scene(np.random.default_rng(3), (160, 240)).image).save(picture)
+    key, _ = _two_rounds(browser, served, picture, "Segment the largest shape.", "Segment the shape nearest to it.")
+    driver = browser
 
     # closing the tab releases the session (Gradio's unload event)
     driver.get("about:blank")
@@ -136,3 +141,28 @@ def test_two_rounds_with_a_reference_in_chromium(browser, served, tmp_path):
     while key in served.store.keys() and time.monotonic() < deadline:
         time.sleep(0.2)
     assert key not in served.store.keys(), "closing the tab did not release the session"
+
+
+@pytest.mark.skipif(os.environ.get("SEGLLM_SAVE_SCREENSHOT") != "1",
+                    reason="writes docs/web_demo.png from the shipped checkpoint; run with SEGLLM_SAVE_SCREENSHOT=1")
+def test_screenshot_of_the_shipped_model(browser, tmp_path):
+    """The README's web-demo picture: the trained tiny checkpoint on ``make demo``'s unseen scene, its first
+    two questions (the second through the reference checkbox)."""
+    from segllm_jax.checkpoint import load
+    from segllm_jax.demo import SHIPPED_CHECKPOINT, demo_scene
+    from segllm_jax.web_demo import build_app, launch
+
+    from .conftest import Served, free_port
+
+    _, scene, conversation = demo_scene(7)
+    picture = tmp_path / "scene.png"
+    Image.fromarray(scene.image).save(picture)
+    demo = build_app(load(SHIPPED_CHECKPOINT), examples=None, max_sessions=4, idle_timeout_s=600)
+    _, url, _ = launch(demo, host="127.0.0.1", port=free_port(), prevent_thread_lock=True, quiet=True)
+    try:
+        first, second = (r.question for r in conversation.rounds[:2])
+        _, shot = _two_rounds(browser, Served(demo, url.rstrip("/")), picture, first, second)
+        shutil.copyfile(shot, REPO / "docs" / "web_demo.png")
+    finally:
+        demo.close()
+        demo.segllm_store.close()
