@@ -110,6 +110,28 @@ def parse_decode(payload: str) -> DecodeTarget:
     raise InputError(f"MASK-DECODE payload {payload!r} matches none of the three forms of spec §1.1.")
 
 
+def format_round(question: str, target: DecodeTarget, opens_image: bool = False) -> list[dict[str, str]]:
+    """The (human, gpt) turns of one round, the form :func:`parse_conversation` reads back: the image
+    placeholder if the round opens the conversation, one (MASK-ENCODE, BOX-ENCODE) pair per reference in
+    ``target.ref_ids``, the question; the gpt turn is the one MASK-DECODE (task form when referring)."""
+    human = f"[IMAGE256:{target.image}] " if opens_image else ""
+    for ref in target.ref_ids:
+        where = f"{target.image}|{target.dataset}|{ref}"
+        human += f"[MASK-ENCODE:{where}][BOX-ENCODE:{where}]"
+    if target.ref_ids:
+        if not target.task_type or len(target.ref_ids) > 2:
+            raise ValueError("a referring MASK-DECODE needs a task type and one or two references")
+        payload = ":".join((target.task_type, *target.ref_ids, target.target_id, target.image, target.dataset))
+    else:
+        payload = f"{target.image}|{target.dataset}|{target.target_id}"
+    return [{"from": "human", "value": human + question}, {"from": "gpt", "value": f"[MASK-DECODE:{payload}]"}]
+
+
+def conversation_entry(conv_id: str, turns: Sequence[dict[str, str]]) -> dict[str, Any]:
+    """One entry of a conversation file (spec §1.1)."""
+    return {"id": conv_id, "task": "segmentation", "conversations": list(turns)}
+
+
 def read_conversations(path: PathLike) -> list[dict[str, Any]]:
     """Entries of a conversation JSON file, checked to be alternating human/gpt turns."""
     with open(path, encoding="utf-8") as f:

@@ -20,6 +20,9 @@ instance 1"), and the generator emits such a round only if
   scene gives a different (defined) answer, so a model that ignores the reference cannot answer it
   (see ``depends_on_reference``).
 
+The questions, their margins and these two checks are :mod:`segllm_jax.data.referring`'s (shared with
+conversations from COCO annotations); a :class:`Scene` is one of its layouts.
+
 On disk (``write_split``), following spec §1.1/§6::
 
     <out>/images/mrshapes/<split>/<index>.png        images (paths in placeholders are relative
@@ -43,11 +46,12 @@ import os
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Collection, Mapping, Sequence, Union
+from typing import Any, Mapping, Sequence, Union
 
 import numpy as np
 from PIL import Image
 
+from segllm_jax.data import referring
 from segllm_jax.data.conversations import (  # noqa: F401  (re-exported: the MR-Shapes API reads its JSON)
     DecodeTarget,
     MaskRef,
@@ -56,6 +60,23 @@ from segllm_jax.data.conversations import (  # noqa: F401  (re-exported: the MR-
     parse_placeholders,
     read_conversations,
 )
+from segllm_jax.data.referring import (  # noqa: F401  (re-exported: MR-Shapes' questions are these)
+    EXTREMES,
+    REFERRING_RELATIONS,
+    TEMPLATES,
+    Conversation,
+    Query,
+    Round,
+    answers_by_reference,
+    depends_on_reference,
+    describe,
+    direct_options,
+    generate_conversation,
+    question_type,
+    referring_options,
+    resolve,
+)
+from segllm_jax.data.rle import register_text, rle_decode, rle_encode  # noqa: F401  (re-exported)
 from segllm_jax.errors import InputError
 
 DATASET_NAME = "mrshapes"
@@ -84,20 +105,6 @@ _MIN_VISIBLE_FRACTION = 0.6  # of a shape's own area, after everything drawn lat
 _MIN_AREA = 60  # pixels, so the smallest shape is still recognisable at 128 px
 _PLACEMENT_TRIES = 60
 
-# Margins that make superlatives unique for a human too, not only for arg-max.
-_RATIO_MARGIN = 1.25  # nearest/farthest distances and largest/smallest areas differ by this factor
-_POSITION_MARGIN = 0.05  # leftmost/...: centres differ by this fraction of the image side
-_CONE = 1.25  # "left of": along-axis offset exceeds this times the cross-axis offset
-_CONE_AMBIGUOUS = 0.8  # between this and _CONE a shape is neither in nor clearly out of the cone
-
-EXTREMES = ("largest", "smallest", "leftmost", "rightmost", "topmost", "bottommost")
-REFERRING_RELATIONS = (
-    "same_color", "same_kind", "touching", "nearest", "farthest",
-    "left_of", "right_of", "above", "below",
-)
-_DIRECTIONS = {"left_of": (-1.0, 0.0), "right_of": (1.0, 0.0), "above": (0.0, -1.0), "below": (0.0, 1.0)}
-_TEMPLATES = ("Segment {}.", "Please segment {}.", "Can you segment {}?", "Where is {}?", "Find {}.")
-
 PathLike = Union[str, os.PathLike]
 
 
@@ -114,6 +121,13 @@ class Shape:
     center: tuple[float, float]  # (x, y) in pixels, x to the right, y down
     radius: float  # circumradius in pixels
     angle: float  # rotation in radians
+
+    def polygon(self) -> np.ndarray | None:
+        """[V, 2] (x, y) vertices in pixels, or None for the round kinds (circle, ring): what a
+        polygon annotation of the unoccluded shape would hold (tests write scenes as COCO files)."""
+        if self.kind in ("circle", "ring"):
+            return None
+        return _polygon(self.kind, self.radius, self.angle) + np.asarray(self.center)
 
     def raster(self, height: int, width: int) -> np.ndarray:
         """Boolean [H, W] mask of the pixels whose centre lies inside the shape (unoccluded)."""
@@ -176,7 +190,8 @@ def _inside_polygon(px: np.ndarray, py: np.ndarray, vertices: np.ndarray) -> np.
 
 @dataclass(frozen=True, eq=False)
 class Scene:
-    """An image, its instance map and the shapes in draw order (index = instance id)."""
+    """An image, its instance map and the shapes in draw order (index = instance id); a
+    :class:`segllm_jax.data.referring.Layout`, so the shared relations answer questions about it."""
 
     image: np.ndarray  # [H, W, 3] uint8
     instance_map: np.ndarray  # [H, W] int16: -1 background, i = shapes[i] visible there
@@ -185,6 +200,19 @@ class Scene:
     def mask(self, index: int) -> np.ndarray:
         """Visible (post-occlusion) boolean mask of instance ``index``."""
         return self.instance_map == index
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """[N] shape kinds: the nouns of the questions (``referring.Layout``)."""
+        return tuple(s.kind for s in self.shapes)
+
+    @property
+    def colors(self) -> tuple[str, ...]:
+        return tuple(s.color for s in self.shapes)
+
+    @property
+    def image_hw(self) -> tuple[int, int]:
+        return self.image.shape[:2]
 
     @cached_property
     def areas(self) -> np.ndarray:
@@ -301,225 +329,7 @@ def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray
 
 
 # ----------------------------------------------------------------------------------------------
-# Queries: what a round asks for, and the one function that answers it
-
-
-@dataclass(frozen=True)
-class Query:
-    """A description of a target. ``relation`` is "direct" (round 1) or a ``REFERRING_RELATIONS``
-    entry; ``kind``/``color`` restrict the candidates; ``extreme`` is for direct superlatives."""
-
-    relation: str
-    kind: str | None = None
-    color: str | None = None
-    extreme: str | None = None
-
-
-def resolve(scene: Scene, query: Query, ref: int | None = None) -> int | None:
-    """The unique instance ``query`` denotes (given reference instance ``ref``), or None.
-
-    None means "no answer or not unique enough for a person": the generator only emits rounds whose
-    answer this returns, and tests re-check every emitted round with it.
-    """
-    n = len(scene.shapes)
-    cands = [i for i in range(n)
-             if (query.kind is None or scene.shapes[i].kind == query.kind)
-             and (query.color is None or scene.shapes[i].color == query.color)]
-    if query.relation == "direct":
-        if query.extreme is None:
-            return cands[0] if len(cands) == 1 else None
-        return _unique_extreme(scene, cands, query.extreme)
-    if ref is None:
-        raise ValueError(f"relation {query.relation!r} needs a reference instance")
-    cands = [i for i in cands if i != ref]
-    ref_shape = scene.shapes[ref]
-    if query.relation == "same_color":
-        same = [i for i in cands if scene.shapes[i].color == ref_shape.color]
-        return same[0] if len(same) == 1 else None
-    if query.relation == "same_kind":
-        same = [i for i in cands if scene.shapes[i].kind == ref_shape.kind]
-        return same[0] if len(same) == 1 else None
-    if query.relation == "touching":
-        touching = [i for i in cands if scene.adjacency[ref, i]]
-        return _unique_by_ratio(touching, scene.areas[touching].astype(np.float64), largest=True)
-    offsets = scene.centers[cands] - scene.centers[ref]  # [C, 2]
-    dist = np.hypot(offsets[:, 0], offsets[:, 1])
-    if query.relation in ("nearest", "farthest"):
-        return _unique_by_ratio(cands, dist, largest=query.relation == "farthest")
-    if query.relation in _DIRECTIONS:
-        u = np.array(_DIRECTIONS[query.relation])
-        along = offsets @ u
-        across = np.abs(offsets @ np.array([-u[1], u[0]]))
-        in_cone = along > _CONE * across
-        # Shapes near the cone's edge may or may not count as "left of" for a person: they must
-        # not compete with the answer, so they stay in the distance comparison.
-        contenders = along > _CONE_AMBIGUOUS * across
-        if not in_cone.any():
-            return None
-        best = int(np.argmin(np.where(in_cone, dist, np.inf)))
-        rivals = dist[contenders & (np.arange(len(cands)) != best)]
-        return cands[best] if np.all(rivals >= _RATIO_MARGIN * dist[best]) else None
-    raise ValueError(f"unknown relation {query.relation!r}")
-
-
-def _unique_by_ratio(cands: Sequence[int], values: np.ndarray, largest: bool) -> int | None:
-    """The candidate whose value beats every other by ``_RATIO_MARGIN`` (a lone candidate wins)."""
-    if len(cands) == 0:
-        return None
-    order = np.argsort(-values if largest else values, kind="stable")
-    if len(cands) > 1:
-        best, second = values[order[0]], values[order[1]]
-        if (best < _RATIO_MARGIN * second) if largest else (second < _RATIO_MARGIN * best):
-            return None
-    return cands[int(order[0])]
-
-
-def _unique_extreme(scene: Scene, cands: Sequence[int], extreme: str) -> int | None:
-    """Superlative over at least two candidates ("the largest star" needs a second star)."""
-    if len(cands) < 2:
-        return None
-    if extreme in ("largest", "smallest"):
-        return _unique_by_ratio(cands, scene.areas[list(cands)].astype(np.float64),
-                                largest=extreme == "largest")
-    axis, sign = {"leftmost": (0, 1), "rightmost": (0, -1), "topmost": (1, 1), "bottommost": (1, -1)}[extreme]
-    key = sign * scene.centers[list(cands), axis]  # smaller is more extreme
-    order = np.argsort(key, kind="stable")
-    margin = _POSITION_MARGIN * min(scene.image.shape[:2])
-    return cands[int(order[0])] if key[order[1]] - key[order[0]] >= margin else None
-
-
-def answers_by_reference(scene: Scene, query: Query) -> dict[int, int | None]:
-    """What a referring query answers for every possible reference instance of the scene."""
-    return {r: resolve(scene, query, r) for r in range(len(scene.shapes))}
-
-
-def depends_on_reference(scene: Scene, query: Query, ref: int) -> bool:
-    """True iff ``query`` has a unique answer for ``ref`` and another instance as reference would
-    give a different defined answer, i.e. the question alone (without the mask memory) is ambiguous."""
-    target = resolve(scene, query, ref)
-    return target is not None and any(
-        a is not None and a != target for a in answers_by_reference(scene, query).values())
-
-
-def describe(query: Query, ref_round: int | None = None) -> str:
-    """English noun phrase; earlier answers are named "instance k" (k = 1-based round)."""
-    noun = " ".join(w for w in (query.color, query.kind or "shape") if w)
-    if query.relation == "direct":
-        return f"the {query.extreme} {noun}" if query.extreme else f"the {noun}"
-    inst = f"instance {ref_round + 1}"
-    phrases = {
-        "same_color": f"the other {noun} with the same color as {inst}",
-        "same_kind": f"the other {noun} of the same type as {inst}",
-        "touching": f"the largest {noun} touching {inst}",
-        "nearest": f"the {noun} nearest to {inst}",
-        "farthest": f"the {noun} farthest from {inst}",
-        "left_of": f"the nearest {noun} to the left of {inst}",
-        "right_of": f"the nearest {noun} to the right of {inst}",
-        "above": f"the nearest {noun} above {inst}",
-        "below": f"the nearest {noun} below {inst}",
-    }
-    return phrases[query.relation]
-
-
-# ----------------------------------------------------------------------------------------------
-# Conversations
-
-
-@dataclass(frozen=True)
-class Round:
-    """One question/answer round. ``ref_round`` is the 0-based index of the earlier round whose
-    answer the question is about (None in round 1)."""
-
-    query: Query
-    target: int  # instance index of the answer
-    ref_round: int | None
-    question: str  # text as written to the JSON; earlier answers appear as "instance k"
-
-    @property
-    def tagged_question(self) -> str:
-        """The question in the inference CLI/session form, with the reference as ``[REF:k]``."""
-        return self.question if self.ref_round is None else f"{self.question}[REF:{self.ref_round + 1}]"
-
-
-@dataclass(frozen=True)
-class Conversation:
-    rounds: tuple[Round, ...]
-
-    def reference_instance(self, round_index: int) -> int | None:
-        """Instance index a round refers to (the answer of its ``ref_round``)."""
-        ref = self.rounds[round_index].ref_round
-        return None if ref is None else self.rounds[ref].target
-
-
-def _direct_options(scene: Scene) -> list[tuple[Query, int]]:
-    kinds = sorted({s.kind for s in scene.shapes})
-    colors = sorted({s.color for s in scene.shapes})
-    filters = [(None, None)] + [(k, None) for k in kinds] + [(None, c) for c in colors] + \
-              [(k, c) for k in kinds for c in colors]
-    options = []
-    for kind, color in filters:
-        for extreme in (None,) + EXTREMES:
-            if kind is None and color is None and extreme is None:
-                continue  # "the shape" is never unique with 3+ shapes
-            query = Query("direct", kind=kind, color=color, extreme=extreme)
-            target = resolve(scene, query)
-            if target is not None:
-                options.append((query, target))
-    return options
-
-
-def _referring_options(scene: Scene, references: Sequence[int],
-                       exclude: Collection[int] = ()) -> dict[str, list[tuple[int, Query, int]]]:
-    """Valid (index into ``references``, query, target) per relation: unique, reference-dependent, and a
-    target outside ``exclude``. ``references`` are instance indices (a conversation's earlier answers)."""
-    kinds = sorted({s.kind for s in scene.shapes})
-    colors = sorted({s.color for s in scene.shapes})
-    options: dict[str, list[tuple[int, Query, int]]] = {}
-    for relation in REFERRING_RELATIONS:
-        filters = [(None, None)]
-        if relation != "same_kind":
-            filters += [(k, None) for k in kinds]
-        if relation != "same_color":
-            filters += [(None, c) for c in colors]
-        for position, ref in enumerate(references):
-            for kind, color in filters:
-                query = Query(relation, kind=kind, color=color)
-                target = resolve(scene, query, ref)
-                if target is not None and target not in exclude and depends_on_reference(scene, query, ref):
-                    options.setdefault(relation, []).append((position, query, target))
-    return options
-
-
-def generate_conversation(scene: Scene, rng: np.random.Generator, max_rounds: int = 6) -> Conversation:
-    """A conversation of 1..``max_rounds`` rounds (length drawn in [2, max_rounds] and cut short when
-    no valid referring round remains). Rounds ≥ 2 each refer to one earlier answer and have a new,
-    reference-dependent target. Empty only if no shape of the scene can be named uniquely."""
-    if max_rounds < 1:
-        raise InputError(f"max_rounds must be at least 1, got {max_rounds}.")
-    n_rounds = int(rng.integers(min(2, max_rounds), max_rounds + 1))
-    direct = _direct_options(scene)
-    if not direct:
-        return Conversation(rounds=())
-    query, target = direct[int(rng.integers(len(direct)))]
-    rounds = [Round(query, target, None, _question(rng, describe(query)))]
-    while len(rounds) < n_rounds:
-        answered = [r.target for r in rounds]
-        options = _referring_options(scene, answered, set(answered))
-        if not options:
-            break
-        relation = sorted(options)[int(rng.integers(len(options)))]
-        ref_round, query, target = options[relation][int(rng.integers(len(options[relation])))]
-        rounds.append(Round(query, target, ref_round, _question(rng, describe(query, ref_round))))
-    return Conversation(rounds=tuple(rounds))
-
-
-def question_type(question: str, task_type: str | None) -> str:
-    """A round's question type for per-type metrics: the relation of a referring round (its MASK-DECODE
-    task type), else "superlative" or "attribute" for a direct question (by its extreme word)."""
-    if task_type:
-        return task_type
-    words = set(question.lower().replace("?", " ").replace(".", " ").split())
-    return "superlative" if words & set(EXTREMES) else "attribute"
+# Questions (the relations themselves live in segllm_jax.data.referring)
 
 
 def vocabulary_text() -> str:
@@ -529,43 +339,11 @@ def vocabulary_text() -> str:
                for e in (*EXTREMES, None)]
     queries += [Query(r) for r in REFERRING_RELATIONS]
     phrases = [describe(q, ref_round=8) for q in queries] + [f"instance {k}" for k in range(1, 10)]
-    return " ".join(t.format(p) for t in _TEMPLATES for p in phrases[:1]) + " " + " ".join(phrases)
-
-
-def _question(rng: np.random.Generator, noun_phrase: str) -> str:
-    return _TEMPLATES[int(rng.integers(len(_TEMPLATES)))].format(noun_phrase)
+    return " ".join(t.format(p) for t in TEMPLATES for p in phrases[:1]) + " " + " ".join(phrases)
 
 
 # ----------------------------------------------------------------------------------------------
-# COCO uncompressed RLE
-
-
-def rle_encode(mask: np.ndarray) -> dict[str, Any]:
-    """COCO uncompressed RLE of a 2-D mask: column-major runs, starting with a (maybe empty) 0-run."""
-    mask = np.asarray(mask, bool)
-    if mask.ndim != 2:
-        raise InputError(f"an RLE mask must be 2-D, got shape {mask.shape}.")
-    flat = mask.ravel(order="F")
-    if flat.size == 0:
-        return {"size": list(mask.shape), "counts": []}
-    change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
-    runs = np.diff(np.concatenate([[0], change, [flat.size]]))
-    if flat[0]:
-        runs = np.concatenate([[0], runs])
-    return {"size": [int(mask.shape[0]), int(mask.shape[1])], "counts": [int(c) for c in runs]}
-
-
-def rle_decode(rle: Mapping[str, Any]) -> np.ndarray:
-    """Boolean [H, W] mask from COCO uncompressed RLE (compressed string counts are not supported)."""
-    height, width = (int(v) for v in rle["size"])
-    if isinstance(rle["counts"], (str, bytes)):
-        raise InputError("compressed RLE (string counts) is not supported; store uncompressed counts lists.")
-    counts = np.asarray(rle["counts"], np.int64)
-    if np.any(counts < 0) or counts.sum() != height * width:
-        raise InputError(f"RLE counts sum to {counts.sum()} but size is {height}x{width}; "
-                         "the register is corrupt.")
-    values = np.arange(len(counts)) % 2 == 1
-    return np.repeat(values, counts).reshape((height, width), order="F")
+# The register
 
 
 def read_register(path: PathLike) -> dict[str, dict[str, Any]]:
@@ -590,22 +368,8 @@ def load_mask(register: Mapping[str, Mapping[str, Any]] | PathLike, mask_id: str
 
 def conversation_to_json(conversation: Conversation, image: str, mask_ids: Sequence[str],
                          conv_id: str) -> dict[str, Any]:
-    """One released-format entry. ``image`` is relative to the images folder; ``mask_ids[i]`` is the
-    register id of instance i. Referring rounds use the one-reference MASK-DECODE payload
-    ``task_type:ref_id:tgt_id:img:dataset`` with the relation as task type."""
-    turns = []
-    for r in conversation.rounds:
-        target = mask_ids[r.target]
-        if r.ref_round is None:
-            human = f"[IMAGE256:{image}] {r.question}"
-            gpt = f"[MASK-DECODE:{image}|{DATASET_NAME}|{target}]"
-        else:
-            ref = mask_ids[conversation.rounds[r.ref_round].target]
-            human = (f"[MASK-ENCODE:{image}|{DATASET_NAME}|{ref}]"
-                     f"[BOX-ENCODE:{image}|{DATASET_NAME}|{ref}]{r.question}")
-            gpt = f"[MASK-DECODE:{r.query.relation}:{ref}:{target}:{image}:{DATASET_NAME}]"
-        turns += [{"from": "human", "value": human}, {"from": "gpt", "value": gpt}]
-    return {"id": conv_id, "task": "segmentation", "conversations": turns}
+    """One released-format entry of an MR-Shapes conversation (see ``referring.conversation_to_json``)."""
+    return referring.conversation_to_json(conversation, image, DATASET_NAME, mask_ids, conv_id)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -636,7 +400,7 @@ def write_split(out_dir: PathLike, split: str, n: int, seed: int, max_rounds: in
         register.update({m: rle_encode(mask) for m, mask in record.masks.items()})
         entries.append(record.entry)
     files.conversations.write_text(json.dumps(entries, indent=1) + "\n", encoding="utf-8")
-    files.register.write_text(json.dumps(register, separators=(",", ":")) + "\n", encoding="utf-8")
+    files.register.write_text(register_text(register), encoding="utf-8")
     return files
 
 

@@ -25,7 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from segllm_jax.data import mrshapes
+from segllm_jax.data import mrshapes, referring
+from segllm_jax.data.conversations import DecodeTarget, conversation_entry, format_round
 from segllm_jax.data.mrshapes import DATASET_NAME, Query, Scene
 from segllm_jax.errors import InputError
 
@@ -41,17 +42,17 @@ def grounding_rounds(scene: Scene, rng: np.random.Generator, n_rounds: int = 6, 
     question with probability ``attribute_share`` (when the scene has one), else a superlative.
     Targets may repeat across rounds: the rounds do not depend on each other.
     """
-    direct = mrshapes._direct_options(scene)
+    direct = referring.direct_options(scene)
     if not direct:
         return []
     attributes = [o for o in direct if o[0].extreme is None]
     superlatives = [o for o in direct if o[0].extreme is not None]
-    referring = [(ref, q, t) for options in mrshapes._referring_options(scene, range(len(scene.shapes))).values()
-                 for ref, q, t in options]
+    relational = [(ref, q, t) for options in referring.referring_options(scene, range(len(scene.shapes))).values()
+                  for ref, q, t in options]
     rounds: list[tuple[Query, int, int | None]] = []
     for k in range(n_rounds):
-        if k > 0 and referring and rng.random() < referring_share:
-            ref, query, target = referring[int(rng.integers(len(referring)))]
+        if k > 0 and relational and rng.random() < referring_share:
+            ref, query, target = relational[int(rng.integers(len(relational)))]
             rounds.append((query, target, ref))
             continue
         pool = attributes if attributes and (not superlatives or rng.random() < attribute_share) else superlatives
@@ -68,19 +69,15 @@ def grounding_entry(seed: int, index: int, n_rounds: int = 6) -> dict:
     mask_id = [f"train_{index:06d}_{i}" for i in range(len(scene.shapes))].__getitem__
     turns = []
     for k, (query, target, ref) in enumerate(grounding_rounds(scene, rng, n_rounds)):
-        image_tag = f"[IMAGE256:{image}] " if k == 0 else ""
         if ref is None:
-            question = mrshapes._question(rng, mrshapes.describe(query))
-            human = f"{image_tag}{question}"
-            gpt = f"[MASK-DECODE:{image}|{DATASET_NAME}|{mask_id(target)}]"
+            question = referring.question(rng, referring.describe(query))
+            decode = DecodeTarget(image, DATASET_NAME, mask_id(target))
         else:
             # "instance k" names an earlier round in a real conversation; here any earlier number
-            question = mrshapes._question(rng, mrshapes.describe(query, int(rng.integers(max(k, 1)))))
-            human = (f"{image_tag}[MASK-ENCODE:{image}|{DATASET_NAME}|{mask_id(ref)}]"
-                     f"[BOX-ENCODE:{image}|{DATASET_NAME}|{mask_id(ref)}]{question}")
-            gpt = f"[MASK-DECODE:{query.relation}:{mask_id(ref)}:{mask_id(target)}:{image}:{DATASET_NAME}]"
-        turns += [{"from": "human", "value": human}, {"from": "gpt", "value": gpt}]
-    return {"id": f"{DATASET_NAME}_grounding_{index:06d}", "task": "segmentation", "conversations": turns}
+            question = referring.question(rng, referring.describe(query, int(rng.integers(max(k, 1)))))
+            decode = DecodeTarget(image, DATASET_NAME, mask_id(target), (mask_id(ref),), query.relation)
+        turns += format_round(question, decode, opens_image=k == 0)
+    return conversation_entry(f"{DATASET_NAME}_grounding_{index:06d}", turns)
 
 
 def write_grounding(out_dir: str | Path, n: int, seed: int, n_rounds: int = 6) -> Path:

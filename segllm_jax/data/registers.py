@@ -34,7 +34,7 @@ import numpy as np
 from PIL import Image, ImageDraw, UnidentifiedImageError
 from pycocotools import mask as mask_utils
 
-from segllm_jax.data.mrshapes import rle_decode
+from segllm_jax.data.rle import rle_decode
 from segllm_jax.errors import ConfigError, InputError
 
 PathLike = Union[str, os.PathLike]
