@@ -5,7 +5,8 @@
 #
 # Every stage is an ordinary `segllm-jax train` with its own workdir (rerun the script to resume a stage
 # that was interrupted; a finished stage is not trained again) and stage 2 starts from stage 1's exported
-# model through `init_checkpoint`. Wall times go to RUN_DIR/timings.json. docs/learning_proof.md has the
+# model through `init_checkpoint`. Wall times go to RUN_DIR/timings.json, the evidence to
+# RUN_DIR/stage2/model/RESULTS.json (configs/tiny_mrshapes_results.py). docs/learning_proof.md has the
 # numbers of the shipped run and what each part of the recipe buys.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,3 +35,5 @@ times = {"stage1_with_data_s": round(t1 - t0, 1), "stage2_s": round(t2 - t1, 1),
 open(f"{run}/timings.json", "w").write(json.dumps(times, indent=1) + "\n")
 print(times)
 PY
+# RESULTS.json (test, fresh seed, CI subset, demo); INSTALL=checkpoints/tiny_mrshapes also ships the model
+"${PYTHON:-python}" configs/tiny_mrshapes_results.py "$RUN" ${INSTALL:+--install "$INSTALL"}

@@ -263,7 +263,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     modes = ["teacher", "autoregressive"] if args.mode == "both" else [args.mode]
     results, failures = run_eval(load(args.checkpoint), args.data, args.out, modes,
-                                 ablate_memory=args.ablate_memory, limit=args.limit)
+                                 ablate_memory=args.ablate_memory, limit=args.limit, best_query=args.best_query)
     for name, metrics in results.items():
         print(f"### {name}\n\n{metrics.markdown()}\n")
     for failure in failures:
@@ -416,6 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="eval_out")
     p.add_argument("--mode", default="both", choices=["teacher", "autoregressive", "both"])
     p.add_argument("--ablate-memory", action="store_true", help="also evaluate with the [REF] embeddings zeroed")
+    p.add_argument("--best-query", action="store_true",
+                   help="also score the query that overlaps the ground truth best (diagnosis: choice vs. mask errors)")
     p.add_argument("--limit", type=positive_int(), default=None, help="first N conversations of each file")
 
     p = command("make-mrshapes", _make_mrshapes, "generate MR-Shapes splits (conversation JSON, optionally TFDS)")

@@ -11,6 +11,11 @@ Two modes, as the original evaluates:
 
 ``ablate_memory=True`` zeroes the mask-encode and box-encode embeddings (gate 0 instead of the
 evaluation's 0.5): the no-memory ablation. IoUs are counted in the HIPIE frame, as the original does.
+
+``best_query=True`` (a diagnosis, not a result) also scores, per round, the mask of the HIPIE query that
+overlaps the ground truth best, whatever its score: the answer a perfect choice among the decoder's
+queries would give for the same prompt. Its gap to the real answer is the share of the error that is
+*which* object was chosen (grounding); its own gap to 1 is how well the chosen objects are segmented.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from segllm_jax.errors import InputError, SegLLMError
 from segllm_jax.eval.charts import line_chart
 from segllm_jax.eval.data_spec import EvalData, read_entries
 from segllm_jax.eval.metrics import RoundMetrics
-from segllm_jax.models.hipie.model import image_features_jit, predict
+from segllm_jax.models.hipie.model import Hipie, image_features_jit, predict, segment_jit, selected_mask_jit
 from segllm_jax.outputs import atomic_write_text, make_output_folder
 from segllm_jax.tokenizer import ConversationEncoder
 
@@ -49,6 +54,26 @@ def _prompts(model, batch: batching.ConversationBatch) -> jax.Array:
     return batching.forward(model, batch)[1]
 
 
+@nnx.jit
+def _query_masks(hipie: Hipie, outputs) -> jax.Array:
+    return hipie.all_pred_masks(outputs) > 0  # [N, Q, H/4, W/4]
+
+
+def best_query_masks(hipie: Hipie, levels, prompts: jax.Array, gt_masks: np.ndarray) -> np.ndarray:
+    """Per prompt, the frame mask [N, H, W] of the foreground query whose stride-4 mask has the highest IoU
+    with the GT (GT reduced to stride 4 by majority): the oracle choice among the decoder's queries."""
+    n = prompts.shape[0]
+    out = segment_jit(hipie, levels, prompts, jnp.zeros(n, jnp.int32))
+    small = np.asarray(_query_masks(hipie, out))[:, hipie.cfg.num_bg_queries:]  # [N, Qfg, h, w]
+    h, w = small.shape[-2:]
+    gt = np.asarray(gt_masks[:n], bool)
+    gt_small = gt.reshape(n, h, gt.shape[1] // h, w, gt.shape[2] // w).mean((2, 4)) > 0.5  # [N, h, w]
+    inter = (small & gt_small[:, None]).sum((-2, -1))
+    union = (small | gt_small[:, None]).sum((-2, -1))
+    best = np.argmax(inter / np.maximum(union, 1), axis=1) + hipie.cfg.num_bg_queries
+    return np.asarray(selected_mask_jit(hipie, out, jnp.asarray(best, jnp.int32))[1])
+
+
 def _products(frame_u8: np.ndarray, mask: np.ndarray, box_xyxy: np.ndarray, frame: int,
               clip_size: int) -> batching.Reference:
     """A predicted round as a reference, exactly as the inference CLI re-encodes it (spec §3, 1024 frame)."""
@@ -57,7 +82,8 @@ def _products(frame_u8: np.ndarray, mask: np.ndarray, box_xyxy: np.ndarray, fram
     return batching.Reference(crop, np.asarray([y0, x0, y1, x1], np.float32) / frame)
 
 
-def _evaluate_one(loaded: Loaded, example: dict, entry: dict, mode: Mode, gate: float, limit_rounds: int | None):
+def _evaluate_one(loaded: Loaded, example: dict, entry: dict, mode: Mode, gate: float, limit_rounds: int | None,
+                  best_query: bool = False):
     cfg = loaded.config
     convs, clip, image_of_row, references = collate_inputs([example])
     levels = image_features_jit(loaded.model.segmentator, jnp.asarray(example["hipie_image"])[None])
@@ -83,16 +109,20 @@ def _evaluate_one(loaded: Loaded, example: dict, entry: dict, mode: Mode, gate: 
                 row.append(predicted[j] if j < k else gt_ref)
             updated.append(row)
         references = [updated]
-    return pred.masks, example["target_masks"][: len(rounds)], pred.boxes_xyxy
+    gt = example["target_masks"][: len(rounds)]
+    best = best_query_masks(loaded.model.segmentator, levels, prompts, gt) if best_query else None
+    return pred.masks, gt, pred.boxes_xyxy, best
 
 
 def evaluate(loaded: Loaded, data: EvalData, mode: Mode = "autoregressive", *, ablate_memory: bool = False,
              limit: int | None = None, limit_rounds: int | None = 6, progress: bool = True,
-             failures: list[dict] | None = None, by_type: dict[str, RoundMetrics] | None = None) -> RoundMetrics:
+             failures: list[dict] | None = None, by_type: dict[str, RoundMetrics] | None = None,
+             best_query: RoundMetrics | None = None) -> RoundMetrics:
     """Metrics per round over every conversation of ``data`` (the first ``limit`` of each file).
 
     With a ``by_type`` dict, every round is also pooled by its question type
-    (:func:`segllm_jax.data.mrshapes.question_type`), in round slot 0 of ``by_type[type]``.
+    (:func:`segllm_jax.data.mrshapes.question_type`), in round slot 0 of ``by_type[type]``. With a
+    ``best_query`` accumulator, the oracle choice among the queries is scored into it (module docstring).
 
     With a ``failures`` list, a conversation that cannot be used (missing image, bad annotation) is
     appended to it as ``{"id", "error"}`` and skipped; without one, its error is raised.
@@ -110,13 +140,16 @@ def evaluate(loaded: Loaded, data: EvalData, mode: Mode = "autoregressive", *, a
     for n, entry in enumerate(tqdm(entries, desc=f"eval ({mode})", unit="conv", disable=not progress)):
         try:
             example = builder.build(entry)
-            pred_masks, gt_masks, boxes = _evaluate_one(loaded, example, entry, mode, gate, limit_rounds)
+            pred_masks, gt_masks, boxes, best = _evaluate_one(loaded, example, entry, mode, gate, limit_rounds,
+                                                              best_query is not None)
         except SegLLMError as e:
             if failures is None:
                 raise
             failures.append({"id": str(entry.get("id", f"#{n}")), "error": str(e)})
             continue
         metrics.add_conversation(list(pred_masks), list(gt_masks), list(boxes))
+        if best_query is not None:
+            best_query.add_conversation(list(best), list(gt_masks))
         if by_type is not None:
             rounds = parse_conversation(entry, limit_rounds).rounds
             for r, pred, gt, box in zip(rounds, pred_masks, gt_masks, boxes):
@@ -159,18 +192,22 @@ def write_report(results: dict[str, RoundMetrics], out: str | Path,
 
 
 def run_eval(loaded: Loaded, data_spec: str, out: str | Path, modes: Sequence[Mode], *, ablate_memory: bool = False,
-             limit: int | None = None) -> tuple[dict[str, RoundMetrics], list[dict]]:
+             limit: int | None = None, best_query: bool = False) -> tuple[dict[str, RoundMetrics], list[dict]]:
     """Evaluates and writes the report; returns the metrics and the conversations that failed (each
     ``{"id", "error"}``, once even if several modes met it). Refuses (writing nothing) when every
-    conversation failed: there is nothing to report."""
+    conversation failed: there is nothing to report. ``best_query`` adds a "MODE (best query)" result
+    per mode (the diagnosis in the module docstring)."""
     data = EvalData.parse(data_spec).check()
     results, failures, by_type = {}, {}, {}
     for mode in modes:
         for ablate in (False, True) if ablate_memory else (False,):
             name = f"{mode} (no memory)" if ablate else mode
             failures[name], by_type[name] = [], {}
+            oracle = RoundMetrics() if best_query and not ablate else None
             results[name] = evaluate(loaded, data, mode, ablate_memory=ablate, limit=limit,
-                                     failures=failures[name], by_type=by_type[name])
+                                     failures=failures[name], by_type=by_type[name], best_query=oracle)
+            if oracle is not None:
+                results[f"{mode} (best query)"] = oracle
     if all(m.num_rounds == 0 for m in results.values()):
         first = next((f for fs in failures.values() for f in fs), None)
         raise InputError("no conversation could be evaluated" + (f"; the first, {first['id']}: {first['error']}"

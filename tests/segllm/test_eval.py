@@ -73,3 +73,49 @@ def test_an_oracle_scores_one(tiny, split, monkeypatch):
     rounds = [k for k in summary if k.startswith("oIoU_round")]
     assert rounds and all(summary[k] == pytest.approx(1.0) for k in rounds)
     assert all(summary[k.replace("oIoU", "P@0.5")] == 1.0 for k in rounds)
+
+
+def test_best_query_is_the_decoders_best_overlapping_query(tiny, split, tmp_path):
+    """``--best-query`` scores, per round, the query whose mask overlaps the GT best: recomputed here
+    query by query (each query's own full-frame mask), the choice and the mask must be the same."""
+    import jax.numpy as jnp
+
+    from segllm_jax import batch as batching
+    from segllm_jax.data.pipeline import collate_inputs
+    from segllm_jax.data.registers import AnnotationRegistry
+    from segllm_jax.models.hipie.model import image_features_jit, segment_jit, selected_mask_jit
+    from segllm_jax.tokenizer import ConversationEncoder
+
+    root, loaded = tiny
+    cfg, hipie = loaded.config, loaded.model.segmentator
+    data = EvalData.parse(f"mrshapes:{split}:test")
+    builder = ExampleBuilder(ConversationEncoder(loaded.tokenizer, cfg.num_image_tokens),
+                             AnnotationRegistry(data.registers, data.annotations_root), split / "images", 6,
+                             cfg.context_length, cfg.vision.image_size, cfg.hipie_image_size, is_eval=True)
+    example = builder.build(json.loads((split / "conversations" / "mrshapes_test.json").read_text())[0])
+    convs, clip, image_of_row, references = collate_inputs([example])
+    batch = batching.collate(convs, clip, image_of_row, references, gate=cfg.eval_reference_gate,
+                             pad_to=batching.bucketed(convs[0].num_tokens))
+    prompts = evaluate_module._prompts(loaded.model, batch)
+    levels = image_features_jit(hipie, jnp.asarray(example["hipie_image"])[None])
+    gt = example["target_masks"][: prompts.shape[0]] > 0
+    got = evaluate_module.best_query_masks(hipie, levels, prompts, gt)
+
+    n, nb = prompts.shape[0], cfg.hipie.num_bg_queries
+    out = segment_jit(hipie, levels, prompts, jnp.zeros(n, jnp.int32))
+    small = np.asarray(hipie.all_pred_masks(out)) > 0  # [N, Q, h, w]
+    h = small.shape[-2]
+    s = gt.shape[-1] // h
+    for r in range(n):
+        gt_small = gt[r].reshape(h, s, -1, s).mean((1, 3)) > 0.5
+        ious = [np.sum(m & gt_small) / max(np.sum(m | gt_small), 1) for m in small[r, nb:]]
+        q = nb + int(np.argmax(ious))
+        full = np.asarray(selected_mask_jit(hipie, out, jnp.full((n,), q, jnp.int32))[1])[r]
+        np.testing.assert_array_equal(got[r], full)
+
+    code = main(["eval", "--checkpoint", str(root / "converted"), "--data", f"mrshapes:{split}:test",
+                 "--out", str(tmp_path / "eval"), "--mode", "teacher", "--best-query", "--limit", "1"])
+    assert code == 0
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert set(metrics) == {"teacher", "teacher (best query)"}
+    assert metrics["teacher (best query)"]["n_round0"] == metrics["teacher"]["n_round0"] == 1
