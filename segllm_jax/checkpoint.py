@@ -100,11 +100,13 @@ def _nest(flat: Mapping[str, np.ndarray]) -> dict:
     return tree
 
 
-def _flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
+def flatten_tree(tree: Mapping, prefix: str = "") -> dict[str, Any]:
+    """'/'-joined path -> leaf of a nested dict (an orbax tree): the inverse of how :func:`save` nests
+    parameter paths, so readers of a checkpoint item (``export``) see the names the model uses."""
     out = {}
     for k, v in tree.items():
         if isinstance(v, Mapping):
-            out.update(_flatten(v, f"{prefix}{k}/"))
+            out.update(flatten_tree(v, f"{prefix}{k}/"))
         else:
             out[f"{prefix}{k}"] = v
     return out
@@ -150,7 +152,7 @@ def _stored(folder: Path) -> dict[str, Any]:
     folder_checks.check_params(folder.parent, folder.name)
     try:
         with ocp.PyTreeCheckpointer() as ckptr:
-            return _flatten(ckptr.metadata(folder).item_metadata.tree)
+            return flatten_tree(ckptr.metadata(folder).item_metadata.tree)
     except Exception as e:  # noqa: BLE001 - orbax reports damage with many exception types
         raise _damaged(folder, e) from e
 
@@ -178,7 +180,7 @@ def restore_arrays(directory: str | Path, module: nnx.Module) -> nnx.Module:
     target = _nest({k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in want.items()})
     try:
         with ocp.PyTreeCheckpointer() as ckptr:
-            restored = _flatten(ckptr.restore(params_dir, args=ocp.args.PyTreeRestore(
+            restored = flatten_tree(ckptr.restore(params_dir, args=ocp.args.PyTreeRestore(
                 item=target, restore_args=jax.tree.map(lambda s: ocp.RestoreArgs(restore_type=np.ndarray), target))))
     except Exception as e:  # noqa: BLE001 - a truncated data file surfaces only here (OUT_OF_RANGE, ...)
         raise _damaged(params_dir, e) from e
@@ -202,7 +204,7 @@ def restore_sharded(directory: str | Path, targets: Mapping[str, jax.ShapeDtypeS
                         tree)
     try:
         with ocp.PyTreeCheckpointer() as ckptr:
-            return _flatten(ckptr.restore(folder, args=ocp.args.PyTreeRestore(item=tree, restore_args=args)))
+            return flatten_tree(ckptr.restore(folder, args=ocp.args.PyTreeRestore(item=tree, restore_args=args)))
     except Exception as e:  # noqa: BLE001 - see restore_arrays
         raise _damaged(folder, e) from e
 

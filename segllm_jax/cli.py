@@ -150,7 +150,7 @@ def _read_script(path: str) -> list[str]:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from segllm_jax_convert.destination import check_destination
+    from segllm_jax.outputs import check_destination
 
     init_sources = (args.llava, args.clip, args.hipie)
     if any(init_sources):

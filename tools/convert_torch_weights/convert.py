@@ -20,8 +20,8 @@ from segllm_jax import checkpoint
 from segllm_jax.config import HipieConfig, LlamaConfig, SegLLMConfig, VisionConfig, load_json
 from segllm_jax.errors import CheckpointError
 from segllm_jax.models.segllm import box_encoder, seg_predictor
+from segllm_jax.outputs import check_destination, written_atomically
 from segllm_jax_convert.clip import clip_vision_table
-from segllm_jax_convert.destination import check_destination, written_atomically
 from segllm_jax_convert.engine import MappingTable, convert, flat_targets
 from segllm_jax_convert.hipie import SEGLLM_PREFIX, hipie_table
 from segllm_jax_convert.io import TensorSource, open_checkpoint

@@ -33,13 +33,12 @@ import ml_dtypes
 import numpy as np
 
 from segllm_jax import checkpoint_folder
-from segllm_jax.checkpoint import PARAMS, TRAINING_PARAMS
+from segllm_jax.checkpoint import PARAMS, TRAINING_PARAMS, flatten_tree
 from segllm_jax.config import LlamaConfig, SegLLMConfig, VisionConfig
 from segllm_jax.errors import CheckpointError, InputError
-from segllm_jax.outputs import atomic_write_text
+from segllm_jax.outputs import atomic_write_text, check_destination, written_atomically
 from segllm_jax_convert.clip import clip_vision_table
 from segllm_jax_convert.convert import TOKENIZER_FILES
-from segllm_jax_convert.destination import check_destination, written_atomically
 from segllm_jax_convert.engine import MappingTable
 from segllm_jax_convert.hipie import SEGLLM_PREFIX, hipie_table
 from segllm_jax_convert.io import open_checkpoint
@@ -115,8 +114,6 @@ def read_item(ckpt: Path, item: str) -> dict[str, np.ndarray]:
     """'/'-joined path -> array of ``ckpt/item`` (orbax), as stored (dtype kept)."""
     import orbax.checkpoint as ocp
 
-    from segllm_jax.checkpoint import _flatten
-
     folder = ckpt.absolute() / item
     checkpoint_folder.check_params(ckpt, item)
     try:
@@ -125,7 +122,7 @@ def read_item(ckpt: Path, item: str) -> dict[str, np.ndarray]:
     except Exception as e:  # noqa: BLE001 - orbax reports damage with many exception types
         raise CheckpointError(f"{folder} cannot be read; the parameters are damaged or truncated "
                               f"({type(e).__name__}).") from None
-    return {k: np.asarray(v) for k, v in _flatten(tree).items()}
+    return {k: np.asarray(v) for k, v in flatten_tree(tree).items()}
 
 
 def _dn_resizer() -> tuple[str, Callable[[str], MappingTable]]:
