@@ -288,6 +288,22 @@ def _make_mrshapes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _make_conversations(args: argparse.Namespace) -> int:
+    from segllm_jax.data.coco_conversations import CocoOptions, write_conversations
+    from segllm_jax.outputs import check_destination
+
+    if not Path(args.images).is_dir():
+        raise InputError(f"--images {args.images} is not a folder; pass the folder the COCO file's file_name "
+                         "paths are relative to.")
+    options = CocoOptions(rounds=args.rounds, per_image=args.per_image, seed=args.seed, name=args.name)
+    check_destination(args.out, [args.coco, args.images], args.overwrite)
+    files = write_conversations(args.coco, args.images, args.out, options, progress=not args.quiet)
+    print(files.summary)
+    print(f"next: SEGLLM_DATA={files.out} segllm-jax train --config configs/fine_tune.py ..., or "
+          f"segllm-jax eval --data {files.data} ... (docs/fine_tuning.md)")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from segllm_jax.outputs import check_output_folder
 
@@ -431,6 +447,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-rounds", type=positive_int(64), default=6, help="rounds per conversation, at most")
     p.add_argument("--tfds", action="store_true", help="also write OUT/tfds/mrshapes/<version> (array_record; "
                    "val is TFDS's 'validation' split)")
+
+    p = command("make-conversations", _make_conversations,
+                "referring conversations (JSON + annotation register) from COCO-format instance annotations")
+    p.add_argument("--coco", required=True, type=existing_file,
+                   help="COCO instances JSON (polygons or RLE; optional RefCOCO-style 'refs')")
+    p.add_argument("--images", required=True, type=existing_path, help="the folder its file_name paths are under")
+    p.add_argument("--out", required=True, help="new folder for conversations/, annotations/, data.json, report.json")
+    p.add_argument("--rounds", type=positive_int(64), default=4, help="rounds per conversation, at most")
+    p.add_argument("--per-image", type=positive_int(1000), default=1, help="conversations drawn per image")
+    p.add_argument("--seed", type=non_negative_int(), default=0, help="the same file and seed give the same files")
+    p.add_argument("--name", default="coco_conversations", help="dataset name in the placeholders and file names")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a non-empty OUT (written aside, swapped in only when complete)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     p = command("demo", _demo, "the trained tiny model on a 4-round MR-Shapes conversation (the README's first "
                                "command)")

@@ -318,7 +318,7 @@ def generate_conversation(layout: Layout, rng: np.random.Generator, max_rounds: 
     rounds = [Round(query, target, None, question(rng, describe(query, default_noun=rules.default_noun)))]
     while len(rounds) < n_rounds:
         answered = [r.target for r in rounds]
-        excluded = set(answered) if eligible is None else set(answered) | (set(range(len(layout.kinds))) - set(eligible))
+        excluded = set(answered) | (set() if eligible is None else set(range(len(layout.kinds))) - set(eligible))
         options = referring_options(layout, answered, excluded, rules.relations)
         if not options:
             break

@@ -298,7 +298,19 @@ PROBES: dict[str, tuple[Callable[[Workspace], list[str]], str]] = {
     "make-mrshapes out is a file": (lambda ws: ["make-mrshapes", "--out", ws.file("mr", ""), "--train", "1"],
                                     "is a file"),
     "demo missing checkpoint": (lambda ws: ["demo", "--checkpoint", "no/such", "--out", "out"], "no such folder"),
+    # ---- make-conversations: nothing usable, an OUT inside the images (the rest: tests/data) -------------
+    "make-conversations nothing usable": (lambda ws: _conversations(ws, json.dumps(
+        {"images": [{"id": 1, "file_name": "gone.png", "height": 8, "width": 8}], "annotations": [],
+         "categories": []})), "no conversation could be made"),
+    "make-conversations out inside images": (lambda ws: _conversations(ws, "{}", out="images/conv"),
+                                             "inside the source"),
 }
+
+
+def _conversations(ws: Workspace, coco: str, out: str = "conv") -> list[str]:
+    (ws.dir / "images").mkdir(exist_ok=True)
+    return ["make-conversations", "--coco", ws.file("c.json", coco), "--images", str(ws.dir / "images"),
+            "--out", out]
 
 
 def _png_header(width: int, height: int) -> bytes:
