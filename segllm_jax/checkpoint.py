@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -138,6 +139,28 @@ def read_config(directory: str | Path) -> tuple[str, Any]:
     return folder_checks.read_config(directory)
 
 
+def _drop_orphaned_reads() -> None:
+    """Silences the reads a failed orbax call leaves behind (installed once, before the first read).
+
+    When orbax gives up on a damaged store, tensorstore still finishes the reads it had started and hands
+    each result to the asyncio loop orbax has already closed. Every one of them surfaces, after our
+    one-sentence error, as an unraisable ``RuntimeError('Event loop is closed')`` printed to stderr as a
+    bare traceback (hundreds for a truncated checkpoint). Nothing waits for those results and we cannot
+    cancel them, so exactly that error is dropped; every other unraisable exception goes on as before.
+    """
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_orphaned_reads", False):
+        return
+
+    def hook(unraisable) -> None:
+        error = unraisable.exc_value
+        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook.drops_orphaned_reads = True
+    sys.unraisablehook = hook
+
+
 def _damaged(folder: Path, error: Exception) -> CheckpointError:
     """An orbax / tensorstore failure on a folder that passed the cheap checks, as one sentence."""
     detail = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
@@ -150,6 +173,7 @@ def _stored(folder: Path) -> dict[str, Any]:
     import orbax.checkpoint as ocp
 
     folder_checks.check_params(folder.parent, folder.name)
+    _drop_orphaned_reads()  # every read of a checkpoint starts here
     try:
         with ocp.PyTreeCheckpointer() as ckptr:
             return flatten_tree(ckptr.metadata(folder).item_metadata.tree)
