@@ -19,7 +19,7 @@ import numpy as np
 from segllm_jax.errors import InputError
 from segllm_jax.models.llama import LlamaOutput
 from segllm_jax.models.segllm import SegLLM
-from segllm_jax.tokenizer import EncodedConversation
+from segllm_jax.tokenizer import IGNORE_INDEX, EncodedConversation
 
 
 LENGTH_BUCKET = 64  # sequences are padded to a multiple of this: few shapes, few compilations
@@ -69,7 +69,7 @@ def collate(conversations: Sequence[EncodedConversation], clip_images: np.ndarra
         raise InputError(f"a conversation has {max(lengths)} tokens, more than the batch length {t}.")
     b = len(conversations)
     ids = np.zeros((b, t), np.int32)
-    labels = np.full((b, t), -100, np.int32)
+    labels = np.full((b, t), IGNORE_INDEX, np.int32)
     mask = np.zeros((b, t), bool)
     img_rows, img_cols, img_image, img_patch = [], [], [], []
     ref_rows, ref_mcols, ref_bcols, crops, boxes = [], [], [], [], []

@@ -36,6 +36,7 @@ from segllm_jax.sharding import make_mesh
 from segllm_jax.train import step as train_step_lib
 from segllm_jax.train.checkpointing import Checkpointer
 from segllm_jax.train.config import TrainConfig
+from segllm_jax.tokenizer import IGNORE_INDEX
 from segllm_jax.train.state import TrainState
 
 log = logging.getLogger(__name__)
@@ -114,7 +115,7 @@ def global_batch(local: train_step_lib.TrainBatch, rows_per_host: int) -> train_
 
     c = dataclasses.replace(
         c, input_ids=pad(c.input_ids, t, 0, 1), token_mask=pad(c.token_mask, t, False, 1),
-        labels=pad(c.labels, t, -100, 1),
+        labels=pad(c.labels, t, IGNORE_INDEX, 1),
         ref_rows=pad(c.ref_rows, r), ref_mask_cols=pad(c.ref_mask_cols, r), ref_box_cols=pad(c.ref_box_cols, r),
         ref_crops=pad(c.ref_crops, r), ref_boxes=pad(c.ref_boxes, r), ref_gates=pad(c.ref_gates, r),
         seg_rows=pad(c.seg_rows, n), seg_cols=pad(c.seg_cols, n, 1))

@@ -34,13 +34,13 @@ from segllm_jax.batch import ConversationBatch, collate, forward
 from segllm_jax.config import SegLLMConfig
 from segllm_jax.models.segllm import SegLLM
 from segllm_jax.sharding import logical_to_spec
+from segllm_jax.tokenizer import IGNORE_INDEX
 from segllm_jax.train.config import TrainConfig
 from segllm_jax.train.state import TrainState
 
 if TYPE_CHECKING:
     from segllm_jax.train.hipie_loss import HipieLossDetails
 
-IGNORE_INDEX = -100
 
 # spec §5.1; the HIPIE patterns follow segllm_jax/models/hipie/resnet.py's parameter paths
 FROZEN_PATTERNS: tuple[str, ...] = (

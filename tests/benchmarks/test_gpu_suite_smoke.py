@@ -12,15 +12,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[2]
 
 
-# Marked slow until the smoke run is cheaper: measured 113 s of CPU (488 s wall on the shared 2-core
-# machine, where its HIPIE step hit the step cap once); most of it is building and compiling the tiny
-# models of the hipie / multiround / train sections.
-@pytest.mark.slow
+# Part of `make test` (the issue asks for it there, so the suite cannot rot between GPU loans): about
+# 113 s of CPU, most of it building and compiling the tiny models of the hipie / multiround / train sections.
 def test_gpu_suite_smoke_writes_a_complete_report(tmp_path):
     report = tmp_path / "report.md"
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as on a GPU host
@@ -35,5 +31,6 @@ def test_gpu_suite_smoke_writes_a_complete_report(tmp_path):
     # every section produced its table, not just a clean exit
     assert "| enc_b1 | 1 |" in text and "| torch |" in text  # MSDA, both processes
     assert "| 2 | **total** |" in text  # HIPIE forward with 2 prompts
-    assert "| 2 |" in text.split("## multiround")[1].split("## train")[0]  # round 2
-    assert "MFU" in text.split("## train")[1]
+    sections = {part.split("\n", 1)[0]: part for part in text.split("\n## ")}  # "### step" lines stay inside
+    assert "| 2 |" in sections["multiround"]  # round 2
+    assert "MFU" in sections["train"]
