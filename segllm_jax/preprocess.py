@@ -224,6 +224,16 @@ def clip_image(image: Image.Image | np.ndarray, size: int = CLIP_IMAGE_SIZE) -> 
     return (scaled - np.asarray(CLIP_MEAN, np.float32)) / np.asarray(CLIP_STD, np.float32)
 
 
+def mask_box(mask: np.ndarray) -> np.ndarray | None:
+    """Extent box ``[x0, y0, x1, y1]`` of a 2-D mask in pixel-edge coordinates (x1, y1 exclusive,
+    like detectron2's ``BitMasks.get_bounding_boxes``), or None for an empty mask."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    if rows.size == 0:
+        return None
+    cols = np.flatnonzero(mask.any(axis=0))
+    return np.array([cols[0], rows[0], cols[-1] + 1, rows[-1] + 1], np.float64)
+
+
 def reference_box(box_xyxy: np.ndarray, frame: int = HIPIE_IMAGE_SIZE) -> tuple[int, int, int, int]:
     """A predicted box (pixels of the HIPIE frame) -> the integer crop box the original uses (§3).
 

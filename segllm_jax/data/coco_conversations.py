@@ -54,6 +54,7 @@ from segllm_jax.data.registers import load_json, resolve_image_path, segmentatio
 from segllm_jax.data.rle import register_text, rle_encode_compressed
 from segllm_jax.errors import InputError
 from segllm_jax.outputs import atomic_write_text, written_atomically
+from segllm_jax.preprocess import mask_box
 
 if TYPE_CHECKING:
     from segllm_jax.data.pipeline import MixtureConfig
@@ -292,13 +293,6 @@ def _touch(a: Instance, b: Instance) -> bool:
     return bool(np.any(window_a & window_b))
 
 
-def _box_from_mask(mask: np.ndarray) -> tuple[int, int, int, int] | None:
-    cols, rows = np.flatnonzero(mask.any(0)), np.flatnonzero(mask.any(1))
-    if cols.size == 0:
-        return None
-    return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
-
-
 def _box_from_bbox(bbox: Any, height: int, width: int) -> tuple[int, int, int, int] | None:
     """COCO ``bbox`` [x, y, w, h] -> pixel box clipped to the image, or None if unusable."""
     if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
@@ -357,10 +351,11 @@ def _instance(ann: dict[str, Any], coco: CocoFile, hw: tuple[int, int],
     except (InputError, AttributeError, TypeError) as err:
         detail = str(err) if isinstance(err, InputError) else f"not a polygon list or RLE ({type(err).__name__})"
         return _blocker(ann, kind, hw, problem or Problem("undecodable_segmentation", detail, ann_id))
-    box = _box_from_mask(mask)
-    if box is None:
+    extent = mask_box(mask)
+    if extent is None:
         why = "the polygon has zero area" if isinstance(segmentation, list) else "the mask is empty"
         return _blocker(ann, kind, hw, problem or Problem("degenerate_polygon", why, ann_id))
+    box = tuple(int(v) for v in extent)
     crop = mask[box[1]:box[3], box[0]:box[2]]
     eligible = problem is None and crop.sum() >= min_area
     return Instance(ann_id, kind, box, crop, eligible), problem

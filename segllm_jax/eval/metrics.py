@@ -38,6 +38,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from segllm_jax.errors import InputError
+from segllm_jax.preprocess import mask_box
 
 MASK_IOU_EPS = 1e-4  # the original's eps in the per-mask IoU (spec §7)
 BOX_HIT_THRESHOLD = 0.5  # strict ">" as in the original
@@ -45,16 +46,6 @@ BOX_HIT_THRESHOLD = 0.5  # strict ">" as in the original
 # Columns of the accumulator array, one row per round.
 FIELDS = ("count", "intersection", "union", "iou_sum", "box_hits")
 _COUNT, _INTER, _UNION, _IOU, _HITS = range(len(FIELDS))
-
-
-def mask_box(mask: np.ndarray) -> np.ndarray | None:
-    """Extent box ``[x0, y0, x1, y1]`` of a 2-D mask in pixel-edge coordinates (x1, y1 exclusive,
-    like detectron2's ``BitMasks.get_bounding_boxes``), or None for an empty mask."""
-    rows = np.flatnonzero(mask.any(axis=1))
-    if rows.size == 0:
-        return None
-    cols = np.flatnonzero(mask.any(axis=0))
-    return np.array([cols[0], rows[0], cols[-1] + 1, rows[-1] + 1], np.float64)
 
 
 def box_iou(a: np.ndarray | None, b: np.ndarray | None) -> float:
