@@ -56,6 +56,7 @@ class TrainConfig:
     mask_points: int = 112 * 112  # point-sampled mask loss: points per mask (TRAIN_NUM_POINTS, §5.2)
     class_loss_weight: float = 2.0  # CLASS_WEIGHT of the HIPIE criterion (every loss_ce* term, §5.2)
     ranking_loss_weight: float = 0.0  # training aid (not in the original): hipie_loss.target_ranking_loss
+    proposal_grounding_weight: float = 0.0  # training aid (not in the original): hipie_loss.proposal_grounding_loss
     # what trains
     freeze_pretrained: bool = True  # spec §5.1; False trains all but FrozenBN buffers (from-scratch runs)
     # numerics and memory
