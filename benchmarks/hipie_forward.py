@@ -5,7 +5,7 @@
 
 Stages (each its own jitted function, timings device-synchronised with ``block_until_ready``):
 
-* ``backbone``  per image: normalisation, ResNet-50, input projections, positions (G16);
+* ``backbone``  per image: normalisation, ResNet-50, input projections, positions (architecture.md §O16);
 * ``encoder``   per prompt batch: gather by image index, VL fusion, 6 deformable encoder layers;
 * ``decoder``   two-stage selection, 6 decoder layers, last-layer heads, controller;
 * ``mask head`` pixel branch (``mask_feats``), the selected query's dynamic conv,

@@ -58,7 +58,7 @@ def main() -> None:
     total = sum(int(np.prod(v.shape)) for v in abstract.values())
     trainable = sum(int(np.prod(v.shape)) for k, v in abstract.items() if S.is_trainable(k))
     gib = 2 ** 30
-    print(f"SegLLM-7B: {total / 1e9:.3f} B parameters, {trainable / 1e9:.3f} B trainable (spec §5.1)\n")
+    print(f"SegLLM-7B: {total / 1e9:.3f} B parameters, {trainable / 1e9:.3f} B trainable (architecture.md §T12)\n")
     print("| mesh | (data, fsdp, tensor) | params fp32 | grads fp32 | Adam m+v fp32 | total / device | HBM |")
     print("|---|---|---|---|---|---|---|")
     for name, hbm, shape in MESHES:

@@ -30,7 +30,7 @@ DATA = os.environ.get("SEGLLM_DATA", "conversations/train")
 PRESET = os.environ.get("SEGLLM_PRESET", "gpu")
 
 # The released recipe's optimiser (TrainConfig defaults: AdamW lr 2e-6, cosine, 3 % warm-up, bf16 compute,
-# full remat, spec §5.1 freezing); the presets set only what the hardware decides.
+# full remat, architecture.md §T12 freezing); the presets set only what the hardware decides.
 PRESETS = {
     "gpu": dict(batch_size=4, steps=2000, mesh_shape=(1, 1, 1), checkpoint_every=250),
     "pod": dict(batch_size=32, steps=1000, mesh_shape=(1, -1, 1), checkpoint_every=250),

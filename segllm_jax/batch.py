@@ -1,6 +1,6 @@
 """Teacher-forced batches of whole conversations: the path evaluation and training use.
 
-The original runs one forward per conversation over all its rounds (teacher forcing, spec §1.7).
+The original runs one forward per conversation over all its rounds (teacher forcing, architecture.md §D10).
 :func:`collate` packs many conversations into one right-padded batch with flat, per-slot
 bookkeeping (row, column, what to add), and :func:`forward` runs it: every ``<video>`` slot gets
 its image patch feature or gated reference encoding added, the LLM runs once, and one HIPIE

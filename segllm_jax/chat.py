@@ -1,4 +1,4 @@
-"""``segllm-jax chat``: multi-round segmentation from the terminal, like the original CLI (spec §8).
+"""``segllm-jax chat``: multi-round segmentation from the terminal, like the original CLI (architecture.md §E3).
 
 Interactive: choose an image, then type one query per round (``[REF:k]`` cites round k);
 ``clear history`` starts the conversation again, ``exit`` picks a new image, ``quit`` (or end of

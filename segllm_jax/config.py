@@ -206,15 +206,15 @@ from segllm_jax.models.hipie.config import HipieConfig  # noqa: E402
 
 @dataclasses.dataclass(frozen=True)
 class SegLLMConfig:
-    """The assembled model: LLaVA half + [SEG] predictor + box encoder + HIPIE (spec §0, §9)."""
+    """The assembled model: LLaVA half + [SEG] predictor + box encoder + HIPIE (architecture.md §A1, §A2)."""
 
     llm: LlamaConfig
     vision: VisionConfig
     hipie: HipieConfig
     num_image_tokens: int = 256  # <video> tokens of the image (= CLIP patches)
-    eval_reference_gate: float = 0.5  # mask/box-encode ×0.5 at evaluation (spec §3 step 5)
-    max_length: int = 2048  # model_max_length of the original tokenizer/collator (spec §1.2)
-    hipie_image_size: int = 1024  # HIPIE input side (spec §1.3)
+    eval_reference_gate: float = 0.5  # mask/box-encode ×0.5 at evaluation (architecture.md §D6)
+    max_length: int = 2048  # model_max_length of the original tokenizer/collator (architecture.md §D3)
+    hipie_image_size: int = 1024  # HIPIE input side (architecture.md §D5)
 
     def __post_init__(self) -> None:
         if self.num_image_tokens != self.vision.num_patches:
@@ -232,7 +232,7 @@ class SegLLMConfig:
 
     @property
     def predictor(self) -> ProjectorConfig:
-        """``segmentator_predictor``: mlp2x_gelu hidden -> hidden -> prompt_tokens * text_dim (spec §4.1)."""
+        """``segmentator_predictor``: mlp2x_gelu hidden -> hidden -> prompt_tokens * text_dim (architecture.md §M3)."""
         return ProjectorConfig(self.llm.hidden_size, self.hipie.prompt_tokens * self.hipie.text_dim,
                                hidden_features=self.llm.hidden_size, param_dtype=self.llm.param_dtype,
                                dtype=self.llm.dtype)

@@ -2,8 +2,8 @@
 
 Everything here runs on the host with PIL/NumPy, before anything reaches a device: decoding,
 EXIF orientation and resampling are exactly the operations the original code ran through PIL, so
-doing them with PIL again is what makes the resized pixels bit-identical (spec
-``hipie-segmentor.md`` §6). Normalisation is *not* done here: HIPIE normalises on device inside
+doing them with PIL again is what makes the resized pixels bit-identical
+(architecture.md §D5). Normalisation is *not* done here: HIPIE normalises on device inside
 ``Hipie`` (uint8 in, so the host→device transfer is 4× smaller).
 
 Pipelines:
@@ -28,7 +28,7 @@ from segllm_jax.errors import InputError
 
 ImageSource = Union[str, os.PathLike, bytes, bytearray, Image.Image, np.ndarray]
 
-HIPIE_IMAGE_SIZE = 1024  # SegLLM's fixed HIPIE input side (spec §6)
+HIPIE_IMAGE_SIZE = 1024  # SegLLM's fixed HIPIE input side (architecture.md §D5)
 MAX_IMAGE_PIXELS = 100_000_000  # larger pictures are refused before decoding (both models downscale anyway)
 MAX_ASPECT_RATIO = 20  # longer/shorter side; beyond it HIPIE's frame keeps a sliver of a few pixels
 
@@ -139,7 +139,7 @@ def check_image_size(width: int, height: int, name: str = "the image") -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# HIPIE pipeline (spec §6)
+# HIPIE pipeline (architecture.md §D5)
 # --------------------------------------------------------------------------------------------
 
 def hipie_resized_hw(height: int, width: int, size: int = HIPIE_IMAGE_SIZE) -> tuple[int, int]:
@@ -165,7 +165,7 @@ def hipie_image(image: Image.Image, size: int = HIPIE_IMAGE_SIZE) -> tuple[np.nd
 
     Long side resized to ``size`` with PIL bilinear (antialiased when shrinking: what
     torchvision's ``resize`` on a PIL image does), then zero-padded at the bottom and right. The
-    padded area is real zeros, i.e. black after normalisation (not masked; spec §6.4-5).
+    padded area is real zeros, i.e. black after normalisation (not masked; architecture.md §D5).
     """
     if image.mode != "RGB":
         image = _to_rgb(image)
@@ -182,7 +182,7 @@ def hipie_mask(mask: np.ndarray, size: int = HIPIE_IMAGE_SIZE) -> np.ndarray:
 
     Same resize as the image (bilinear on the mask *values*, PIL ``L`` mode), same bottom/right
     zero padding. Values stay 0..max (e.g. 0/1); callers treat any non-zero value as foreground,
-    as detectron2's ``BitMasks`` does (slight dilation at edges, spec §6.6).
+    as detectron2's ``BitMasks`` does (slight dilation at edges, architecture.md §D5).
     """
     mask = np.asarray(mask)
     if mask.ndim != 2:
@@ -197,7 +197,7 @@ def hipie_mask(mask: np.ndarray, size: int = HIPIE_IMAGE_SIZE) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------
-# CLIP pipeline (spec §1.3): the image for the LLM, and the masked crops of mask-encoding (§3)
+# CLIP pipeline (architecture.md §D4): the image for the LLM, and the masked crops of mask-encoding (§D6)
 # --------------------------------------------------------------------------------------------
 
 CLIP_IMAGE_SIZE = 224
@@ -210,7 +210,7 @@ def clip_image(image: Image.Image | np.ndarray, size: int = CLIP_IMAGE_SIZE) -> 
 
     Shortest side -> ``size`` with PIL bicubic (long side ``int(size * long / short)``), centre
     crop (offsets floored), /255, CLIP mean/std. No pad-to-square: ``image_aspect_ratio`` is
-    'square' in SegLLM, so non-square images lose their borders for the LLM (oddity §10.6).
+    'square' in SegLLM, so non-square images lose their borders for the LLM (oddity §O24).
     """
     pil = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, np.uint8))
     w, h = pil.size
@@ -235,7 +235,7 @@ def mask_box(mask: np.ndarray) -> np.ndarray | None:
 
 
 def reference_box(box_xyxy: np.ndarray, frame: int = HIPIE_IMAGE_SIZE) -> tuple[int, int, int, int]:
-    """A predicted box (pixels of the HIPIE frame) -> the integer crop box the original uses (§3).
+    """A predicted box (pixels of the HIPIE frame) -> the integer crop box the original uses (§D6).
 
     ``int()`` truncation, clipped to the frame, and at least 2 pixels wide and tall.
     """

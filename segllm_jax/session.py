@@ -1,4 +1,4 @@
-"""``MultiRoundSession``: one image, many rounds, earlier answers usable as [REF:k] (spec §3, §8).
+"""``MultiRoundSession``: one image, many rounds, earlier answers usable as [REF:k] (architecture.md §D10, §E3).
 
 The original rebuilds and re-runs the whole conversation every round. Here work is done once:
 
@@ -77,7 +77,7 @@ class ImageContext:
 
 def round_result(ctx: ImageContext, cfg: SegLLMConfig, index: int, question: str, refs: list[int],
                  mask_frame: np.ndarray, box_frame: np.ndarray, score: float, hidden, prompt) -> RoundResult:
-    """A round's answer in the user's frame, plus the products later references need (spec §3, §8)."""
+    """A round's answer in the user's frame, plus the products later references need (§D6, §E3)."""
     frame = cfg.hipie_image_size
     x0, y0, x1, y1 = preprocess.reference_box(box_frame, frame)
     crop = preprocess.clip_image(preprocess.masked_crop(ctx.frame_u8, mask_frame, (x0, y0, x1, y1)),

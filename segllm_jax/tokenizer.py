@@ -1,11 +1,11 @@
 """The one place where segllm-jax turns text into token ids.
 
-SegLLM prompts follow LLaVA's ``vicuna_v1`` template (spec §1.2)::
+SegLLM prompts follow LLaVA's ``vicuna_v1`` template (architecture.md §D3)::
 
     <s>SYSTEM USER: <video>×N {q1} ASSISTANT: <seg></s>USER: <video><video>{q2} ASSISTANT: <seg></s>...
 
 The original builds that string and tokenizes it in one call, then re-derives the label mask from
-token-count arithmetic that only works for one tokenizer behaviour (spec §10 item 8). Here the prompt
+token-count arithmetic that only works for one tokenizer behaviour (architecture.md §O25). Here the prompt
 is built from parts instead: every text piece is tokenized *in context*, i.e. together with the added
 tokens that surround it, and the surrounding ids are cut off again. Added tokens are atomic for HF
 tokenizers, so SentencePiece never merges across them; what a piece's tokens do depend on is whether the
@@ -38,7 +38,7 @@ import numpy as np
 
 from segllm_jax.errors import ConfigError, InputError, TokenizerError
 
-#: Tokens SegLLM adds to the LLaMA vocabulary, in the order they were added (spec §2). The order fixes
+#: Tokens SegLLM adds to the LLaMA vocabulary, in the order they were added (architecture.md §D2). The order fixes
 #: their ids, which index the checkpoint's embedding rows, so it must never change.
 SEGLLM_ADDED_TOKENS: tuple[str, ...] = (
     "<im_gen_start>",
@@ -258,7 +258,7 @@ def _ensure_added_tokens(hf_tokenizer) -> None:
     if ids != list(range(ids[0], ids[0] + len(ids))):
         listing = ", ".join(f"{tok}={i}" for tok, i in zip(SEGLLM_ADDED_TOKENS, ids))
         raise TokenizerError(
-            f"SegLLM's added tokens must have consecutive ids in the order of spec §2; got {listing}."
+            f"SegLLM's added tokens must have consecutive ids in the order of docs/architecture.md §D2; got {listing}."
         )
 
 

@@ -1,4 +1,5 @@
-"""``segllm-jax serve``: multi-round segmentation in the browser (Gradio), like the original's demo (spec §8).
+"""``segllm-jax serve``: multi-round segmentation in the browser (Gradio), like the original's demo
+(architecture.md §E3).
 
 Upload (or pick an example) image, type one query per round, tick earlier rounds under "Reference
 instance from round" (or write ``[REF:k]`` in the query), and see the round's overlay plus a gallery of

@@ -1,4 +1,4 @@
-"""Host preprocessing: image loading (EXIF, odd modes, broken files) and the HIPIE pipeline (spec §6)."""
+"""Host preprocessing: image loading (EXIF, odd modes, broken files) and the HIPIE pipeline (architecture.md §D5)."""
 
 from __future__ import annotations
 

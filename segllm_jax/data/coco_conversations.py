@@ -93,7 +93,7 @@ FILE_PROBLEMS = {
     "ref_unknown_annotation": "refs naming an annotation id the file does not have",
 }
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_PAYLOAD_CHARS = re.compile(r"[\[\]|:]")  # would break a placeholder's payload (spec §1.1)
+_PAYLOAD_CHARS = re.compile(r"[\[\]|:]")  # would break a placeholder's payload (architecture.md §D1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -431,8 +431,9 @@ def _check_image_file(images_dir: Path, file_name: str, hw: tuple[int, int]) -> 
     except InputError:
         found = None
     if found is None or found.resolve() != path.resolve():
-        return Problem("unusable_file_name", f"the loader's RefCOCO path fix-ups (spec §6) turn {file_name!r} into "
-                                             "another file; rename it (no 'val2014' or 'new_' in the path)")
+        return Problem("unusable_file_name", f"the loader's RefCOCO path fix-ups (docs/architecture.md §E1) turn "
+                                             f"{file_name!r} into another file; rename it (no 'val2014' or 'new_' in "
+                                             "the path)")
     return None
 
 

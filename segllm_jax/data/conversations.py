@@ -1,4 +1,4 @@
-"""The released SegLLM conversation JSON (spec §1.1): placeholders, payloads and rounds.
+"""The released SegLLM conversation JSON (architecture.md §D1): placeholders, payloads and rounds.
 
 A conversation file is a JSON list of ``{"id", "task": "segmentation", "conversations": [...]}``
 entries whose turns alternate human/gpt. Multimodal content sits in bracket placeholders:
@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 PLACEHOLDER_KINDS = ("IMAGE256", "MASK-ENCODE", "BOX-ENCODE", "MASK-DECODE")
 #: Dataset name of conversations built at inference time: no annotation exists, so the original
-#: fed dummies (full-image CLIP crop, zero box, all-ones target; spec §1.1, §3).
+#: fed dummies (full-image CLIP crop, zero box, all-ones target; §D1, §D6).
 INFERENCE_DATASET = "INFERENCE"
 
 _BRACKET = re.compile(r"\[([^\]]+)\]")
@@ -56,7 +56,7 @@ class MaskRef:
 
 @dataclass(frozen=True)
 class DecodeTarget:
-    """A MASK-DECODE payload in any of its three forms (spec §1.1)."""
+    """A MASK-DECODE payload in any of its three forms (§D1)."""
 
     image: str
     dataset: str
@@ -66,7 +66,7 @@ class DecodeTarget:
 
     @property
     def supervised_ref_id(self) -> str | None:
-        """The reference whose mask HIPIE must also find (spec §4.4); only the first one counts (§10.11)."""
+        """The reference whose mask HIPIE must also find (§T1); only the first one counts (§O26)."""
         return self.ref_ids[0] if self.ref_ids else None
 
 
@@ -107,7 +107,7 @@ def parse_decode(payload: str) -> DecodeTarget:
     if colons == 0 and payload.count("|") == 2:
         image, dataset, target = payload.split("|")
         return DecodeTarget(image, dataset, target)
-    raise InputError(f"MASK-DECODE payload {payload!r} matches none of the three forms of spec §1.1.")
+    raise InputError(f"MASK-DECODE payload {payload!r} matches none of the three forms of docs/architecture.md §D1.")
 
 
 def format_round(question: str, target: DecodeTarget, opens_image: bool = False) -> list[dict[str, str]]:
@@ -128,7 +128,7 @@ def format_round(question: str, target: DecodeTarget, opens_image: bool = False)
 
 
 def conversation_entry(conv_id: str, turns: Sequence[dict[str, str]]) -> dict[str, Any]:
-    """One entry of a conversation file (spec §1.1)."""
+    """One entry of a conversation file (§D1)."""
     return {"id": conv_id, "task": "segmentation", "conversations": list(turns)}
 
 
@@ -220,7 +220,7 @@ def _parse_round(human: str, gpt: str, conv_id: Any) -> ParsedRound:
 def _leading_placeholders(human: str, conv_id: Any) -> tuple[list[Placeholder], str]:
     """Placeholders opening a human turn, and the question after them.
 
-    The encoder emits placeholder tokens before the question (spec §1.1), so a placeholder inside
+    The encoder emits placeholder tokens before the question (§D1), so a placeholder inside
     or after the question text (or a MASK-DECODE in a human turn) cannot be reproduced.
     """
     found, pos = [], 0

@@ -23,7 +23,7 @@ instance 1"), and the generator emits such a round only if
 The questions, their margins and these two checks are :mod:`segllm_jax.data.referring`'s (shared with
 conversations from COCO annotations); a :class:`Scene` is one of its layouts.
 
-On disk (``write_split``), following spec §1.1/§6::
+On disk (``write_split``), following architecture.md §D1, §E1::
 
     <out>/images/mrshapes/<split>/<index>.png        images (paths in placeholders are relative
                                                      to <out>/images, like the original images_folder)
@@ -363,7 +363,7 @@ def load_mask(register: Mapping[str, Mapping[str, Any]] | PathLike, mask_id: str
 
 
 # ----------------------------------------------------------------------------------------------
-# Conversation JSON (spec §1.1): writing (parsing lives in segllm_jax.data.conversations)
+# Conversation JSON (architecture.md §D1): writing (parsing lives in segllm_jax.data.conversations)
 
 
 def conversation_to_json(conversation: Conversation, image: str, mask_ids: Sequence[str],

@@ -6,12 +6,12 @@ Structure (all host-side NumPy; nothing here imports JAX):
   mixture's conversation files. A split of a prepared TFDS dataset (``ConversationFile.tfds_split``,
   read by ``segllm_jax.data.tfds_sources``) is one such file; its entries are
   :class:`EmbeddedConversation` records that carry their image and masks.
-* :class:`BatchPlan` — the original's ``MultiDatasetBatchSampler`` (spec §5.3): every step picks ONE
+* :class:`BatchPlan` — the original's ``MultiDatasetBatchSampler`` (architecture.md §T13): every step picks ONE
   conversation file (weights uniform by default, seeded per epoch) and draws the whole global batch
   (``batch_size × shard_count``) from it; host ``shard_index`` takes its slice. Steps per epoch =
   total conversations // global batch, as in the original.
 * :class:`ExampleBuilder` — one JSON entry -> one example dict (token ids/labels, CLIP image, HIPIE
-  image, reference crops/boxes of §3, GT masks per ``<seg>`` in the 1024 frame).
+  image, reference crops/boxes of §D6, GT masks per ``<seg>`` in the 1024 frame).
 * :class:`BatchLoader` — grain map from a global step to that host's batch; a conversation whose
   image/annotation is missing or corrupt is replaced by another draw from the same file and counted.
 * :class:`Pipeline` — the grain dataset (optionally with worker processes) and a checkpointable
@@ -51,7 +51,7 @@ from segllm_jax.tokenizer import (DEFAULT_NUM_IMAGE_TOKENS, ConversationEncoder,
 PathLike = Union[str, os.PathLike]
 log = logging.getLogger(__name__)
 
-#: Conversation length the original trained with (``model_max_length``, spec §5.3).
+#: Conversation length the original trained with (``model_max_length``, §T13).
 DEFAULT_MAX_LENGTH = 2048
 
 
@@ -171,7 +171,7 @@ class ConversationSource:
 
 @dataclasses.dataclass(frozen=True)
 class BatchPlan:
-    """Which conversations host ``shard_index`` gets at each step (spec §5.3; see module docstring)."""
+    """Which conversations host ``shard_index`` gets at each step (§T13; see module docstring)."""
 
     file_lengths: tuple[int, ...]
     batch_size: int  # per host
@@ -251,7 +251,7 @@ class EmbeddedConversation:
     """A conversation entry that carries its image and masks (a TFDS record): building it reads no
     image file and no annotation register; its placeholders' mask ids are keys of ``masks``."""
 
-    entry: dict[str, Any]  # the conversation JSON entry (spec §1.1)
+    entry: dict[str, Any]  # the conversation JSON entry (§D1)
     image: bytes  # the encoded image file
     masks: Mapping[str, np.ndarray]  # mask id -> boolean [H, W] at the image's resolution
 
@@ -282,7 +282,7 @@ class _Masks:
     def raw(self, dataset: str, mask_id: str) -> np.ndarray:
         key = (dataset, mask_id)
         if key not in self._raw:
-            if dataset == INFERENCE_DATASET:  # spec §1.1: dummy all-ones target, no lookup
+            if dataset == INFERENCE_DATASET:  # §D1: dummy all-ones target, no lookup
                 self._raw[key] = np.ones(self._hw, bool)
             else:
                 mask = self._lookup(dataset, mask_id)
@@ -293,7 +293,7 @@ class _Masks:
         return self._raw[key]
 
     def framed(self, dataset: str, mask_id: str) -> np.ndarray:
-        """Boolean mask in the 1024 resized-and-padded frame (spec §1.3)."""
+        """Boolean mask in the 1024 resized-and-padded frame (§D5)."""
         key = (dataset, mask_id)
         if key not in self._framed:
             self._framed[key] = hipie_mask(self.raw(dataset, mask_id), self._frame) > 0
@@ -392,7 +392,7 @@ class ExampleBuilder:
 
     def _references(self, pixels: np.ndarray, masks: _Masks,
                     refs: Sequence[MaskRef]) -> tuple[np.ndarray, np.ndarray]:
-        """Mask-encode crops and box-encode boxes as in training (spec §3).
+        """Mask-encode crops and box-encode boxes as in training (§D6).
 
         Crop: image AND mask, cut to the mask's box at original resolution (exclusive ends), pasted
         top-left into a zero square, CLIP-preprocessed. Box: extents of the mask in the HIPIE frame
@@ -414,7 +414,7 @@ class ExampleBuilder:
         return crops, boxes
 
     def _decode_masks(self, rounds: Sequence[Any], masks: _Masks) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Per ``<seg>``: target mask and the supervised reference (``aux``) in the HIPIE frame (§1.3, §4.4).
+        """Per ``<seg>``: target mask and the supervised reference (``aux``) in the HIPIE frame (§D5, §T1).
 
         An empty target (e.g. an instance that vanishes when resized) cannot be supervised and makes
         the example corrupt. Unlike the original, a reference id ``0`` counts as a reference (its

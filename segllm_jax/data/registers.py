@@ -1,4 +1,4 @@
-"""Annotation registers: (dataset name, mask id) -> binary mask at original resolution (spec §6).
+"""Annotation registers: (dataset name, mask id) -> binary mask at original resolution (architecture.md §E1).
 
 Placeholders name masks as ``img|dataset|mask_id``; what ``mask_id`` means depends on the dataset:
 
@@ -333,7 +333,7 @@ def read_register_specs(path: PathLike) -> list[RegisterSpec]:
 
 
 def resolve_image_path(images_root: PathLike, image_file: str) -> Path:
-    """The image file a placeholder names, with the original loader's fix-ups (spec §6).
+    """The image file a placeholder names, with the original loader's fix-ups (§E1).
 
     Always: ``val2014`` -> ``train2014`` (RefCOCO images are all from train2014), ``new_`` removed,
     Visual Genome folders moved under ``vg/``. If that file is missing: ``val2017`` -> ``train2017``
@@ -347,5 +347,6 @@ def resolve_image_path(images_root: PathLike, image_file: str) -> Path:
     if not path.is_file():
         path = Path(images_root) / relative.replace("val2017", "train2017").replace("images/", "object365/")
     if not path.is_file():
-        raise InputError(f"image {image_file!r} is missing under {images_root} (tried fix-ups of spec §6).")
+        raise InputError(f"image {image_file!r} is missing under {images_root} "
+                         "(tried the fix-ups of docs/architecture.md §E1).")
     return path

@@ -1,4 +1,4 @@
-"""COCO run-length encoding of masks and the JSON register every generator writes (spec §6).
+"""COCO run-length encoding of masks and the JSON register every generator writes (architecture.md §E1).
 
 Why a module of its own: the MR-Shapes and COCO conversation generators both write an annotation
 register (``{mask_id: RLE}``, read back by :class:`segllm_jax.data.registers.JsonMaskRegister`), and the

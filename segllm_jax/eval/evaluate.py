@@ -1,4 +1,4 @@
-"""``segllm-jax eval``: per-round gIoU / cIoU / P@0.5 of a checkpoint on conversation data (spec §7).
+"""``segllm-jax eval``: per-round gIoU / cIoU / P@0.5 of a checkpoint on conversation data (architecture.md §E2).
 
 Two modes, as the original evaluates:
 
@@ -76,7 +76,7 @@ def best_query_masks(hipie: Hipie, levels, prompts: jax.Array, gt_masks: np.ndar
 
 def _products(frame_u8: np.ndarray, mask: np.ndarray, box_xyxy: np.ndarray, frame: int,
               clip_size: int) -> batching.Reference:
-    """A predicted round as a reference, exactly as the inference CLI re-encodes it (spec §3, 1024 frame)."""
+    """A predicted round as a reference, exactly as the inference CLI re-encodes it (§D6, 1024 frame)."""
     x0, y0, x1, y1 = preprocess.reference_box(box_xyxy, frame)
     crop = preprocess.clip_image(preprocess.masked_crop(frame_u8, mask, (x0, y0, x1, y1)), clip_size)
     return batching.Reference(crop, np.asarray([y0, x0, y1, x1], np.float32) / frame)

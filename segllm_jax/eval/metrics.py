@@ -1,4 +1,4 @@
-"""SegLLM's per-round segmentation metrics (spec §7), host-side NumPy.
+"""SegLLM's per-round segmentation metrics (architecture.md §E2), host-side NumPy.
 
 For every round index i (0-based position of the ``<seg>`` in its conversation):
 
@@ -8,7 +8,7 @@ For every round index i (0-based position of the ``<seg>`` in its conversation):
   extent box.
 
 The key names are the original's, so numbers can be compared with its results files. Pixel counts
-should be taken in the frame the original used (the 1024 resized-and-padded HIPIE frame, spec §10.13);
+should be taken in the frame the original used (the 1024 resized-and-padded HIPIE frame, §O28);
 this module does not resize.
 
 Empty masks are handled exactly as the original formulas do, which is worth knowing because other
@@ -40,7 +40,7 @@ import numpy as np
 from segllm_jax.errors import InputError
 from segllm_jax.preprocess import mask_box
 
-MASK_IOU_EPS = 1e-4  # the original's eps in the per-mask IoU (spec §7)
+MASK_IOU_EPS = 1e-4  # the original's eps in the per-mask IoU (§E2)
 BOX_HIT_THRESHOLD = 0.5  # strict ">" as in the original
 
 # Columns of the accumulator array, one row per round.

@@ -1,7 +1,7 @@
-"""CLIP ViT vision tower, read at ``hidden_states[select_layer]`` (spec §1.4).
+"""CLIP ViT vision tower, read at ``hidden_states[select_layer]`` (architecture.md §M2).
 
 SegLLM takes layer -2 (the output of the second-to-last block, before any final LayerNorm):
-patch tokens for the image (256 x 1024 at 224 px) and the CLS token for mask-encoding (§3).
+patch tokens for the image (256 x 1024 at 224 px) and the CLS token for mask-encoding (§D6).
 Only the blocks needed for the selected layer are built, so the converter lists the unused final
 block(s), ``post_layernorm`` and ``visual_projection`` as ignored keys instead of loading them.
 """

@@ -1,13 +1,13 @@
 """LLaMA decoder (LLaVA-1.5 / Vicuna-v1.5) with a KV cache that grows round by round.
 
 SegLLM feeds the LLM ``inputs_embeds`` (token embeddings with image and reference features
-*added*, spec §1.6) and reads the final-norm hidden states (the [SEG] prompt is the state just
-before each ``<seg>``, §4.1) as well as the logits.
+*added*, architecture.md §D7) and reads the final-norm hidden states (the [SEG] prompt is the state just
+before each ``<seg>``, §D8) as well as the logits.
 
 The cache is a fixed-capacity ring of key/value slots written in time order. Each call appends
 its tokens at slots ``[end, end + T)`` for every row; ``valid`` records which slots hold real
 (non-padding) tokens. Because slots are in time order, causality is simply ``slot <= end + t``,
-so a prefill followed by any number of appends is exactly one full forward (spec: later rounds
+so a prefill followed by any number of appends is exactly one full forward (§D10: later rounds
 append to earlier ones). RoPE positions are explicit inputs, so padding never shifts them.
 
 RoPE uses the HF ``rotate_half`` layout: HF checkpoints already store q/k projections permuted

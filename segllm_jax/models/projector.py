@@ -1,4 +1,4 @@
-"""``mlp2x_gelu``: the LLaVA projector, also SegLLM's ``segmentator_predictor`` (spec §1.4, §4.1).
+"""``mlp2x_gelu``: the LLaVA projector, also SegLLM's ``segmentator_predictor`` (architecture.md §M3).
 
 PyTorch's ``nn.GELU()`` is the exact (erf) GELU, so ``approximate=False``.
 """

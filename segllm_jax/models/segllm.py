@@ -1,15 +1,15 @@
-"""SegLLM: the LLaVA half, the [SEG] predictor, the box encoder and HIPIE, composed (spec §1, §3, §4).
+"""SegLLM: the LLaVA half, the [SEG] predictor, the box encoder and HIPIE, composed (architecture.md §A1).
 
 Three things make SegLLM more than LLaVA + a segmentor; each is reproduced here, oddities included:
 
-* **Additive multimodal inputs (§1.6, oddity §10.1).** Image patch features and the reference
+* **Additive multimodal inputs (§D7, oddity §O19).** Image patch features and the reference
   encodings are *added* to the embeddings of their ``<video>`` placeholder tokens (the original's
   attempt to zero those embeddings first is a no-op), so the LLM sees ``E[<video>] + feature``.
-* **Mask encoding (§3).** A reference mask re-enters the conversation as two ``<video>`` tokens:
+* **Mask encoding (§D6).** A reference mask re-enters the conversation as two ``<video>`` tokens:
   the projected CLIP layer-(-2) CLS of the masked crop, and ``mask_enc_head`` (Linear 4 -> D) of
   its box ``[row0, col0, row1, col1] / 1024``; both multiplied by 0.5 at evaluation (the
-  expectation of the training-time Bernoulli(0.5) gate, which has no 1/p rescale, §10.4).
-* **Mask-aware decoding (§4.1, oddity §10.2).** The prompt for HIPIE is the final-norm hidden
+  expectation of the training-time Bernoulli(0.5) gate, which has no 1/p rescale, §O22).
+* **Mask-aware decoding (§D8, oddity §O20).** The prompt for HIPIE is the final-norm hidden
   state one position *before* each ``<seg>`` (the state whose logits predict ``<seg>``), mapped by
   ``segmentator_predictor`` to 8 x 768 tokens: tokens 0-3 stand for the reference, 4-7 for the target.
 

@@ -6,7 +6,7 @@ criterion needs the same conversion on device (inside the train step), so the jn
 
 Three IoU flavours exist in the original and differ only in where the epsilons sit; the golden
 criterion values are sensitive to them at the 1e-7 level, so each is kept separate
-(``hipie-training.md`` §4.1, §5):
+(architecture.md §T4, §T7):
 
 * :func:`pairwise_iou` — torchvision ``box_iou`` (no epsilon), used for simOTA's dynamic k and the
   ``loss_boxiou`` target (diagonal).
@@ -99,7 +99,7 @@ def elementwise_generalized_iou(a: jax.Array, b: jax.Array, eps: float = GIOU_EP
 def boxes_from_masks(masks: jax.Array) -> jax.Array:
     """detectron2 ``BitMasks.get_bounding_boxes``: masks [..., H, W] -> xyxy pixels [..., 4].
 
-    (x_min, y_min, x_max + 1, y_max + 1) over pixels > 0; an empty mask gives zeros (spec §1.3).
+    (x_min, y_min, x_max + 1, y_max + 1) over pixels > 0; an empty mask gives zeros (architecture.md §T1).
     """
     m = masks > 0
     h, w = m.shape[-2:]

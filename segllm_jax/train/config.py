@@ -1,6 +1,6 @@
-"""``TrainConfig``: everything one training run depends on, as one frozen dataclass (spec §5).
+"""``TrainConfig``: everything one training run depends on, as one frozen dataclass (architecture.md §T13).
 
-Defaults are the released recipe (§5.3): AdamW lr 2e-6, weight decay 0, cosine schedule with 3 %
+Defaults are the released recipe (§T13): AdamW lr 2e-6, weight decay 0, cosine schedule with 3 %
 warm-up, bf16 compute over float32 master weights, rematerialised LLM layers, 8 conversations per
 step. ``tiny_cpu()`` is the preset the tests and ``configs/tiny_train.py`` start from.
 
@@ -40,7 +40,7 @@ class TrainConfig:
     clip_size: int = 224  # CLIP input side of the data pipeline
     frame: int = 1024  # HIPIE frame side of the data pipeline
     worker_count: int = 0  # grain worker processes
-    # optimisation (spec §5.3)
+    # optimisation (architecture.md §T13)
     learning_rate: float = 2e-6
     weight_decay: float = 0.0
     warmup_ratio: float = 0.03
@@ -48,17 +48,17 @@ class TrainConfig:
     adam_b2: float = 0.999
     adam_eps: float = 1e-8
     grad_clip_norm: float | None = None  # see the module docstring
-    # losses (spec §5.2)
+    # losses (architecture.md §T10)
     prompt_l2_weight: float = 1e-3
     use_hipie_loss: bool = True  # False: LM CE + prompt L2 only (HIPIE gets no gradient)
-    max_rounds: int = 2  # <seg> prompts per conversation sent to HIPIE (spec §5.2)
+    max_rounds: int = 2  # <seg> prompts per conversation sent to HIPIE (architecture.md §T1)
     hipie_prompts: int | None = None  # training aid: exactly this many prompts per step go to HIPIE (see step)
-    mask_points: int = 112 * 112  # point-sampled mask loss: points per mask (TRAIN_NUM_POINTS, §5.2)
-    class_loss_weight: float = 2.0  # CLASS_WEIGHT of the HIPIE criterion (every loss_ce* term, §5.2)
+    mask_points: int = 112 * 112  # point-sampled mask loss: points per mask (TRAIN_NUM_POINTS, §T8)
+    class_loss_weight: float = 2.0  # CLASS_WEIGHT of the HIPIE criterion (every loss_ce* term, §T9)
     ranking_loss_weight: float = 0.0  # training aid (not in the original): hipie_loss.target_ranking_loss
     proposal_grounding_weight: float = 0.0  # training aid (not in the original): hipie_loss.proposal_grounding_loss
     # what trains
-    freeze_pretrained: bool = True  # spec §5.1; False trains all but FrozenBN buffers (from-scratch runs)
+    freeze_pretrained: bool = True  # architecture.md §T12; False trains all but FrozenBN buffers (from-scratch runs)
     # numerics and memory
     compute_dtype: str = "bfloat16"  # activations; parameters and optimizer state stay float32
     remat: RematPolicy = "full"

@@ -1,25 +1,25 @@
-"""HIPIE training criterion (``DINOCriterion`` as SegLLM uses it), ``hipie-training.md`` §1, §3, §5, §6.
+"""HIPIE training criterion (``DINOCriterion`` as SegLLM uses it), architecture.md §T1, §T3, §T7 to §T10.
 
 One training step of SegLLM's mask decoder is supervised by three criterion calls that share the
 decoder output, then merged and weighted:
 
-* **fg** — the 100 foreground queries, simOTA indices per layer (§4.1), masks of the matched queries,
-  ``loss_boxiou`` on aux layers 0–4 only (the final dict has no IoU prediction: quirk, §5).
+* **fg** — the 100 foreground queries, simOTA indices per layer (§T4), masks of the matched queries,
+  ``loss_boxiou`` on aux layers 0–4 only (the final dict has no IoU prediction: quirk, §O31).
 * **bg** — the 10 background queries against empty targets: every term is 0 and the group weight is 0
   (kept so that a NaN in bg outputs propagates, as ``0 · x`` does in the original).
-* **gt** (DN) — the DN slots, fixed indices (§4.3), plus the encoder proposals (``_enc``: ce/bbox/giou,
-  Hungarian, §4.2) which are attached only to this call.
+* **gt** (DN) — the DN slots, fixed indices (§T6), plus the encoder proposals (``_enc``: ce/bbox/giou,
+  Hungarian, §T5) which are attached only to this call.
 
 Every call also writes 18 zero placeholders ``loss_{bbox,giou,class}_dn[_i]`` (dead DN-loss path of the
-original, §5.2). Merge = fg·1 + bg·0 + gt·1 (§6.1); weighting = ``weight_dict`` × LOSS_WEIGHT_DET (§6.2);
-total = Σ weighted + 1e-3·mean(prompt²) (§6.3).
+original, §O33). Merge = fg·1 + bg·0 + gt·1 (§T9); weighting = ``weight_dict`` × LOSS_WEIGHT_DET (§T9);
+total = Σ weighted + 1e-3·mean(prompt²) (§T10).
 
 Static shapes: matched pairs are padded to ``K`` per prompt (:class:`~segllm_jax.train.matcher.PaddedIndices`
 with a ``valid`` mask), GT to ``G`` per prompt (:class:`HipieTargets`). The predicted masks of a group
 are those of its matched pairs in index order, ``[L, B, K, h, w]`` (the model runs the dynamic mask head
 on the matched queries only, as the original does).
 
-Point sampling (§5.1): per mask call, U1 ~ U[0,1)² (oversample 3 × 12544 = 37632 points) is sampled on the
+Point sampling (§T8): per mask call, U1 ~ U[0,1)² (oversample 3 × 12544 = 37632 points) is sampled on the
 predicted logits, the 9408 (= 0.75 × 12544) most uncertain (−|logit|) are kept and U2 (3136 uniform points)
 is appended. The uniforms come from a JAX key, or can be injected (stored U1/U2 or the final points) to
 replay the original's draws.
@@ -51,7 +51,7 @@ DN_PLACEHOLDER_KEYS = ("loss_bbox_dn", "loss_giou_dn", "loss_class_dn")
 
 @dataclass(frozen=True)
 class CriterionConfig:
-    """Weights and constants in force for SegLLM (§0, §6)."""
+    """Weights and constants in force for SegLLM (§T3, §T8, §T9)."""
     class_weight: float = 2.0
     bbox_weight: float = 5.0
     giou_weight: float = 2.0
@@ -82,7 +82,7 @@ class CriterionConfig:
 
 
 def weight_dict(cfg: CriterionConfig = CriterionConfig()) -> dict[str, float]:
-    """The criterion's ``weight_dict`` (53 keys, §6.2). ``loss_boxiou_*`` and ``loss_class_dn*`` are absent
+    """The criterion's ``weight_dict`` (53 keys, §T9). ``loss_boxiou_*`` and ``loss_class_dn*`` are absent
     (weight 1 when summed); ``loss_{mask,dice}_enc`` are listed but never produced."""
     base = {"loss_ce": cfg.class_weight, "loss_mask": cfg.mask_weight, "loss_dice": cfg.dice_weight,
             "loss_bbox": cfg.bbox_weight, "loss_giou": cfg.giou_weight}
@@ -109,7 +109,7 @@ class HipieTargets(NamedTuple):
 
 
 def segllm_targets(target_masks: np.ndarray, prev_masks: np.ndarray, num_tokens: int = 8) -> HipieTargets:
-    """SegLLM's GT per kept round (§1.3), host-side.
+    """SegLLM's GT per kept round (§T1), host-side.
 
     target_masks, prev_masks [n, H, W] (already round-subsampled). A round whose reference mask is non-empty
     gets 2 GT [reference (class 1, tokens 0..T/2-1), target (class 2, tokens T/2..T-1)], otherwise
@@ -154,7 +154,7 @@ def _np_boxes_from_masks(masks: np.ndarray) -> np.ndarray:
 
 def downsample_gt_masks(masks: jax.Array, stride: int = MASK_OUT_STRIDE,
                         size_divisibility: int = SIZE_DIVISIBILITY) -> jax.Array:
-    """GT masks at the mask-head resolution (§5.1): zero-pad H, W to a multiple of 32, take [s/2::s, s/2::s].
+    """GT masks at the mask-head resolution (§T8): zero-pad H, W to a multiple of 32, take [s/2::s, s/2::s].
 
     masks [..., H, W] -> [..., ceil32(H)/s, ceil32(W)/s] float32.
     """
@@ -211,7 +211,7 @@ def draw_point_uniforms(key: jax.Array, lead_shape: Sequence[int],
 @partial(jax.jit, static_argnames="num_uncertain")
 def importance_points(mask_logits: jax.Array, u1: jax.Array, u2: jax.Array,
                       num_uncertain: int = int(IMPORTANCE_SAMPLE_RATIO * NUM_POINTS)) -> jax.Array:
-    """PointRend ``get_uncertain_point_coords_with_randomness`` with given uniforms (§5.1).
+    """PointRend ``get_uncertain_point_coords_with_randomness`` with given uniforms (§T8).
 
     mask_logits [N, h, w], u1 [N, P_over, 2], u2 [N, P_rand, 2] -> [N, num_uncertain + P_rand, 2]:
     the ``num_uncertain`` points of U1 with the highest uncertainty −|logit| (descending, like
@@ -262,7 +262,7 @@ def box_losses(boxes: jax.Array, idx_src: jax.Array, idx_tgt: jax.Array, valid: 
 @jax.jit
 def mask_losses(pred_masks: jax.Array, idx_tgt: jax.Array, valid: jax.Array, gt_masks_ds: jax.Array,
                 points: jax.Array) -> dict[str, jax.Array]:
-    """``loss_mask`` (point focal) and ``loss_dice`` of one call (§5, §5.1).
+    """``loss_mask`` (point focal) and ``loss_dice`` of one call (§T7, §T8).
 
     pred_masks [B, K, h, w] logits of the matched pairs, gt_masks_ds [B, G, h, w] (:func:`downsample_gt_masks`),
     points [B, K, P, 2].
@@ -361,7 +361,7 @@ def group_losses(group: str, out: GroupOutputs, idx: PaddedIndices, targets: Hip
 
 @jax.jit
 def encoder_losses(enc: EncOutputs, idx: PaddedIndices, targets: HipieTargets) -> dict[str, jax.Array]:
-    """``_enc`` terms (§5): binary targets (positive map = ones [G, 1]), ce/bbox/giou only; idx [B, K]."""
+    """``_enc`` terms (§T5, §T7): binary targets (positive map = ones [G, 1]), ce/bbox/giou only; idx [B, K]."""
     ones = jnp.ones(targets.positive_map.shape[:2] + (1,), jnp.float32)
     d = {"loss_ce": label_loss(enc.logits, idx.src, idx.tgt, idx.valid, ones)}
     d.update(box_losses(enc.boxes, idx.src, idx.tgt, idx.valid, targets.boxes))
@@ -385,7 +385,7 @@ def bg_losses(out: GroupOutputs) -> dict[str, jax.Array]:
 
 
 def merge_groups(dicts: Sequence[Mapping[str, jax.Array]], weights: Sequence[float]) -> dict[str, jax.Array]:
-    """``merge_dict`` (§6.1): value = Σ_group w_group · value_group, over the union of keys."""
+    """``merge_dict`` (§T9): value = Σ_group w_group · value_group, over the union of keys."""
     merged: dict[str, jax.Array] = {}
     for d, w in zip(dicts, weights):
         for k, v in d.items():
@@ -394,7 +394,7 @@ def merge_groups(dicts: Sequence[Mapping[str, jax.Array]], weights: Sequence[flo
 
 
 def apply_weights(raw: Mapping[str, jax.Array], cfg: CriterionConfig = CriterionConfig()) -> dict[str, jax.Array]:
-    """SegLLM weighting (§6.2): keys in ``weight_dict`` × weight × LOSS_WEIGHT_DET; others unchanged."""
+    """SegLLM weighting (§T9): keys in ``weight_dict`` × weight × LOSS_WEIGHT_DET; others unchanged."""
     wd = weight_dict(cfg)
     return {k: (v * (wd[k] * cfg.loss_weight_det) if k in wd else v) for k, v in raw.items()}
 
@@ -405,7 +405,7 @@ def hipie_criterion(fg: GroupOutputs, fg_indices: PaddedIndices, dn: GroupOutput
                     points: Mapping[str, jax.Array] | None = None,
                     draws: Mapping[str, tuple[jax.Array, jax.Array]] | None = None,
                     cfg: CriterionConfig = CriterionConfig()) -> CriterionOutput:
-    """Full SegLLM/HIPIE training loss of one step (§5–§6).
+    """Full SegLLM/HIPIE training loss of one step (§T7 to §T10).
 
     fg / dn: group outputs with masks of their matched pairs; *_indices [L, B, K] (enc: [B, K]);
     prompts [n, 8, 768] (for the L2 term). Mask sample points per call ``'{fg|gt}_l{layer}'`` come from
@@ -440,7 +440,7 @@ def hipie_criterion(fg: GroupOutputs, fg_indices: PaddedIndices, dn: GroupOutput
 
 
 def iou_train_metric(last_fg_mask_logits: jax.Array, target_masks: jax.Array) -> jax.Array:
-    """SegLLM's ``iou_train`` metric (§6.3, not part of the loss): per prompt the last matched fg query's
+    """SegLLM's ``iou_train`` metric (§T10, not part of the loss): per prompt the last matched fg query's
     final-layer mask, bilinearly up-sampled to the frame, > 0, vs the target mask; IoU pooled over prompts.
 
     last_fg_mask_logits [B, h, w], target_masks [B, H, W].

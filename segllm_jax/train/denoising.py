@@ -1,4 +1,4 @@
-"""Contrastive denoising (DN) queries of HIPIE's DINO decoder, as SegLLM trains it (``hipie-training.md`` §2).
+"""Contrastive denoising (DN) queries of HIPIE's DINO decoder, as SegLLM trains it (architecture.md §T2).
 
 With DN_NUMBER = 1 and at most 2 GT per prompt there is exactly one DN group of ``2M`` slots per prompt
 (M = max GT count over the batch): slot ``j`` = positive copy of GT j, slot ``M + j`` = negative copy,
@@ -16,7 +16,7 @@ group g's positives at 2g, negatives at 2g+1); :func:`draw_dn_noise` makes them 
 :func:`flat_draws_to_padded` converts stored torch-order draws (golden ``{v}_dn_rand_sign01`` /
 ``_part``) to this layout. The label content is ``label_enc[b]`` for every DN slot of prompt b
 (DYNAMIC_LABEL_ENC: ``detr.resizer`` of the mean raw prompt token, computed by the model and passed
-in); label noise is never applied with dynamic label encodings (§2).
+in); label noise is never applied with dynamic label encodings (§T2).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import numpy as np
 from segllm_jax.models.hipie.heads import inverse_sigmoid
 
 DN_NUMBER = 1
-LABEL_NOISE_RATIO = 0.5  # inactive with dynamic label encodings (spec §2); kept for the record
+LABEL_NOISE_RATIO = 0.5  # inactive with dynamic label encodings (architecture.md §T2); kept for the record
 BOX_NOISE_SCALE = 1.0
 
 
@@ -47,12 +47,12 @@ class DNQueries(NamedTuple):
 
 
 def dn_num_groups(max_gt: int, dn_number: int = DN_NUMBER) -> int:
-    """``max(1, (2·dn_number) // (2·M))`` (§2): 1 for SegLLM's DN_NUMBER = 1."""
+    """``max(1, (2·dn_number) // (2·M))`` (§T2): 1 for SegLLM's DN_NUMBER = 1."""
     return max(1, (2 * dn_number) // (2 * max(max_gt, 1)))
 
 
 def dn_attention_mask(max_gt: int, num_groups: int, num_queries: int) -> jax.Array:
-    """Decoder self-attention mask [pad + Q, pad + Q], True = blocked (§2).
+    """Decoder self-attention mask [pad + Q, pad + Q], True = blocked (§T2).
 
     Matching queries (rows >= pad) may not see any DN slot; each DN group may not see other groups.
     Within a group everything is visible (positives, negatives and padding slots alike).
@@ -95,7 +95,7 @@ def flat_draws_to_padded(flat: np.ndarray, counts: Sequence[int], num_groups: in
 
 def noisy_dn_boxes(gt_boxes: jax.Array, sign01: jax.Array, part: jax.Array,
                    box_noise_scale: float = BOX_NOISE_SCALE) -> jax.Array:
-    """Noised DN boxes (§2), cxcywh [2g, B, G, 4].
+    """Noised DN boxes (§T2), cxcywh [2g, B, G, 4].
 
     gt_boxes [B, G, 4] cxcywh; sign01, part [2g, B, G, 4]. Positives (even axis-0 index) move each edge
     by part·(w/2 or h/2) with part in [0, 1), negatives (odd) by part + 1; the sign is random per
@@ -117,7 +117,7 @@ def prepare_dn_queries(gt_boxes: jax.Array, gt_valid: jax.Array, label_enc: jax.
                        num_queries: int, key: jax.Array | None = None,
                        draws: tuple[jax.Array, jax.Array] | None = None,
                        box_noise_scale: float = BOX_NOISE_SCALE, dn_number: int = DN_NUMBER) -> DNQueries:
-    """DN content/box queries and the self-attention mask (``prepare_for_cdn``, §2).
+    """DN content/box queries and the self-attention mask (``prepare_for_cdn``, §T2).
 
     gt_boxes [B, G, 4] cxcywh, gt_valid [B, G] bool (valid GT first), label_enc [B, D];
     ``num_queries`` = matching queries after the DN block (bg + fg = 110 in SegLLM).
@@ -150,7 +150,7 @@ def prepare_dn_queries(gt_boxes: jax.Array, gt_valid: jax.Array, label_enc: jax.
 
 def dn_match_indices(counts: Sequence[int], single_padding: int,
                      num_groups: int = 1) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Fixed DN-group indices (§4.3): per prompt src = g·2M + j, tgt = j (positives only)."""
+    """Fixed DN-group indices (§T6): per prompt src = g·2M + j, tgt = j (positives only)."""
     out = []
     for c in counts:
         t = np.arange(int(c), dtype=np.int64)

@@ -1,18 +1,18 @@
-"""SegLLM's HIPIE mask-decoder loss of one training step, end to end and jit-able (``hipie-training.md`` §1-§6).
+"""SegLLM's HIPIE mask-decoder loss of one training step, end to end and jit-able (architecture.md §T1 to §T10).
 
 :func:`hipie_loss` chains, all on device except the assignment:
 
-1. GT per prompt (§1.3) on device (:func:`device_targets`, the jit-able twin of
+1. GT per prompt (§T1) on device (:func:`device_targets`, the jit-able twin of
    :func:`~segllm_jax.train.criterion.segllm_targets`): G = ``options.max_gt`` (2) GT slots, valid first.
-2. DN queries (§2): ``detr.resizer`` label content, noisy GT boxes, DINO attention mask
+2. DN queries (§T2): ``detr.resizer`` label content, noisy GT boxes, DINO attention mask
    (:func:`~segllm_jax.train.denoising.prepare_dn_queries`).
 3. Training forward (:func:`~segllm_jax.models.hipie.training.training_forward`): fusion dropout, every
    decoder layer's heads for the fg / bg / DN groups, encoder proposals.
-4. Matching (§4): cost matrices on device (the matcher's jnp costs), assignment on the host through one
+4. Matching (§T4, §T5): cost matrices on device (the matcher's jnp costs), assignment on the host through one
    ``jax.pure_callback`` (simOTA per layer for fg, scipy Hungarian for the encoder proposals) returning padded
-   indices of static shape; DN indices are fixed (§4.3). No gradient flows through the indices (the original
+   indices of static shape; DN indices are fixed (§T6). No gradient flows through the indices (the original
    matches under ``no_grad``).
-5. Masks of the matched pairs only (CondInst head, §3), point sampling and :func:`hipie_criterion` (§5-§6).
+5. Masks of the matched pairs only (CondInst head, §T3), point sampling and :func:`hipie_criterion` (§T7 to §T9).
 
 **Static shapes vs. the original's batch-dependent DN padding.** The original pads the DN group to 2M slots,
 M = the batch's actual maximum GT count. Here the slots are always 2G (G = ``max_gt``); when the batch maximum
@@ -20,7 +20,7 @@ M < G the extra slots (j >= M in each half) are hidden as attention keys (they w
 original) and their logits are pushed to -1e4, so they add exactly 0 to the DN focal sum. The real slots then
 see exactly what they see in the original (self-attention ignores slot order; everything else is per query).
 
-**Loss value.** ``loss`` = Σ of the weighted criterion terms (§6.2) *without* the prompt L2 term: the SegLLM
+**Loss value.** ``loss`` = Σ of the weighted criterion terms (§T9) *without* the prompt L2 term: the SegLLM
 train step adds ``1e-3 · mean(prompt²)`` itself (it is reported as ``metrics['prompt_l2']`` for logging only).
 """
 
@@ -95,7 +95,7 @@ class HipieLossDetails(NamedTuple):
 
 def device_targets(target_masks: jax.Array, aux_masks: jax.Array, has_aux: jax.Array, num_tokens: int = 8,
                    max_gt: int = 2) -> HipieTargets:
-    """SegLLM GT (§1.3) on device. target_masks / aux_masks [B, H, W], has_aux [B] bool.
+    """SegLLM GT (§T1) on device. target_masks / aux_masks [B, H, W], has_aux [B] bool.
 
     A prompt whose reference (``aux``) mask is flagged *and* non-empty gets [reference (tokens 0..T/2-1),
     target (tokens T/2..T-1)], otherwise [target (tokens T/2..)]. Boxes (x0, y0, x1+1, y1+1)/(W,H,W,H) -> cxcywh.
@@ -149,7 +149,7 @@ def _host_assign(fg_cost: np.ndarray, fg_iou: np.ndarray, enc_cost: np.ndarray, 
 
 def match_on_host(fwd: TrainingOutputs, targets: HipieTargets, k_fg: int,
                   costs: MatcherCosts = MatcherCosts()) -> tuple[PaddedIndices, PaddedIndices]:
-    """fg simOTA indices [L, B, k_fg] and encoder Hungarian indices [B, G] (§4.1, §4.2) via ``pure_callback``.
+    """fg simOTA indices [L, B, k_fg] and encoder Hungarian indices [B, G] (§T4, §T5) via ``pure_callback``.
 
     Costs are built on device from stop-gradient predictions; the callback only runs the assignment.
     """
@@ -174,7 +174,7 @@ def match_on_host(fwd: TrainingOutputs, targets: HipieTargets, k_fg: int,
 
 
 def dn_indices(valid: jax.Array, num_layers: int) -> PaddedIndices:
-    """Fixed DN indices (§4.3): src = tgt = j for every valid GT j; [L, B, G]."""
+    """Fixed DN indices (§T6): src = tgt = j for every valid GT j; [L, B, G]."""
     b, g = valid.shape
     ar = jnp.broadcast_to(jnp.arange(g, dtype=jnp.int32), (num_layers, b, g))
     return PaddedIndices(ar, ar, jnp.broadcast_to(valid, (num_layers, b, g)))
@@ -218,7 +218,7 @@ def hipie_loss_details(hipie, levels: LevelInputs, prompts: jax.Array, image_ind
         k_dn, k_drop, k_pts = jax.random.split(key, 3)
     targets = device_targets(target_masks, aux_masks, has_aux, cfg.prompt_tokens, options.max_gt)
 
-    # §2 DN queries
+    # §T2 DN queries
     label_enc = resizer(prompts)  # [B, 256]
     dn = prepare_dn_queries(targets.boxes, targets.valid, label_enc,
                             num_queries=cfg.num_bg_queries + cfg.num_queries,
@@ -226,7 +226,7 @@ def hipie_loss_details(hipie, levels: LevelInputs, prompts: jax.Array, image_ind
                             box_noise_scale=options.box_noise_scale)
     attn_mask, extra = hide_extra_dn_slots(dn, targets.valid)
 
-    # §3 forward (training mode)
+    # §T3 forward (training mode)
     deterministic = not options.fusion_dropout
     rngs = nnx.Rngs(dropout=k_drop) if (not deterministic and replay.fusion_keep is None and k_drop is not None) \
         else None
@@ -235,11 +235,11 @@ def hipie_loss_details(hipie, levels: LevelInputs, prompts: jax.Array, image_ind
                            topk_indices=replay.topk_indices)
     n_layers = fwd.hs.shape[0]
 
-    # §4 matching (host) + fixed DN indices
+    # §T4 to §T6 matching (host) + fixed DN indices
     fg_idx, enc_idx = match_on_host(fwd, targets, options.fg_slots, options.costs)
     gt_idx = dn_indices(targets.valid, n_layers)
 
-    # §3 masks of the matched pairs, group outputs
+    # §T3 masks of the matched pairs, group outputs
     fg_masks = training_mask_logits(core, fwd, "fg", fg_idx.src)
     dn_masks = training_mask_logits(core, fwd, "dn", gt_idx.src)
     fl, fb, fi = fwd.group("fg")
@@ -251,7 +251,7 @@ def hipie_loss_details(hipie, levels: LevelInputs, prompts: jax.Array, image_ind
     bg = GroupOutputs(bl, bb, None, None)
     enc = EncOutputs(fwd.enc_logits, fwd.enc_boxes)
 
-    # §5-§6 criterion
+    # §T7 to §T9 criterion
     crit = hipie_criterion(fg, fg_idx, dn_group, gt_idx, enc, enc_idx, targets, prompts, bg=bg,
                            key=k_pts, points=replay.points, draws=replay.draws, cfg=crit_cfg)
     loss = sum(crit.weighted.values())
@@ -265,7 +265,7 @@ def hipie_loss_details(hipie, levels: LevelInputs, prompts: jax.Array, image_ind
         loss = loss + options.proposal_weight * grounding
         extra_metrics["loss_proposal"] = jax.lax.stop_gradient(grounding)
 
-    # iou_train (§6.3): last matched fg query of the final layer, per prompt
+    # iou_train (§T10): last matched fg query of the final layer, per prompt
     last = fg_masks[-1]  # [B, K, h, w]
     pos = jnp.maximum(jnp.sum(fg_idx.valid[-1], axis=1) - 1, 0)  # [B]
     last_logits = jnp.take_along_axis(last, pos[:, None, None, None], axis=1)[:, 0]
@@ -348,7 +348,7 @@ def hipie_loss(hipie, levels: LevelInputs, prompts: jax.Array, image_index: jax.
                target_masks: jax.Array, aux_masks: jax.Array, has_aux: jax.Array, key: jax.Array | None, *,
                options: HipieLossOptions = HipieLossOptions(),
                replay: HipieReplay | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """SegLLM's HIPIE training loss of one step (``hipie-training.md`` §1-§6) -> (loss, metrics).
+    """SegLLM's HIPIE training loss of one step (architecture.md §T1 to §T10) -> (loss, metrics).
 
     hipie: :class:`~segllm_jax.models.hipie.training.HipieTrainingModel` (``Hipie`` + ``dn_resizer``);
     levels: ``Hipie.image_features`` of the I images; prompts [B, 8, 768] (raw LLM prompt embeddings, the

@@ -1,8 +1,8 @@
-"""Loss terms of the HIPIE criterion as SegLLM trains it (``hipie-training.md`` §5, §6.3).
+"""Loss terms of the HIPIE criterion as SegLLM trains it (architecture.md §T7, §T10).
 
 Every function is pure jnp and jit-able with static shapes: ragged sets of matched pairs are passed
 padded, with a boolean ``valid`` mask, and the normaliser ``num`` (the number of matched pairs of the
-call, spec §5: with OTA on, *every* normaliser is that count, not the GT count) is passed explicitly so
+call, §O34: with OTA on, *every* normaliser is that count, not the GT count) is passed explicitly so
 that the caller decides how it is reduced (per prompt, per batch, across devices).
 
 When ``num == 0`` (empty target set) every loss is an exact 0, as in the original (which returns
@@ -37,7 +37,7 @@ def bce_with_logits(x: jax.Array, y: jax.Array) -> jax.Array:
 
 def sigmoid_focal_elementwise(x: jax.Array, y: jax.Array, alpha: float = FOCAL_ALPHA,
                               gamma: float = FOCAL_GAMMA) -> jax.Array:
-    """RetinaNet focal loss per element: alpha_t * BCE(x, y) * (1 - p_t)^gamma (spec §5 ``loss_ce``).
+    """RetinaNet focal loss per element: alpha_t * BCE(x, y) * (1 - p_t)^gamma (§T7 ``loss_ce``).
 
     ``y`` may be fractional (bilinear-sampled mask labels): p_t and alpha_t are then the linear blends.
     """
@@ -100,7 +100,7 @@ def boxiou_loss(iou_logits: jax.Array, src_xyxy: jax.Array, tgt_xyxy: jax.Array,
 
 def mask_focal_loss(point_logits: jax.Array, point_labels: jax.Array, valid: jax.Array,
                     num: jax.Array | float, alpha: float = FOCAL_ALPHA, gamma: float = FOCAL_GAMMA) -> jax.Array:
-    """``loss_mask``: Σ_masks mean_points focal(x, y) / N (spec §5: focal, **not** plain BCE).
+    """``loss_mask``: Σ_masks mean_points focal(x, y) / N (§T7: focal, **not** plain BCE).
 
     point_logits, point_labels [N, P]; valid [N].
     """
@@ -130,5 +130,5 @@ def dice_loss(point_logits: jax.Array, point_labels: jax.Array, valid: jax.Array
 
 
 def prompt_l2_loss(prompts: jax.Array, weight: float = PROMPT_L2_WEIGHT) -> jax.Array:
-    """SegLLM ``sparse_embed_L2_loss_weight`` term: weight · mean(prompt²) over all kept prompt entries (§6.3)."""
+    """SegLLM ``sparse_embed_L2_loss_weight`` term: weight · mean(prompt²) over all kept prompt entries (§T10)."""
     return weight * jnp.mean(jnp.square(prompts.astype(jnp.float32)))

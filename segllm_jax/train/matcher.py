@@ -1,12 +1,12 @@
-"""Matchers of HIPIE's criterion as SegLLM uses it (``hipie-training.md`` §4).
+"""Matchers of HIPIE's criterion as SegLLM uses it (architecture.md §T4 to §T6).
 
 * fg queries, every decoder layer: **simOTA** (``HungarianMatcherVL.forward_ota``; MODEL.OTA = True),
-  dynamic-k, not Hungarian (§4.1). Its cost uses focal class cost + 3·(−GIoU) + in-box/in-centre
+  dynamic-k, not Hungarian (§T4). Its cost uses focal class cost + 3·(−GIoU) + in-box/in-centre
   priors; the config's cost weights are *not* used there.
 * encoder proposals (``_enc``): **Hungarian** (``forward(force_box_loss=True)``) on binary targets with
-  C = 5·L1 + 2·class + 2·(−GIoU) (§4.2). (The configured mask/dice costs 5/5 are never used by SegLLM:
+  C = 5·L1 + 2·class + 2·(−GIoU) (§T5). (The configured mask/dice costs 5/5 are never used by SegLLM:
   no mask cost is computed anywhere; :class:`MatcherCosts` keeps them for the record.)
-* DN group: fixed indices, see :func:`segllm_jax.train.denoising.dn_match_indices` (§4.3).
+* DN group: fixed indices, see :func:`segllm_jax.train.denoising.dn_match_indices` (§T6).
 
 Why the split between device and host: the cost matrices are dense jnp (jit-able, run on device next
 to the forward pass), while the assignment itself — scipy ``linear_sum_assignment`` and simOTA's
@@ -41,7 +41,7 @@ Indices = list[tuple[np.ndarray, np.ndarray]]  # per prompt (src query indices, 
 
 @dataclass(frozen=True)
 class MatcherCosts:
-    """SET_COST_* of the config (§0). mask/dice are configured but unused by SegLLM's matchers."""
+    """SET_COST_* of the config (§T4, §T5). mask/dice are configured but unused by SegLLM's matchers."""
     cost_class: float = 2.0
     cost_bbox: float = 5.0
     cost_giou: float = 2.0
@@ -58,7 +58,7 @@ class PaddedIndices(NamedTuple):
 # --------------------------------------------------------------------------------------------- costs (jnp)
 
 def focal_class_cost(logits: jax.Array, positive_map: jax.Array) -> jax.Array:
-    """Token focal cost (§4.1): mean over the GT's positive tokens of (pos − neg)[q, t].
+    """Token focal cost (§T4): mean over the GT's positive tokens of (pos − neg)[q, t].
 
     logits [Q, T], positive_map [G, T] (bool/0-1) -> [Q, G]. pos = α(1−p)²(−log(p+1e-8)),
     neg = (1−α)p²(−log(1−p+1e-8)). A GT without positive tokens gets cost 0 (instead of NaN).
@@ -82,7 +82,7 @@ def _dummy_invalid(gt_boxes: jax.Array, gt_valid: jax.Array | None) -> jax.Array
 
 def ota_cost(logits: jax.Array, boxes: jax.Array, gt_boxes: jax.Array, positive_map: jax.Array,
              gt_valid: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-    """simOTA cost and IoU matrices for one prompt (§4.1, ``compute_cost``).
+    """simOTA cost and IoU matrices for one prompt (§T4, ``compute_cost``).
 
     logits [Q, T], boxes [Q, 4] cxcywh, gt_boxes [G, 4] cxcywh, positive_map [G, T], gt_valid [G]
     -> (cost [Q, G], iou [Q, G]). cost = class + 3·(−GIoU) + 100·¬(in-box ∧ in-centre), +10000 on rows
@@ -108,7 +108,7 @@ def ota_cost(logits: jax.Array, boxes: jax.Array, gt_boxes: jax.Array, positive_
 
 def hungarian_cost(logits: jax.Array, boxes: jax.Array, gt_boxes: jax.Array, positive_map: jax.Array,
                    costs: MatcherCosts = MatcherCosts(), gt_valid: jax.Array | None = None) -> jax.Array:
-    """Hungarian cost for one prompt (§4.2): cost_bbox·L1(cdist) + cost_class·class + cost_giou·(−GIoU).
+    """Hungarian cost for one prompt (§T5): cost_bbox·L1(cdist) + cost_class·class + cost_giou·(−GIoU).
 
     logits [S, C], boxes [S, 4] cxcywh, gt_boxes [G, 4], positive_map [G, C] -> [S, G]. For the encoder
     proposals C = 1 and positive_map = ones (binary targets, STILL_CLS_FOR_ENCODER).
@@ -129,7 +129,7 @@ batched_hungarian_cost = jax.jit(jax.vmap(hungarian_cost, in_axes=(0, 0, 0, 0, N
 def dynamic_k_matching(cost: np.ndarray, iou: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """simOTA assignment for one prompt (host, float32), ``dynamic_k_matching`` of the original.
 
-    cost, iou [Q, G] -> (src ascending query indices, tgt GT index per src). Steps (§4.1):
+    cost, iou [Q, G] -> (src ascending query indices, tgt GT index per src). Steps (§T4):
     k_j = max(1, int(Σ top-10 IoU of column j)); the k_j cheapest queries of each GT are marked; a
     query marked for several GT keeps its argmin-cost GT; while a GT has no query, the matched rows get
     +1e5 and each unmatched GT takes its argmin-cost query, conflicts being re-resolved with the **first**
@@ -167,7 +167,7 @@ def dynamic_k_matching(cost: np.ndarray, iou: np.ndarray) -> tuple[np.ndarray, n
 
 def simota_match(logits: jax.Array, boxes: jax.Array, gt_boxes: jax.Array, gt_positive_map: jax.Array,
                  gt_valid: jax.Array) -> Indices:
-    """simOTA indices for every prompt of one decoder layer (§4.1).
+    """simOTA indices for every prompt of one decoder layer (§T4).
 
     logits [B, Q, T], boxes [B, Q, 4], gt_boxes [B, G, 4], gt_positive_map [B, G, T], gt_valid [B, G]
     (valid GT first). Costs on device, assignment on the host.
@@ -179,7 +179,7 @@ def simota_match(logits: jax.Array, boxes: jax.Array, gt_boxes: jax.Array, gt_po
 
 def hungarian_match(logits: jax.Array, boxes: jax.Array, gt_boxes: jax.Array, gt_positive_map: jax.Array,
                     gt_valid: jax.Array, costs: MatcherCosts = MatcherCosts()) -> Indices:
-    """Hungarian indices per prompt (§4.2): scipy ``linear_sum_assignment``, src ascending."""
+    """Hungarian indices per prompt (§T5): scipy ``linear_sum_assignment``, src ascending."""
     cost = np.asarray(jax.device_get(batched_hungarian_cost(logits, boxes, gt_boxes, gt_positive_map,
                                                             costs, gt_valid)))
     counts = np.asarray(gt_valid).sum(1)
@@ -192,7 +192,7 @@ def hungarian_match(logits: jax.Array, boxes: jax.Array, gt_boxes: jax.Array, gt
 
 def encoder_match(enc_logits: jax.Array, enc_boxes: jax.Array, gt_boxes: jax.Array, gt_valid: jax.Array,
                   costs: MatcherCosts = MatcherCosts()) -> Indices:
-    """Encoder-proposal matching (§4.2): binary targets (positive map = ones [G, 1]) over all S tokens.
+    """Encoder-proposal matching (§T5): binary targets (positive map = ones [G, 1]) over all S tokens.
 
     enc_logits [B, S, 1] (Still_Classifier), enc_boxes [B, S, 4] cxcywh.
     """

@@ -2,7 +2,7 @@
 
 A plain pytree (no NNX objects): parameters are flat ``{"a/b/c": array}`` dicts, split into the
 trainable ones (float32 master weights, with Adam moments in ``opt_state``) and the frozen ones
-(spec §5.1; no moments, never updated). The model graph is static and lives in
+(architecture.md §T12; no moments, never updated). The model graph is static and lives in
 ``step.ModelStructure``. ``rng`` is a raw ``uint32[2]`` key; step ``s`` uses ``fold_in(rng, s)``,
 so a resumed run draws exactly the gates an uninterrupted one would.
 """

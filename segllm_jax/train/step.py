@@ -1,6 +1,6 @@
-"""One optimisation step as pure functions (spec §5): what trains, the loss, the update.
+"""One optimisation step as pure functions (architecture.md §T10, §T12): what trains, the loss, the update.
 
-* :func:`is_trainable` is spec §5.1 as path patterns: ``embed_tokens``, ``lm_head``, the CLIP tower,
+* :func:`is_trainable` is architecture.md §T12 as path patterns: ``embed_tokens``, ``lm_head``, the CLIP tower,
   HIPIE's FrozenBN buffers and its stem + res2 (detectron2 ``FREEZE_AT=2``) are frozen; the rest
   trains. Frozen parameters live apart from trainable ones in :class:`TrainState`, so they get no
   gradient and no Adam moments (less memory, and they cannot drift). A model trained from scratch
@@ -8,7 +8,7 @@
 * :func:`loss_fn` = next-token cross-entropy on the structural labels + ``1e-3 * mean(prompt²)``
   over the prompts sent to HIPIE + an optional HIPIE term (a callable, see :data:`HipieTerm`).
   The reference gates of the batch (1 = real reference, 0 = padding) are multiplied by a fresh
-  Bernoulli(0.5) draw here, on device, from the step key (spec §3 step 5: no 1/p rescaling).
+  Bernoulli(0.5) draw here, on device, from the step key (architecture.md §D6, §O22: no 1/p rescaling).
 * :func:`make_train_step` returns ``train_step(state, batch) -> (state, metrics)``, jit-able; the
   caller (``loop.py`` / tests) jits it with the shardings of :func:`state_shardings`.
 
@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from segllm_jax.train.hipie_loss import HipieLossDetails
 
 
-# spec §5.1; the HIPIE patterns follow segllm_jax/models/hipie/resnet.py's parameter paths
+# architecture.md §T12; the HIPIE patterns follow segllm_jax/models/hipie/resnet.py's parameter paths
 FROZEN_PATTERNS: tuple[str, ...] = (
     r"^llm/embed_tokens/",
     r"^llm/lm_head/",
@@ -55,7 +55,7 @@ _BUFFERS = re.compile(FROZEN_PATTERNS[-1])  # never trained: FrozenBN statistics
 
 
 def is_trainable(path: str, freeze_pretrained: bool = True) -> bool:
-    """Whether the parameter at ``path`` ('/'-joined) is updated in training (spec §5.1).
+    """Whether the parameter at ``path`` ('/'-joined) is updated in training (architecture.md §T12).
 
     ``freeze_pretrained=False`` (``TrainConfig.freeze_pretrained``) trains everything but the FrozenBN
     buffers: for a model trained from scratch, where the frozen parts would be random weights.
@@ -283,7 +283,7 @@ def hipie_term_from_loss(hipie_loss_details: Callable) -> HipieTerm:
 
 
 def prompt_iou_parts(details: HipieLossDetails, target_masks: jax.Array) -> jax.Array:
-    """[M, 2] (intersection, union) in pixels, per prompt, of the prediction ``iou_train`` pools (§6.3: the
+    """[M, 2] (intersection, union) in pixels, per prompt, of the prediction ``iou_train`` pools (§T10: the
     final layer's last matched fg query, up-sampled to the frame, > 0), so ``iou_train`` is
     ``sum(I) / (sum(U) + 1e-4)`` and each round's own IoU can be told apart. target_masks [M, S, S]."""
     last = details.fg_masks[-1]  # [M, K, h, w]
@@ -305,7 +305,7 @@ def round_ious(parts: np.ndarray, rounds: np.ndarray) -> dict[str, float]:
 
 def loss_fn(model: SegLLM, batch: TrainBatch, key: jax.Array, *, prompt_l2_weight: float = 1e-3,
             hipie_term: HipieTerm | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """``CE_LM + HIPIE + w * mean(prompt²)`` (spec §5.2) and its terms; ``hipie_term=None`` skips HIPIE."""
+    """``CE_LM + HIPIE + w * mean(prompt²)`` (architecture.md §T10) and its terms; ``hipie_term=None`` skips HIPIE."""
     k_gate, k_hipie = jax.random.split(key)
     conv = batch.conv
     # one key per reference from its (global row, column): the draw does not depend on padding or on

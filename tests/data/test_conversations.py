@@ -1,4 +1,4 @@
-"""Conversation JSON parsing (spec §1.1): payload forms, round structure, limit_rounds, refusals."""
+"""Conversation JSON parsing (architecture.md §D1): payload forms, round structure, limit_rounds, refusals."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def test_parse_released_style_conversation():
     assert second.target.supervised_ref_id == "11" and second.target.task_type == "near"
     assert [r.mask_id for r in third.references] == ["11", "12"]
     assert third.target.target_id == "13" and third.target.ref_ids == ("11", "12")
-    assert third.target.supervised_ref_id == "11"  # two references: only the first is used (§10.11)
+    assert third.target.supervised_ref_id == "11"  # two references: only the first is used (§O26)
     assert conv.tokenizer_rounds() == [Round("Segment the dog.", 0, True),
                                        Round("Segment the ball near it.", 1, False),
                                        Round("Segment what is between them.", 2, False)]

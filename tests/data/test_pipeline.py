@@ -1,4 +1,4 @@
-"""Input pipeline: example contents (spec §1.3, §3, §4.4), sampler (§5.3), sharding, determinism,
+"""Input pipeline: example contents (architecture.md §D5, §D6, §T1), sampler (§T13), sharding, determinism,
 resume, worker processes, and skipping of corrupt data."""
 
 from __future__ import annotations

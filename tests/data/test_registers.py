@@ -1,4 +1,4 @@
-"""Annotation registers (spec §6) on tiny synthetic files, corrupt ones included, and image path fix-ups."""
+"""Annotation registers (architecture.md §E1) on tiny synthetic files, corrupt ones included, image path fix-ups."""
 
 from __future__ import annotations
 

@@ -103,7 +103,7 @@ def convert_subtree(pth, module, subtree: str) -> None:
 
 
 def normalized_image_nhwc(data) -> np.ndarray:
-    """``input_image_u8`` (3, S, S) uint8 -> (1, S, S, 3) float32, (x - mean) / std (spec §6 step 4)."""
+    """``input_image_u8`` (3, S, S) uint8 -> (1, S, S, 3) float32, (x - mean) / std (architecture.md §D5)."""
     x = data["input_image_u8"].astype(np.float32).transpose(1, 2, 0)[None]
     return (x - IMAGE_MEAN) / IMAGE_STD
 

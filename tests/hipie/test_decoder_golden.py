@@ -63,7 +63,7 @@ def test_decoder_golden(golden_file, recipe_pth) -> None:
     masks = np.asarray(all_pred_masks_jit(model, out))
     compare("pred_masks", masks, data["pred_masks"])
 
-    # spec §2.7: the selected-query-only path is bit-identical to indexing the full computation
+    # architecture.md §H2: the selected-query-only path is bit-identical to indexing the full computation
     sel = jnp.asarray(data["sel_query"])
     logits, _ = model.selected_mask(out, sel)
     np.testing.assert_array_equal(np.asarray(logits), masks[np.arange(masks.shape[0]), data["sel_query"]])

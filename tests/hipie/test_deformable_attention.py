@@ -1,4 +1,4 @@
-"""MSDeformAttn module vs Hugging Face ``DeformableDetrMultiscaleDeformableAttention`` (spec §8).
+"""MSDeformAttn module vs Hugging Face ``DeformableDetrMultiscaleDeformableAttention`` (architecture.md §H15).
 
 Same random weights in both; the HF module is pure PyTorch on CPU (``USE_HUB_KERNELS=0``). Its
 ``attention_mask`` is True for *valid* tokens, HIPIE's ``padding_mask`` True for *padding*.

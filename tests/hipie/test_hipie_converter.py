@@ -1,10 +1,10 @@
 """The HIPIE converter table (``segllm_jax_convert.hipie``) through the real engine.
 
 Happy paths: the golden recipe (every key of ``state_dict_keys.json``, BERT included) as a .pth;
-a SegLLM-prefixed state dict; a 900-row ``tgt_embed`` (G1, sliced and logged); a checkpoint
-holding only one name of each shared head (G12). Error paths: missing, extra, mis-shaped and
+a SegLLM-prefixed state dict; a 900-row ``tgt_embed`` (architecture.md §O1, sliced and logged); a checkpoint
+holding only one name of each shared head (§O12). Error paths: missing, extra, mis-shaped and
 mistyped keys and differing aliases each raise one ``ConversionError`` naming the key, and
-nothing reaches the model. Also the parameter count (spec §5.6: ~56.9 M without FrozenBN buffers).
+nothing reaches the model. Also the parameter count (§A2: ~56.9 M without FrozenBN buffers).
 """
 
 from __future__ import annotations
@@ -65,13 +65,13 @@ def test_parameter_count() -> None:
     total = sum(int(np.prod(t.shape)) for t in targets.values())
     frozen_bn = sum(int(np.prod(t.shape)) for p, t in targets.items()
                     if p.startswith("backbone/") and "/norm/" in p)
-    # every tensor the model needs, each shared head counted once (G12), resizers excluded
+    # every tensor the model needs, each shared head counted once (§O12), resizers excluded
     expected = sum(int(np.prod(e["shape"])) for e in _key_entries()
                    if not e["key"].startswith(("text_encoder.", "criterion.")) and "resizer." not in e["key"]
                    and not e["alias_of"])
     print(f"\nHipie parameters: {total:,} ({total - frozen_bn:,} without the {frozen_bn:,} FrozenBN buffers)")
     assert total == expected == 56_978_184
-    assert round((total - frozen_bn) / 1e6, 1) == 56.9  # spec §5.6
+    assert round((total - frozen_bn) / 1e6, 1) == 56.9  # §A2
 
 
 def test_recipe_pth_converts_every_target(recipe_pth) -> None:
@@ -108,7 +108,7 @@ def test_900_query_table_is_sliced_and_logged(caplog) -> None:
         arrays = _convert(sd)
     np.testing.assert_array_equal(arrays["decoder/two_stage/tgt_embed/embedding"], big[:100])
     messages = [r.getMessage() for r in caplog.records if r.name == "segllm_jax_convert.hipie"]
-    assert len(messages) == 1 and "900 rows" in messages[0] and "G1" in messages[0]
+    assert len(messages) == 1 and "900 rows" in messages[0] and "§O1" in messages[0]
 
 
 def test_one_name_per_shared_head_is_enough() -> None:

@@ -50,14 +50,14 @@ def test_predict_shapes_and_selected_mask_identity() -> None:
     assert pred.boxes_xyxy.shape == (3, 4) and pred.scores.shape == (3,)
     assert pred.mask_logits.shape == (3, SIZE // 4, SIZE // 4)
     assert ((pred.sel_query >= cfg.num_bg_queries) & (pred.sel_query < cfg.num_total_queries)).all()
-    # the selected-query path equals indexing every query's mask (spec §2.7), bit for bit
+    # the selected-query path equals indexing every query's mask (architecture.md §H2), bit for bit
     levels = image_features_jit(model, jnp.asarray(images))
     out = segment_jit(model, levels, jnp.asarray(prompts), jnp.asarray(index))
     assert out.pred_logits.shape == (3, cfg.num_total_queries, cfg.prompt_tokens)
     assert out.controller_params.shape == (3, cfg.num_total_queries, cfg.controller_out)
     every = np.asarray(all_pred_masks_jit(model, out))
     np.testing.assert_array_equal(pred.mask_logits, every[np.arange(3), pred.sel_query])
-    # the final mask is the x4 bilinear upsampling of those logits, thresholded (G10)
+    # the final mask is the x4 bilinear upsampling of those logits, thresholded (§O10)
     np.testing.assert_array_equal(pred.masks.mean(axis=(1, 2)) > 0, pred.masks.any(axis=(1, 2)))
 
 

@@ -76,7 +76,7 @@ def test_masks_ratios_and_reference_points() -> None:
 
 
 def _np_fusion(f: VLFusion, v, lang, mask, keep=None):
-    """float64 transcription of spec §2.4.1 (per head, with the +1 / -9e15 language mask term)."""
+    """float64 transcription of architecture.md §H6 (per head, with the +1 / -9e15 language mask term)."""
     g = lambda x: np.asarray(x[...], np.float64)  # noqa: E731
 
     def ln(x, m):

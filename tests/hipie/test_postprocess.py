@@ -1,4 +1,4 @@
-"""Host post-processing (spec §4.4): class scores, batched NMS, top-k, SegLLM's target choice.
+"""Host post-processing (architecture.md §H14): class scores, batched NMS, top-k, SegLLM's target choice.
 
 Golden: the stored ``pred_logits`` / ``pred_boxes`` / ``pred_iou`` of every golden file (both
 sizes) must reproduce ``post_*`` and ``sel_*`` exactly (indices) or to float32 rounding (scores).

@@ -1,5 +1,5 @@
 """The learning proof's training preset (``configs/tiny_mrshapes.py`` / ``mrshapes_cpu``): a short run of
-the real command with the HIPIE term learns, from-scratch training trains the parts spec §5.1 freezes,
+the real command with the HIPIE term learns, from-scratch training trains the parts architecture.md §T12 freezes,
 and a data folder prepared with other arguments is refused."""
 
 from __future__ import annotations

@@ -120,7 +120,7 @@ def _rel(got: float, want: float) -> float:
 @pytest.mark.golden
 @pytest.mark.parametrize("golden_file,variant", GOLDEN)
 def test_golden_targets(golden_file, variant) -> None:
-    """SegLLM GT construction (§1.3) reproduces the stored boxes / positive maps / labels count."""
+    """SegLLM GT construction (architecture.md §T1) reproduces the stored boxes / positive maps / labels count."""
     d = _load(golden_file)
     tg = _targets(d)
     for b in range(tg.boxes.shape[0]):

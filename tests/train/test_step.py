@@ -1,4 +1,5 @@
-"""The training step (spec §5): trainable mask, overfitting, frozen parameters, sharding, schedule."""
+"""The training step (architecture.md §T10, §T12, §T13): trainable mask, overfitting, frozen parameters,
+sharding, schedule."""
 
 from __future__ import annotations
 
@@ -155,7 +156,7 @@ def test_schedule_is_hf_cosine_with_warmup(setup):
 
 
 def test_step_with_hipie_term_trains_hipie(setup):
-    """The full spec §5.2 loss (LM + HIPIE criterion + prompt L2): ~50 s on an idle 2-core CPU (compile)."""
+    """The full §T10 loss (LM + HIPIE criterion + prompt L2): ~50 s on an idle 2-core CPU (compile)."""
     from segllm_jax.train.loop import _hipie_term
 
     cfg, tokenizer, _ = setup

@@ -53,7 +53,7 @@ def _hf_config(src: Path) -> dict:
 
 
 def _hipie_config(_src: Path, source: TensorSource, _vision) -> HipieConfig:
-    """SegLLM's HIPIE; the foreground query count is read from the checkpoint's ``tgt_embed`` (G1)."""
+    """SegLLM's HIPIE; the foreground query count is read from the checkpoint's ``tgt_embed`` (architecture.md §O1)."""
     key = next((k for k in source if k.endswith("detr.detr.transformer.tgt_embed.weight")), None)
     num_queries = 100 if key is None else min(100, source[key].shape[0])
     return HipieConfig.hipie_r50_segllm(num_queries=num_queries)
@@ -134,7 +134,7 @@ def convert_checkpoint(src: str | Path, dst: str | Path, *, kind: str | None = N
 
 def convert_training_init(llava: str | Path, clip: str | Path, hipie: str | Path, dst: str | Path, *,
                           seed: int = 0, progress: bool = True, overwrite: bool = False) -> Path:
-    """SegLLM's starting point for training (spec §5.1) from its three sources, as one checkpoint.
+    """SegLLM's starting point for training (architecture.md §T12) from its three sources, as one checkpoint.
 
     ``llava``: a LLaVA-1.5 folder (LLaMA + ``mm_projector``, 32000-token vocabulary, tokenizer);
     ``clip``: a CLIP ViT folder (``openai/clip-vit-large-patch14``); ``hipie``: ``r50_parts.pth``.

@@ -1,6 +1,6 @@
 """Mapping table: a released SegLLM checkpoint (``LlavaLlamaForCausalLM`` + HIPIE) -> :class:`SegLLM`.
 
-Composed from the per-model tables (spec §9): the LLaMA keys (``model.*``, ``lm_head``) go to
+Composed from the per-model tables (architecture.md §A2): the LLaMA keys (``model.*``, ``lm_head``) go to
 ``llm/``, ``model.vision_tower.vision_tower.*`` to ``vision_tower/``, ``model.mm_projector.*`` and
 ``model.segmentator_predictor.*`` through the mlp2x_gelu table, ``model.mask_enc_head.*`` to the
 box encoder, and ``model.segmentator.hipie.*`` through the HIPIE table. Keys that belong to a
@@ -38,7 +38,7 @@ def added_token_rows(new_rows: int, seed: int) -> Callable[[int], Transform]:
 
     This is what ``resize_token_embeddings`` did in the transformers release SegLLM trained with
     (4.43: the new module is initialised with ``_init_weights``, normal(0, initializer_range=0.02),
-    then the old rows are copied back); those rows are then frozen (spec §2, §5.1).
+    then the old rows are copied back); those rows are then frozen (§D2, §T12, §O21).
     """
     def for_table(which: int) -> Transform:
         def add(x: np.ndarray) -> np.ndarray:

@@ -1,1 +1,1 @@
-"""HIPIE segmentor (SegLLM's mask decoder) in Flax NNX; see shared/spec/hipie-segmentor.md."""
+"""HIPIE segmentor (SegLLM's mask decoder) in Flax NNX; see docs/architecture.md §H1 to §H15."""

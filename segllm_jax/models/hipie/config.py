@@ -1,7 +1,7 @@
-"""HIPIE segmentor configuration: every size of the model is a field (spec §2).
+"""HIPIE segmentor configuration: every size of the model is a field (architecture.md §H1).
 
 ``hipie_r50_segllm()`` is the configuration SegLLM actually runs (``r50_pretrain.yaml`` ->
-SegLLM's edited ``r50.yaml`` plus the overrides of ``hipie_utils.setup_cfg``; spec §1.1 and G2):
+SegLLM's edited ``r50.yaml`` plus the overrides of ``hipie_utils.setup_cfg``; §H1 and §O2):
 100 foreground queries, 10 background queries, mean token pooling, MaskDINO off.
 ``tiny()`` keeps every structural feature (4 levels, two-stage, bg queries, VL fusion, dynamic
 mask head) at toy widths so unit tests run in seconds on a CPU.
@@ -19,21 +19,21 @@ _DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 @dataclasses.dataclass(frozen=True)
 class HipieConfig:
-    """All hyper-parameters of the HIPIE model as SegLLM builds it (spec §2, §3, §4)."""
+    """All hyper-parameters of the HIPIE model as SegLLM builds it (§H1)."""
 
-    # --- image normalisation (spec §6 step 4; RGB order, applied to uint8 pixels) ---
+    # --- image normalisation (§D5; RGB order, applied to uint8 pixels) ---
     pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
     pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)
     size_divisibility: int = 32
 
-    # --- backbone: detectron2 ResNet-50 with FrozenBN (spec §2.1) ---
+    # --- backbone: detectron2 ResNet-50 with FrozenBN (§H3) ---
     resnet_blocks: tuple[int, int, int, int] = (3, 4, 6, 3)  # res2..res5
     stem_channels: int = 64
     res2_out_channels: int = 256
     bottleneck_base: int = 64  # num_groups * width_per_group; doubles per stage
     frozen_bn_eps: float = 1e-5
 
-    # --- transformer (spec §2.3, §2.4) ---
+    # --- transformer (§H5, §H7, §H9) ---
     d_model: int = 256
     num_heads: int = 8
     ffn_dim: int = 2048
@@ -45,18 +45,18 @@ class HipieConfig:
     group_norm_groups: int = 32
     group_norm_eps: float = 1e-5
     layer_norm_eps: float = 1e-5
-    pos_temperature: float = 10000.0  # sine position encoding (spec §2.2, G13)
+    pos_temperature: float = 10000.0  # sine position encoding (§H4, §O13)
 
-    # --- language side / VL fusion (spec §2.4.1) ---
+    # --- language side / VL fusion (§H6) ---
     prompt_tokens: int = 8
     text_dim: int = 768
     vl_hidden_dim: int = 2048
     vl_heads: int = 8
     vl_clamp: float = 50000.0
-    vl_dropout: float = 0.1  # attention-probability dropout, training only (G18)
+    vl_dropout: float = 0.1  # attention-probability dropout, training only (§O18)
     num_vl_layers: int = 1  # fusion only before encoder layer 0 (the only supported value)
 
-    # --- two-stage query selection and decoder queries (spec §2.4.3, G1, G3, G4, G5) ---
+    # --- two-stage query selection and decoder queries (§H8, §O1, §O3, §O4, §O5) ---
     num_queries: int = 100  # foreground queries = two-stage top-k (SegLLM edit: 900 -> 100)
     num_bg_queries: int = 10
     proposal_base_size: float = 0.05  # w = h = base * 2**level
@@ -64,13 +64,13 @@ class HipieConfig:
     proposal_valid_max: float = 0.99
     dn_number: int = 1  # denoising groups, training only
 
-    # --- heads (spec §2.5) ---
+    # --- heads (§H10) ---
     box_mlp_layers: int = 3
     use_iou_branch: bool = True
     class_clamp: float = 50000.0
     resizer_eps: float = 1e-12  # detr.resizer LayerNorm (training-only DN label encoder)
 
-    # --- CondInst mask branch (spec §2.6, §4) ---
+    # --- CondInst mask branch (§H11 to §H13) ---
     mask_head_hidden: int = 256  # lay3 / lay4 / jia_dcn width
     mask_head_mid: int = 64  # lay1 output
     mask_feat_channels: int = 8  # lay2 output (dynamic-conv input features)
@@ -82,7 +82,7 @@ class HipieConfig:
     mask_feat_stride: int = 8
     mask_threshold: float = 0.5
 
-    # --- post-processing (spec §4.4) ---
+    # --- post-processing (§H14) ---
     nms_iou: float = 0.7
     test_topk: int = 100
     num_classes: int = 2  # class idx 0 = tokens 0-3 ("reference"), 1 = tokens 4-7 ("target")
@@ -90,7 +90,7 @@ class HipieConfig:
 
     # --- dtypes ---
     param_dtype: str = "float32"
-    dtype: str = "float32"  # compute dtype; parity tests use float32 (G6)
+    dtype: str = "float32"  # compute dtype; parity tests use float32 (§O6)
     msda_impl: str = "auto"  # pallas_kernels.ms_deform_attn impl
 
     def __post_init__(self) -> None:
@@ -107,7 +107,7 @@ class HipieConfig:
                               f"{self.group_norm_groups}.")
         if self.num_feature_levels != 4:
             raise ConfigError(f"num_feature_levels={self.num_feature_levels}: HIPIE uses res3/res4/res5 plus one "
-                              "extra stride-2 level from res5, i.e. 4 levels (spec §2.3).")
+                              "extra stride-2 level from res5, i.e. 4 levels (docs/architecture.md §H5).")
         if self.num_vl_layers != 1:
             raise ConfigError(f"num_vl_layers={self.num_vl_layers}: SegLLM's HIPIE fuses once, before encoder "
                               "layer 0 (NUM_VL_LAYERS=1); other values are not implemented.")
@@ -140,7 +140,7 @@ class HipieConfig:
 
     @property
     def num_total_queries(self) -> int:
-        """Inference query count: background queries first, then the top-k foreground ones (G3)."""
+        """Inference query count: background queries first, then the top-k foreground ones (§O3)."""
         return self.num_bg_queries + self.num_queries
 
     @property
@@ -149,7 +149,7 @@ class HipieConfig:
 
     @property
     def controller_out(self) -> int:
-        """Dynamic-conv parameter count per query (169 for SegLLM; spec §4.2)."""
+        """Dynamic-conv parameter count per query (169 for SegLLM; §H12)."""
         c, d, n = self.mask_feat_channels, self.dynamic_channels, self.controller_layers
         in0 = c + (2 if self.use_rel_coords else 0)
         weights = in0 * d + (n - 2) * d * d + d * 1
@@ -158,7 +158,7 @@ class HipieConfig:
 
     @classmethod
     def hipie_r50_segllm(cls, **overrides: Any) -> "HipieConfig":
-        """The configuration in force inside SegLLM (spec §1.1 table, right column)."""
+        """The configuration in force inside SegLLM (§H1)."""
         return cls(**overrides)
 
     @classmethod

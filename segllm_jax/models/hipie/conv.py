@@ -1,11 +1,11 @@
 """NHWC convolution and per-channel normalisations shared by the HIPIE image side.
 
-* :class:`Conv2d` keeps PyTorch's *symmetric* explicit padding (spec §5.7: "SAME" pads
+* :class:`Conv2d` keeps PyTorch's *symmetric* explicit padding (architecture.md §A3: "SAME" pads
   asymmetrically for stride 2 on even inputs, which shifts every stride-2 map by half a pixel).
   Kernels are HWIO (the converter's ``conv_kernel`` transposes OIHW).
 * :class:`FrozenBatchNorm2d` keeps detectron2's four buffers as ``nnx.Param`` (logical axis
   ``norm``) so they map one-to-one onto checkpoint keys; training masks them out. The scale/shift
-  fold happens in the forward, in float32 (G14).
+  fold happens in the forward, in float32 (§O14).
 * :class:`GroupNorm` is PyTorch ``nn.GroupNorm``: contiguous channel groups, statistics over
   (H, W, channels of the group), in float32.
 """
@@ -94,7 +94,7 @@ class ConvFrozenBN(nnx.Module):
 
 
 class GroupNorm(nnx.Module):
-    """PyTorch ``nn.GroupNorm(num_groups, C)`` on NHWC maps (contiguous channel groups; spec §5.7)."""
+    """PyTorch ``nn.GroupNorm(num_groups, C)`` on NHWC maps (contiguous channel groups; §A3)."""
 
     def __init__(self, num_groups: int, channels: int, *, rngs: nnx.Rngs, eps: float = 1e-5,
                  param_dtype: str = "float32", dtype: str = "float32"):

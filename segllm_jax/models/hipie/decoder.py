@@ -1,14 +1,14 @@
-"""HIPIE's deformable decoder (spec §2.4.4) with two-stage query selection in front (§2.4.3).
+"""HIPIE's deformable decoder (architecture.md §H9) with two-stage query selection in front (§H8).
 
 ``HipieDecoder`` owns ``two_stage`` (proposal scoring, top-k, query tables), ``layers`` (6 x
 self-attention -> deformable cross-attention -> FFN, post-norm) and ``ref_point_head`` (query
 positions from the sine encoding of the current reference box). The per-layer box heads
-(``bbox_embed``) and scoring heads live on ``Hipie`` and are passed in (G12).
+(``bbox_embed``) and scoring heads live on ``Hipie`` and are passed in (§O12).
 
 Per layer ``lid``: ``query_pos = ref_point_head(sine(ref))``; after the layer,
 ``new_ref = sigmoid(bbox_embed[lid](tgt) + inverse_sigmoid(ref))``. The next layer starts from
 ``stop_gradient(new_ref)``; ``inter_references[lid]`` stores the *undetached* ``new_ref``
-(look-forward-twice). Background queries (G3) run through every layer like the others.
+(look-forward-twice). Background queries (§O3) run through every layer like the others.
 
 Training (later issue): denoising queries are prepended by the caller through ``prefix_tgt`` /
 ``prefix_reference`` and ``attn_mask`` ([Q, Q] bool, True = blocked) separates the groups.
@@ -33,7 +33,7 @@ from segllm_jax.models.layers import LayerNorm, Linear
 class QueryAttention(nnx.Module):
     """``nn.MultiheadAttention`` with q, k, v packed in one ``in_proj`` (kernel ``[C, 3C]``, columns q|k|v).
 
-    Kept packed so that ``in_proj_weight`` / ``in_proj_bias`` convert one-to-one (spec §5.7).
+    Kept packed so that ``in_proj_weight`` / ``in_proj_bias`` convert one-to-one (§A3).
     """
 
     def __init__(self, cfg: HipieConfig, *, rngs: nnx.Rngs):
@@ -121,7 +121,7 @@ class HipieDecoder(nnx.Module):
                 ref_in = jnp.broadcast_to(reference[:, :, None, :], reference.shape[:2] + (n_levels, 4))
             else:  # boxes scaled per level by the valid (w, h) fraction of the map
                 ref_in = reference[:, :, None, :] * jnp.concatenate([valid_ratios, valid_ratios], -1)[:, None]
-            # ref_in: [B, Q, L, 4]; query position = MLP(sine of the level-0 box in [y, x, w, h] order, G13)
+            # ref_in: [B, Q, L, 4]; query position = MLP(sine of the level-0 box in [y, x, w, h] order, §O13)
             query_pos = self.ref_point_head(sine_box_embedding(ref_in[:, :, 0], self.cfg.d_model // 2,
                                                                self.cfg.pos_temperature))  # [B, Q, C]
             tgt = layer(tgt, query_pos, ref_in, memory, spatial_shapes, level_start_index,

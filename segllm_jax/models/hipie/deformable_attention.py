@@ -1,4 +1,4 @@
-"""Multi-scale deformable attention module (Deformable-DETR ``MSDeformAttn``; spec §3).
+"""Multi-scale deformable attention module (Deformable-DETR ``MSDeformAttn``; architecture.md §H15).
 
 The module owns the four projections and turns (query, reference points) into normalised
 sampling locations and softmaxed attention weights; the bilinear gather itself is
@@ -7,7 +7,7 @@ sampling locations and softmaxed attention weights; the bilinear gather itself i
 Used twice in HIPIE:
 
 * encoder self-attention (``encoder.layers.i.self_attn``): 2-d reference points (token centres),
-  offsets are in level pixels and divided by (W_l, H_l) of their level (spec §3.3);
+  offsets are in level pixels and divided by (W_l, H_l) of their level (§H15);
 * decoder cross-attention (``decoder.layers.i.cross_attn``): 4-d reference boxes (cx, cy, w, h),
   offsets are scaled by ``wh / n_points / 2`` (no per-level normaliser).
 
@@ -15,7 +15,7 @@ Parameter layout (NNX paths, one-to-one with the PyTorch keys):
 ``value_proj/{kernel,bias}``, ``sampling_offsets/{kernel,bias}``, ``attention_weights/{kernel,bias}``,
 ``output_proj/{kernel,bias}``; kernels are ``[in, out]``.
 Flat output index of ``sampling_offsets`` is ``((m*L + l)*P + p)*2 + xy`` and of
-``attention_weights`` ``(m*L + l)*P + p`` (spec §3.2), so plain reshapes recover the axes.
+``attention_weights`` ``(m*L + l)*P + p`` (§H15), so plain reshapes recover the axes.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ class MSDeformAttn(nnx.Module):
     level_start_index, padding_mask [B,S] | None) -> [B,Q,C]``.
 
     ``padding_mask`` follows HIPIE's convention: True marks a *padding* token, whose value row is
-    zeroed before sampling (the Hugging Face module's ``attention_mask`` is the inverse; spec §8).
+    zeroed before sampling (the Hugging Face module's ``attention_mask`` is the inverse; §H15).
     ``query`` must already contain the positional embedding.
     """
 

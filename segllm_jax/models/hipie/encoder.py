@@ -1,11 +1,11 @@
 """Encoder side of the deformable transformer: input projections, level bookkeeping, 6 layers.
 
 * :class:`InputProjection` — ``input_proj[i]``: conv (1x1 for the three backbone levels, 3x3/2
-  pad 1 for the extra level built from the *raw* res5 map, G15) + GroupNorm(32) (spec §2.3).
+  pad 1 for the extra level built from the *raw* res5 map, §O15) + GroupNorm(32) (architecture.md §H5).
   Paths ``conv/{kernel,bias}``, ``norm/{weight,bias}``.
 * :func:`level_masks`, :func:`valid_ratios`, :func:`flatten_levels`, :func:`encoder_reference_points`
   — the Deformable-DETR bookkeeping (padding masks by nearest resizing, valid ratios, row-major
-  flattening of NHWC maps, token-centre reference points; spec §2.3, §2.4.2).
+  flattening of NHWC maps, token-centre reference points; §H5, §H7).
 * :class:`DeformableEncoderLayer` — post-norm: x = LN1(x + MSDeformAttn(x + pos, ref, x));
   x = LN2(x + W2 ReLU(W1 x)). Paths ``self_attn/*``, ``norm1``, ``linear1``, ``linear2``, ``norm2``.
 * :class:`DeformableEncoder` — ``layers/{0..5}``. The VL fusion (before layer 0) lives in
@@ -43,7 +43,7 @@ class InputProjection(nnx.Module):
 
 
 def input_projections(cfg: HipieConfig, *, rngs: nnx.Rngs) -> nnx.List:
-    """The four projections: 1x1 for res3/res4/res5, 3x3 stride 2 pad 1 on raw res5 (G15)."""
+    """The four projections: 1x1 for res3/res4/res5, 3x3 stride 2 pad 1 on raw res5 (§O15)."""
     res3, res4, res5 = cfg.backbone_out_channels
     return nnx.List([
         InputProjection(res3, cfg, rngs=rngs),

@@ -1,4 +1,4 @@
-"""VL early-fusion block (GLIP ``BiAttentionBlockForCheckpoint`` as HIPIE uses it; spec §2.4.1, G7).
+"""VL early-fusion block (GLIP ``BiAttentionBlockForCheckpoint`` as HIPIE uses it; architecture.md §H6, §O7).
 
 Runs once, before encoder layer 0, between the flattened projected image tokens v [B, S, 256]
 (no positional embedding) and the 8 prompt tokens l [B, 8, 768] that SegLLM injects instead of
@@ -7,10 +7,10 @@ BERT output. Both directions share one logit matrix A = (v_proj(v) / sqrt(head_d
 * image -> text (updates l): softmax of A^T over the S image tokens (row max subtracted and
   clamped first), no image padding mask;
 * text -> image (updates v): A plus the language mask term (+1 for a valid token, -9e15 for a
-  padded one, G7), softmax over the text tokens.
+  padded one, §O7), softmax over the text tokens.
 
 Logits are clamped to +-50000 as in the original. Residuals are added to the *normalised* inputs
-(pre-norm, G7) through learned layer scales ``gamma_v`` / ``gamma_l``. Attention-probability
+(pre-norm, §O7) through learned layer scales ``gamma_v`` / ``gamma_l``. Attention-probability
 dropout (p = 0.1) exists only in training; with ``deterministic=True`` (eval) it is off. Training
 can replay recorded dropout masks through ``dropout_keep`` (ATen semantics: x * keep / (1 - p)).
 
@@ -89,7 +89,7 @@ class VLFusion(nnx.Module):
         logits_l = jnp.clip(logits_l, -self.clamp, self.clamp)
         probs_l = jax.nn.softmax(logits_l, axis=-1)
 
-        # text -> image: the language mask adds +1 (valid) / -9e15 (padding), G7
+        # text -> image: the language mask adds +1 (valid) / -9e15 (padding), §O7
         if lang_mask is None:
             lang_mask = jnp.ones((b, t), jnp.float32)
         mask_term = jnp.where(lang_mask.astype(jnp.float32) == 0, -9e15, lang_mask.astype(jnp.float32))

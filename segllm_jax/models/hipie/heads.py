@@ -1,15 +1,15 @@
-"""Prediction heads of HIPIE's decoder (spec §2.5): VL_Align class heads, box MLPs, IoU heads.
+"""Prediction heads of HIPIE's decoder (architecture.md §H10): VL_Align class heads, box MLPs, IoU heads.
 
 The original keeps ``class_embed`` / ``bbox_embed`` as *one* list of modules referenced both by
 the detector (``detr.detr.class_embed``) and by the decoder (``transformer.decoder.class_embed``)
-for box refinement and proposal scoring (G12). Here they exist once, on ``Hipie``, and are passed
+for box refinement and proposal scoring (§O12). Here they exist once, on ``Hipie``, and are passed
 to the decoder and the two-stage selection as arguments: no shared references inside the module
 graph, one parameter per checkpoint tensor.
 
 Index layout (identical to the checkpoint):
 
 * ``class_embed[0..dec_layers-1]``: :class:`VLAlign` (token logits against the fused prompt);
-  ``class_embed[dec_layers]``: :class:`StillClassifier` (language-free proposal scorer, G2 /
+  ``class_embed[dec_layers]``: :class:`StillClassifier` (language-free proposal scorer, §O2 /
   STILL_CLS_FOR_ENCODER).
 * ``bbox_embed[0..dec_layers-1]``: box refinement of decoder layer i (also the output box head);
   ``bbox_embed[dec_layers]``: two-stage proposal box regression.
@@ -50,7 +50,7 @@ class MLP(nnx.Module):
 
 
 class VLAlign(nnx.Module):
-    """Query x prompt-token logits (HIPIE ``VL_Align``; G8).
+    """Query x prompt-token logits (HIPIE ``VL_Align``; §O8).
 
     e = L2-normalise(tokens); t = Linear_768->256(e / 2); bias = e . bias_lang + bias0;
     logit = (hs . t^T) / exp(log_scale) + bias, clamped to +-50000. Output ``[B, Q, T]``.
@@ -112,7 +112,7 @@ def make_iou_head(cfg: HipieConfig, rngs: nnx.Rngs) -> nnx.List:
 def inverse_sigmoid(x: jax.Array, eps: float = 1e-5) -> jax.Array:
     """HIPIE's ``inverse_sigmoid``: clamp to [0, 1], then log(max(x, eps) / max(1 - x, eps)).
 
-    Keeps +-11.51 at exactly 0/1, so the +inf proposal logits of invalid tokens (G5), which
+    Keeps +-11.51 at exactly 0/1, so the +inf proposal logits of invalid tokens (§O5), which
     become reference 1.0 after the sigmoid, stay finite in the decoder.
     """
     x = jnp.clip(x, 0.0, 1.0)

@@ -5,14 +5,14 @@
 ``segllm_jax_convert.hipie``), and calls, in this order:
 
 1. ``feats = self.encode_image(pixels)`` — ``pixels`` [I, H, W, 3] normalised NHWC (see
-   :func:`normalize_pixels`); runs the ResNet once per image (G16) -> :class:`BackboneFeatures`.
-2. ``levels = self.prepare_levels(feats, pixel_mask=None)`` — prompt-independent (G16): input
-   projections (+ extra level from raw res5, G15), sine positions + ``level_embed``, padding masks,
+   :func:`normalize_pixels`); runs the ResNet once per image (architecture.md §O16) -> :class:`BackboneFeatures`.
+2. ``levels = self.prepare_levels(feats, pixel_mask=None)`` — prompt-independent (§O16): input
+   projections (+ extra level from raw res5, §O15), sine positions + ``level_embed``, padding masks,
    valid ratios, flattening -> :class:`LevelInputs` (one row per image).
 3. ``enc = self.encode_prompt(levels, prompts, image_index=None, lang_mask=None)`` — per prompt:
    gather the image rows by ``image_index`` [B] (identity when None), VL fusion with the prompt
    tokens [B, 8, 768], 6 deformable encoder layers -> :class:`EncoderOutput` with
-   ``memory`` [B, S, 256], ``lang_fused`` [B, 8, 768] (what the class heads see, G8),
+   ``memory`` [B, S, 256], ``lang_fused`` [B, 8, 768] (what the class heads see, §O8),
    ``mask_flatten`` [B, S], ``valid_ratios`` [B, L, 2], ``lvl_pos`` [B, S, 256] and the static
    ``spatial_shapes`` / ``level_start_index``. ``encode_prompt`` also accepts the
    :class:`BackboneFeatures` directly (it then runs ``prepare_levels`` itself).
@@ -39,7 +39,7 @@ from segllm_jax.models.layers import Embed
 
 
 def normalize_pixels(images_u8: jax.Array, cfg: HipieConfig) -> jax.Array:
-    """uint8 RGB [I, H, W, 3] -> float32 (x - mean) / std (spec §6 step 4; padding becomes 'black')."""
+    """uint8 RGB [I, H, W, 3] -> float32 (x - mean) / std (§D5; padding becomes 'black')."""
     mean = jnp.asarray(cfg.pixel_mean, jnp.float32)
     std = jnp.asarray(cfg.pixel_std, jnp.float32)
     return (images_u8.astype(jnp.float32) - mean) / std
@@ -80,7 +80,7 @@ class EncoderOutput:
 
 
 class HipieImageSide(nnx.Module):
-    """backbone -> input_proj (+level_embed) -> VL fusion -> deformable encoder (spec §2.1-2.4.2)."""
+    """backbone -> input_proj (+level_embed) -> VL fusion -> deformable encoder (§H3 to §H7)."""
 
     def __init__(self, cfg: HipieConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -103,7 +103,7 @@ class HipieImageSide(nnx.Module):
     def prepare_levels(self, feats: BackboneFeatures, pixel_mask: jax.Array | None = None) -> LevelInputs:
         """Input projections, positions, masks and flattening; ``pixel_mask`` [I, H, W] True = padding."""
         srcs = [proj(f) for proj, f in zip(self.input_proj, feats)]
-        srcs.append(self.input_proj[3](feats.res5))  # extra level from the raw res5 map (G15)
+        srcs.append(self.input_proj[3](feats.res5))  # extra level from the raw res5 map (§O15)
         shapes: SpatialShapes = tuple((int(s.shape[1]), int(s.shape[2])) for s in srcs)
         n = srcs[0].shape[0]
         if pixel_mask is None:

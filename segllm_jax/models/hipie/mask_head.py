@@ -1,4 +1,4 @@
-"""CondInst mask branch of HIPIE (spec §2.6, §4.1-4.3; G9, G10, G11).
+"""CondInst mask branch of HIPIE (architecture.md §H11 to §H13; §O9, §O10, §O11).
 
 * :class:`MaskHeadSmallConv` (``detr.mask_head``): a small top-down conv path over the encoder
   memory of levels 0-2 -> 8-channel ``mask_feats`` at stride 8 (no normalisation; nearest 2x
@@ -11,7 +11,7 @@
 
 The dynamic conv of one query depends only on that query's parameters and reference point, so
 computing it for the selected query alone gives bit-for-bit the same logits as computing all 110
-and indexing (spec §2.7): inference does that (``Hipie.selected_mask``); tests run all queries.
+and indexing (§H2): inference does that (``Hipie.selected_mask``); tests run all queries.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from segllm_jax.models.hipie.conv import Conv2d
 
 
 def nearest_resize(x: jax.Array, size: tuple[int, int]) -> jax.Array:
-    """``F.interpolate(mode="nearest")`` on NHWC: source index ``floor(dst * in / out)`` (G11).
+    """``F.interpolate(mode="nearest")`` on NHWC: source index ``floor(dst * in / out)`` (§O11).
 
     For the integer factors HIPIE uses this is plain repetition.
     """
@@ -42,7 +42,7 @@ def nearest_resize(x: jax.Array, size: tuple[int, int]) -> jax.Array:
 
 
 class MaskHeadSmallConv(nnx.Module):
-    """``MaskHeadSmallConv(256, None, 256)`` with ``fpns=None`` (spec §4.1). NHWC in and out.
+    """``MaskHeadSmallConv(256, None, 256)`` with ``fpns=None`` (§H11). NHWC in and out.
 
     x = relu(lay3(f2)); x = relu(lay4(f1 + up(x))); x = relu(jia_dcn(f0 + up(x)));
     x = relu(lay1(x)); mask_feats = relu(lay2(x)). ``jia_dcn`` is a plain 3x3 conv despite its name.
@@ -97,9 +97,9 @@ def mask_locations(h: int, w: int, stride: int) -> jax.Array:
 
 
 def dynamic_mask_logits(cfg: HipieConfig, mask_feats: jax.Array, ref_px: jax.Array, params: jax.Array) -> jax.Array:
-    """Per-query dynamic 1x1-conv network (spec §4.2) -> stride-8 logits [B, Q, H, W].
+    """Per-query dynamic 1x1-conv network (§H12) -> stride-8 logits [B, Q, H, W].
 
-    ``mask_feats`` [B, H, W, 8]; ``ref_px`` [B, Q, 2] reference centre in pixels (G9: the centre of
+    ``mask_feats`` [B, H, W, 8]; ``ref_px`` [B, Q, 2] reference centre in pixels (§O9: the centre of
     the box *entering* the last decoder layer); ``params`` [B, Q, 169]. The input per pixel is
     [ref - loc (x, y), raw pixels, not normalised ; 8 features], coordinates first.
     """
@@ -126,7 +126,7 @@ def dynamic_mask_logits(cfg: HipieConfig, mask_feats: jax.Array, ref_px: jax.Arr
 
 
 def aligned_bilinear(x: jax.Array, factor: int) -> jax.Array:
-    """CondInst ``aligned_bilinear`` on [..., h, w] (G10).
+    """CondInst ``aligned_bilinear`` on [..., h, w] (§O10).
 
     Replicate-pad one pixel right/bottom, bilinear resize with ``align_corners=True`` to
     (f*h + 1, f*w + 1), replicate-pad f//2 pixels left/top, keep the first f*h rows / f*w columns.
@@ -166,7 +166,7 @@ def upsample_to_image(logits: jax.Array, size: tuple[int, int]) -> jax.Array:
     """Bilinear resize of [..., h, w] logits to ``size`` with half-pixel centres (``align_corners=False``).
 
     For upsampling ``jax.image.resize`` equals PyTorch's ``F.interpolate(mode="bilinear")``
-    including the borders (spec G10).
+    including the borders (§O10).
     """
     return jax.image.resize(logits.astype(jnp.float32), logits.shape[:-2] + tuple(size), method="bilinear")
 

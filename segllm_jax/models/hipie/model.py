@@ -1,12 +1,12 @@
-"""``Hipie``: the whole HIPIE segmentor as SegLLM uses it (spec §1.2, §2.7).
+"""``Hipie``: the whole HIPIE segmentor as SegLLM uses it (architecture.md §H2).
 
 Attribute names are fixed (the converter table ``segllm_jax_convert.hipie`` targets them):
 ``backbone``, ``input_proj``, ``level_embed``, ``fusion``, ``encoder`` (image side,
 :class:`~segllm_jax.models.hipie.image_side.HipieImageSide`), ``decoder`` (two-stage selection +
 decoder layers), ``class_embed``, ``bbox_embed``, ``iou_head`` (per-layer heads, each tensor
-once; G12), ``mask_head`` and ``controller`` (CondInst branch).
+once; §O12), ``mask_head`` and ``controller`` (CondInst branch).
 
-Inference, split where the work naturally splits (G16, spec §2.7):
+Inference, split where the work naturally splits (§O16, §H2):
 
 1. ``image_features(images_u8)`` once per image: on-device normalisation, ResNet-50, input
    projections, positions -> :class:`LevelInputs` (prompt-independent).
@@ -47,7 +47,7 @@ class HipieOutputs:
     lang_fused: jax.Array  # [B, T, 768] prompt tokens after VL fusion
     memory: jax.Array  # [B, S, C] final encoder memory
     enc_scores: jax.Array  # [B, S] proposal logits
-    enc_coord_unact: jax.Array  # [B, S, 4] proposal box logits (+inf = invalid, G5)
+    enc_coord_unact: jax.Array  # [B, S, 4] proposal box logits (+inf = invalid, §O5)
     topk_indices: jax.Array  # [B, K] int32 token indices, descending score
     topk_scores: jax.Array  # [B, K]
     init_reference: jax.Array  # [B, Q, 4]
@@ -58,7 +58,7 @@ class HipieOutputs:
     pred_iou: jax.Array  # [B, Q, 1] IoU logits
     controller_params: jax.Array  # [B, Q, 169] dynamic-conv parameters
     mask_feats: jax.Array  # [B, H0, W0, 8] stride-8 pixel features (NHWC)
-    mask_ref_px: jax.Array  # [B, Q, 2] mask reference centre in pixels (G9)
+    mask_ref_px: jax.Array  # [B, Q, 2] mask reference centre in pixels (§O9)
     encoder: EncoderOutput | None  # image-side intermediates when requested (tests)
     image_size: tuple[int, int] = struct.field(pytree_node=False)  # (H, W) of the padded input
 
@@ -113,7 +113,7 @@ class Hipie(HipieImageSide):
         pred_iou = self.iou_head[last](hs_last).astype(jnp.float32)
         controller_params = self.controller(hs_last).astype(jnp.float32)
         mask_feats = self.mask_head(split_memory_levels(memory, shapes))  # [B, H0, W0, 8]
-        # G9: centre of the box *entering* the last layer, in pixels of the padded input
+        # §O9: centre of the box *entering* the last layer, in pixels of the padded input
         h, w = image_size
         prev = dec.inter_references[last - 1] if last > 0 else dec.init_reference
         mask_ref_px = prev[..., :2] * jnp.asarray([w, h], jnp.float32)
@@ -132,7 +132,7 @@ class Hipie(HipieImageSide):
         stride = self.cfg.mask_feat_stride
         h0, w0 = enc.spatial_shapes[0]
         image_size = (h0 * stride, w0 * stride)  # level 0 is stride 8 of the padded input
-        # SegLLM's mask is all False and its ratios all 1 (spec §6.5): both are exact no-ops then
+        # SegLLM's mask is all False and its ratios all 1 (§D5): both are exact no-ops then
         return self.decode(enc.memory, enc.lang_fused, enc.spatial_shapes, image_size,
                            padding_mask=enc.mask_flatten, valid_ratios=enc.valid_ratios,
                            topk_indices=topk_indices, encoder=enc if return_intermediates else None)

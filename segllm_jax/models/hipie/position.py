@@ -1,12 +1,12 @@
-"""Sine positional encodings (G13): the image variant of the encoder, the box variant of the decoder.
+"""Sine positional encodings (architecture.md §O13): the image variant of the encoder, the box variant of the decoder.
 
 Both interleave sin/cos per frequency with ``dim_t[k] = T ** (2 * (k // 2) / F)`` (F = 128 features
 per coordinate, T = 10000): channel 2m = sin(e / dim_t[2m]), channel 2m+1 = cos(e / dim_t[2m+1]).
 
 * :func:`sine_position_embedding` (Deformable-DETR ``PositionEmbeddingSine(128, normalize=True)``,
-  spec §2.2): e = (cumsum(valid) - 0.5) / (last cumsum + 1e-6) * 2*pi along y and along x, so the
+  §H4): e = (cumsum(valid) - 0.5) / (last cumsum + 1e-6) * 2*pi along y and along x, so the
   padding-aware version spans the valid region only. Channels are ``[y-block ; x-block]``.
-* :func:`sine_box_embedding` (DINO ``gen_sineembed_for_position``, spec §2.4.4): raw coordinates
+* :func:`sine_box_embedding` (DINO ``gen_sineembed_for_position``, §H4, §H9): raw coordinates
   times 2*pi (no shift, no normalisation); channels ``[y, x]`` for points, ``[y, x, w, h]`` for boxes.
 """
 

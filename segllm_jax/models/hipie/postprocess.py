@@ -1,4 +1,4 @@
-"""Per-prompt instance scoring, NMS, top-k and SegLLM's target selection (spec §4.4, G17).
+"""Per-prompt instance scoring, NMS, top-k and SegLLM's target selection (architecture.md §H14, §O17).
 
 Why NumPy on the host: the selection is a few hundred numbers per prompt (100 boxes, 2 classes),
 greedy NMS is inherently sequential and data-dependent, and parity with the original needs

@@ -1,18 +1,18 @@
-"""Two-stage query selection (spec §2.4.3): encoder tokens -> scored proposals -> decoder queries.
+"""Two-stage query selection (architecture.md §H8): encoder tokens -> scored proposals -> decoder queries.
 
 Steps, per prompt:
 
 1. every encoder token gets a fixed proposal box (its cell centre, w = h = 0.05 * 2**level),
    stored as logits; boxes outside (0.01, 0.99) and padded tokens are *invalid*: +inf logits and
-   zeroed memory (G5);
+   zeroed memory (§O5);
 2. ``enc_output`` + ``enc_output_norm`` on that memory; ``class_embed[6]`` (language-free) scores
    each token, ``bbox_embed[6]`` regresses a delta added to the proposal logits;
 3. top-k (k = ``num_queries``) by score, **descending**: rank r pairs with ``tgt_embed[r]``
-   (mixed selection: learned content, proposal position; G4);
+   (mixed selection: learned content, proposal position; §O4);
 4. the ``num_bg_queries`` background queries (``tgt_embed_bg`` + raw ``bg_query_refs`` boxes,
-   no sigmoid; G3) go in front.
+   no sigmoid; §O3) go in front.
 
-Tie order (G4): ``jax.lax.top_k`` returns equal scores lowest index first; PyTorch's CPU topk
+Tie order (§O4): ``jax.lax.top_k`` returns equal scores lowest index first; PyTorch's CPU topk
 leaves it unspecified. Genuinely tied or near-tied scores (README: ranks 31/32 of
 ``seed0_256`` prompt 1 differ by 1.8e-7) may therefore swap; tests force the golden order via
 ``topk_indices``.
@@ -52,7 +52,7 @@ def gen_encoder_output_proposals(memory: jax.Array, spatial_shapes: SpatialShape
 
     Centres are ``(index + 0.5) / valid_size`` per level, in float32 like the original's
     ``linspace`` grid; sizes are ``float32(0.05) * 2**level``. Invalid or padded tokens get
-    ``+inf`` logits (not NaN: ``sigmoid(+inf) = 1`` must survive, G5) and zero memory.
+    ``+inf`` logits (not NaN: ``sigmoid(+inf) = 1`` must survive, §O5) and zero memory.
     """
     b, s, _ = memory.shape
     if padding_mask is None:
@@ -81,7 +81,7 @@ def gen_encoder_output_proposals(memory: jax.Array, spatial_shapes: SpatialShape
 class TwoStageSelect(nnx.Module):
     """Proposal scoring, top-k and query assembly; owns ``enc_output(_norm)``, ``tgt_embed(_bg)``, ``bg_query_refs``.
 
-    The scoring heads (``class_embed[6]``, ``bbox_embed[6]``) live on ``Hipie`` and are passed in (G12).
+    The scoring heads (``class_embed[6]``, ``bbox_embed[6]``) live on ``Hipie`` and are passed in (§O12).
     """
 
     def __init__(self, cfg: HipieConfig, *, rngs: nnx.Rngs):
@@ -115,7 +115,7 @@ class TwoStageSelect(nnx.Module):
         coords = jnp.take_along_axis(enc_coord_unact, topk_indices[..., None], axis=1)  # [B, K, 4]
         ref_fg = jax.nn.sigmoid(coords)  # +inf -> exactly 1.0
         ref_bg = jnp.broadcast_to(self.bg_query_refs.embedding[...].astype(jnp.float32)[None],
-                                  (b, cfg.num_bg_queries, 4))  # used raw (G3)
+                                  (b, cfg.num_bg_queries, 4))  # used raw (§O3)
         tgt = jnp.concatenate([self.tgt_embed_bg.embedding[...], self.tgt_embed.embedding[...]], axis=0)
         tgt = jnp.broadcast_to(tgt[None].astype(jnp.float32), (b,) + tgt.shape)  # [B, Qbg+K, C]
         return Queries(tgt=tgt, init_reference=jnp.concatenate([ref_bg, ref_fg], axis=1),

@@ -1,8 +1,8 @@
-"""detectron2 ResNet-50 with FrozenBN, as HIPIE's backbone (spec §2.1, §5.3).
+"""detectron2 ResNet-50 with FrozenBN, as HIPIE's backbone (architecture.md §H3, §A2).
 
 * STRIDE_IN_1X1 = False: the stride-2 of res3/res4/res5 sits in the 3x3 ``conv2`` of block 0.
 * Convs have no bias; every conv owns a FrozenBN ``norm`` (stem included).
-* Padding is PyTorch-symmetric (spec §5.7): 3 for the 7x7 stem, 1 for every 3x3; the stem
+* Padding is PyTorch-symmetric (§A3): 3 for the 7x7 stem, 1 for every 3x3; the stem
   max-pool pads with -inf.
 * res2 is computed but not returned; outputs are res3 (stride 8), res4 (16), res5 (32), NHWC.
 

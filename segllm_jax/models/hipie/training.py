@@ -1,17 +1,17 @@
-"""HIPIE's training-mode forward as SegLLM runs it (``hipie-training.md`` §2-§3, ``hipie-segmentor.md`` §1.3).
+"""HIPIE's training-mode forward as SegLLM runs it (architecture.md §T2, §T3).
 
 Differences from inference (:meth:`Hipie.segment`), all reusing the inference modules:
 
-* **VL-fusion attention dropout** (p = 0.1, training only, §7 rows 3-4): ``deterministic=False`` draws the keep
+* **VL-fusion attention dropout** (p = 0.1, training only, §T11): ``deterministic=False`` draws the keep
   masks from ``rngs``; ``fusion_dropout_keep = (keep_v [B, H, S, T], keep_l [B, H, T, S])`` replays recorded
   masks instead (golden ``rand_dropout0`` is the (B·H, S, T) mask = ``keep_v``, ``rand_dropout1`` = ``keep_l``).
-* **DN queries** (§2) are prepended to the bg + fg queries, with the DINO self-attention mask. Their content is
+* **DN queries** (§T2) are prepended to the bg + fg queries, with the DINO self-attention mask. Their content is
   :class:`DNLabelEncoder` (``detr.resizer``: Linear 768 -> 256, LayerNorm eps 1e-12, dropout 0) of the mean raw
   prompt token; their boxes come from :func:`segllm_jax.train.denoising.prepare_dn_queries`.
-* **Deep supervision** (§3): class / box / IoU heads of *every* decoder layer, for the DN slice ``[0, pad)``, the
+* **Deep supervision** (§T3): class / box / IoU heads of *every* decoder layer, for the DN slice ``[0, pad)``, the
   bg slice ``[pad, pad + Qbg)`` and the fg slice ``[pad + Qbg, Q)``, plus the encoder proposals (``_enc``).
 * **Masks** for given (prompt, query) pairs per layer (:func:`training_mask_logits`): the CondInst head runs only
-  on matched queries. fg reference = centre of the box *entering* layer l, in pixels. DN reference **(quirk, §3)**
+  on matched queries. fg reference = centre of the box *entering* layer l, in pixels. DN reference **(quirk, §O30)**
   = the logit-space centre of **fg query j** entering layer l (not scaled, not the DN slot's own box), while the
   dynamic-conv parameters come from DN slot j.
 * The two-stage reference of the fg queries is detached before the decoder (DINO two-stage: the proposals get
@@ -37,7 +37,7 @@ from segllm_jax.models.layers import LayerNorm, Linear
 
 
 class DNLabelEncoder(nnx.Module):
-    """``detr.resizer`` (DYNAMIC_LABEL_ENC, §2): mean of the raw prompt tokens -> Linear -> LayerNorm (eps 1e-12).
+    """``detr.resizer`` (DYNAMIC_LABEL_ENC, §T2): mean of the raw prompt tokens -> Linear -> LayerNorm (eps 1e-12).
 
     Its dropout has p = 0.0 (the ``transformer.resizer`` dropout of the README has no numeric effect).
     Parameters ``fc/{kernel,bias}``, ``layer_norm/{scale,bias}``.
@@ -117,7 +117,7 @@ def training_forward(hipie: Hipie, levels: LevelInputs, prompts: jax.Array, imag
                      deterministic: bool = False, rngs: nnx.Rngs | None = None,
                      fusion_dropout_keep: tuple[jax.Array, jax.Array] | None = None,
                      topk_indices: jax.Array | None = None) -> TrainingOutputs:
-    """Training-mode forward (§2-§3): fusion (dropout) -> encoder -> two-stage -> decoder with DN prefix -> heads.
+    """Training-mode forward (§T2, §T3): fusion (dropout) -> encoder -> two-stage -> decoder with DN prefix -> heads.
 
     ``prompts`` [B, 8, 768] raw; ``dn_label`` [B, pad, 256] and ``dn_bbox_logit`` [B, pad, 4] (from
     ``prepare_dn_queries``); ``attn_mask`` [pad+Q, pad+Q] or [B, 1, pad+Q, pad+Q] bool (True = blocked);
@@ -155,7 +155,7 @@ def mask_reference_points(out: TrainingOutputs, group: str, query_idx: jax.Array
     """Reference point [L, B, K, 2] handed to the dynamic mask head for group-relative queries ``query_idx``.
 
     fg: centre (sigmoid space) of fg query ``idx`` entering layer l, times (W, H) -> pixels.
-    dn **(quirk, §3)**: logit-space centre of **fg** query ``idx`` entering layer l (unscaled).
+    dn **(quirk, §O30)**: logit-space centre of **fg** query ``idx`` entering layer l (unscaled).
     """
     refs = out.layer_input_references  # [L, B, Q, 4]
     fg0 = out.pad + out.num_bg
