@@ -56,7 +56,6 @@ class TrainConfig:
     mask_points: int = 112 * 112  # point-sampled mask loss: points per mask (TRAIN_NUM_POINTS, §T8)
     class_loss_weight: float = 2.0  # CLASS_WEIGHT of the HIPIE criterion (every loss_ce* term, §T9)
     ranking_loss_weight: float = 0.0  # training aid (not in the original): hipie_loss.target_ranking_loss
-    proposal_grounding_weight: float = 0.0  # training aid (not in the original): hipie_loss.proposal_grounding_loss
     # what trains
     freeze_pretrained: bool = True  # architecture.md §T12; False trains all but FrozenBN buffers (from-scratch runs)
     # numerics and memory

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Mapping, NamedTuple, Sequence
+from typing import Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -60,7 +60,6 @@ class HipieLossOptions:
     criterion: CriterionConfig = field(default_factory=CriterionConfig)
     costs: MatcherCosts = field(default_factory=MatcherCosts)
     ranking_weight: float = 0.0  # training aid, not in the original: see target_ranking_loss
-    proposal_weight: float = 0.0  # training aid, not in the original: see proposal_grounding_loss
 
     @property
     def fg_slots(self) -> int:
@@ -260,10 +259,6 @@ def hipie_loss_details(hipie, levels: LevelInputs, prompts: jax.Array, image_ind
         rank = target_ranking_loss(fl, fg_idx, targets.positive_map)
         loss = loss + options.ranking_weight * rank
         extra_metrics["loss_rank"] = jax.lax.stop_gradient(rank)
-    if options.proposal_weight:
-        grounding = proposal_grounding_loss(fwd.enc_logits[..., 0], fwd.enc_boxes, fwd.spatial_shapes, target_masks)
-        loss = loss + options.proposal_weight * grounding
-        extra_metrics["loss_proposal"] = jax.lax.stop_gradient(grounding)
 
     # iou_train (§T10): last matched fg query of the final layer, per prompt
     last = fg_masks[-1]  # [B, K, h, w]
@@ -301,43 +296,6 @@ def target_ranking_loss(fg_logits: jax.Array, fg_indices: PaddedIndices, positiv
     rows = jnp.arange(layers)[:, None, None], jnp.arange(batch)[None, :, None]
     positive = jnp.zeros(score.shape, bool).at[rows[0], rows[1], fg_indices.src].max(is_target)  # [L, B, Q]
     has = positive.any(-1)
-    lse_all = jax.nn.logsumexp(score, axis=-1)
-    lse_pos = jax.nn.logsumexp(jnp.where(positive, score, -jnp.inf), axis=-1)
-    per = jnp.where(has, lse_all - jnp.where(has, lse_pos, 0.0), 0.0)
-    return per.sum() / jnp.maximum(has.sum(), 1)
-
-
-def proposal_grounding_loss(enc_logits: jax.Array, enc_boxes: jax.Array, spatial_shapes: Sequence[tuple[int, int]],
-                            target_masks: jax.Array) -> jax.Array:
-    """A training aid (``TrainConfig.proposal_grounding_weight``; the original has no such term): softmax
-    cross-entropy over *all* encoder tokens of a prompt that the tokens lying on its target score highest.
-
-    Why: the decoder's foreground queries start at the top-k encoder proposals, ranked by the
-    language-free ``StillClassifier`` on the prompt-fused memory. The original supervises that score
-    only at the one Hungarian-matched token per GT, a sparse signal that a from-scratch model takes
-    thousands of steps to turn into "the token under the shape the question names". Here every token
-    whose cell the target covers at least half as well as the best-covered cell is a positive, at
-    every level, so the fusion and encoder learn a dense, prompt-conditioned relevance map, and the
-    proposal ranked first sits on the answer.
-
-    enc_logits [B, S] proposal logits; enc_boxes [B, S, 4] (invalid proposals are exactly 1.0, and are
-    left out); spatial_shapes ((H_l, W_l), ...) of the S tokens, level-major; target_masks [B, H, W]
-    with H, W multiples of every level's grid. Prompts with an empty target do not count.
-    """
-    b, h, w = target_masks.shape
-    tgt = (target_masks > 0).astype(jnp.float32)
-    cover = []
-    for hl, wl in spatial_shapes:
-        if h % hl or w % wl:
-            raise ValueError(f"proposal_grounding_loss: mask {h}x{w} is not a multiple of the level grid {hl}x{wl}")
-        cover.append(tgt.reshape(b, hl, h // hl, wl, w // wl).mean((2, 4)).reshape(b, hl * wl))
-    cover = jnp.concatenate(cover, axis=1)  # [B, S] share of each token's cell on the target
-    valid = ~jnp.all(enc_boxes == 1.0, axis=-1)  # [B, S]
-    cover = jnp.where(valid, cover, 0.0)
-    best = jnp.max(cover, axis=1, keepdims=True)  # [B, 1]
-    positive = (cover > 0) & (cover >= 0.5 * best)  # [B, S]
-    has = positive.any(-1)
-    score = jnp.where(valid, enc_logits.astype(jnp.float32), -jnp.inf)
     lse_all = jax.nn.logsumexp(score, axis=-1)
     lse_pos = jax.nn.logsumexp(jnp.where(positive, score, -jnp.inf), axis=-1)
     per = jnp.where(has, lse_all - jnp.where(has, lse_pos, 0.0), 0.0)

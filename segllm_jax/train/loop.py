@@ -159,8 +159,7 @@ def _hipie_term(cfg: TrainConfig):
 
     options = HipieLossOptions(criterion=CriterionConfig(num_points=cfg.mask_points,
                                                          class_weight=cfg.class_loss_weight),
-                               ranking_weight=cfg.ranking_loss_weight,
-                               proposal_weight=cfg.proposal_grounding_weight)
+                               ranking_weight=cfg.ranking_loss_weight)
     return train_step_lib.hipie_term_from_loss(functools.partial(hipie_loss_details, options=options))
 
 

@@ -97,7 +97,6 @@ class TrainingOutputs:
     pad: int = struct.field(pytree_node=False)  # DN slots in front
     num_bg: int = struct.field(pytree_node=False)
     image_size: tuple[int, int] = struct.field(pytree_node=False)  # (H, W) of the padded input
-    spatial_shapes: tuple[tuple[int, int], ...] = struct.field(pytree_node=False)  # (H_l, W_l) of the S tokens
 
     @property
     def layer_input_references(self) -> jax.Array:
@@ -148,7 +147,7 @@ def training_forward(hipie: Hipie, levels: LevelInputs, prompts: jax.Array, imag
         hs=hs, init_reference=reference, inter_references=inter, logits=logits, boxious=boxious,
         enc_logits=queries.enc_scores[..., None], enc_boxes=jax.nn.sigmoid(queries.enc_coord_unact),
         topk_indices=queries.topk_indices, lang_fused=enc.lang_fused, mask_feats=mask_feats,
-        pad=int(dn_label.shape[1]), num_bg=nbg, image_size=(h0 * stride, w0 * stride), spatial_shapes=shapes)
+        pad=int(dn_label.shape[1]), num_bg=nbg, image_size=(h0 * stride, w0 * stride))
 
 
 def mask_reference_points(out: TrainingOutputs, group: str, query_idx: jax.Array) -> jax.Array:
