@@ -32,6 +32,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from segllm_jax.errors import ConfigError, SegLLMError
+from segllm_jax.models.segllm import DN_RESIZER
 from segllm_jax.sharding import make_mesh
 from segllm_jax.train import step as train_step_lib
 from segllm_jax.train.checkpointing import Checkpointer
@@ -336,7 +337,7 @@ def restore_init_params(directory: str | Path, structure: train_step_lib.ModelSt
     where = {**shardings.params, **shardings.frozen}
     targets = {k: jax.ShapeDtypeStruct(v.shape, np.float32, sharding=where[k])
                for k, v in structure.abstract().items()}
-    prefix = train_step_lib.DN_RESIZER + "/"
+    prefix = DN_RESIZER + "/"
     dn = {k: v for k, v in targets.items() if k.startswith(prefix)}
     values = checkpoint.restore_sharded(directory, {k: v for k, v in targets.items() if k not in dn})
     if dn and (Path(directory) / checkpoint.TRAINING_PARAMS).is_dir():
@@ -358,7 +359,7 @@ def export_model(state, cfg: TrainConfig, tokenizer, directory: Path) -> Path:
     values = jax.device_get({**state.params, **state.frozen})
     dtype = jnp.dtype(cfg.model.llm.param_dtype)  # the loader casts each parameter to its module's dtype
     arrays = {k: np.asarray(jnp.asarray(v, dtype)) for k, v in values.items()}
-    dn = {k: arrays.pop(k) for k in list(arrays) if k.startswith(train_step_lib.DN_RESIZER + "/")}
+    dn = {k: arrays.pop(k) for k in list(arrays) if k.startswith(DN_RESIZER + "/")}
     tmp = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     save(tmp, "segllm", cfg.model, arrays, training_arrays=dn)

@@ -268,15 +268,11 @@ def hipie_term_from_loss(hipie_loss_details: Callable) -> HipieTerm:
     every conversation's HIPIE image, then the criterion on the selected prompts. The metrics are the
     criterion's plus :data:`PROMPT_IOU`, from which the loop logs per-round IoU (:func:`round_ious`)."""
 
-    import types
-
     def term(model: SegLLM, prompts: jax.Array, batch: TrainBatch, key: jax.Array):
         levels = model.segmentator.image_features(batch.hipie_images)
         image_index = batch.conv.seg_rows[batch.hipie_index]  # one image per conversation row
-        # hipie_loss wants a HipieTrainingModel-like object: the inference Hipie + the DN label encoder
-        hipie = types.SimpleNamespace(hipie=model.segmentator, dn_resizer=getattr(model, DN_RESIZER))
-        details = hipie_loss_details(hipie, levels, prompts, image_index, batch.target_masks, batch.aux_masks,
-                                     batch.has_aux, key)
+        details = hipie_loss_details(model.segmentator, model.segmentator_dn_resizer, levels, prompts, image_index,
+                                     batch.target_masks, batch.aux_masks, batch.has_aux, key)
         return details.loss, {**details.metrics, PROMPT_IOU: prompt_iou_parts(details, batch.target_masks)}
 
     return term
@@ -402,20 +398,12 @@ def state_shardings(structure: ModelStructure, cfg: TrainConfig, mesh: Mesh) -> 
                       opt_state=opt_sh, rng=replicated)
 
 
-DN_RESIZER = "segmentator_dn_resizer"  # HIPIE's DN label encoder (``detr.resizer``), trained with the HIPIE term
-
-
 def build_training_model(cfg: TrainConfig, seed: int | None = None) -> SegLLM:
-    """The model a training step differentiates: ``SegLLM`` (+ the DN label encoder at
-    ``segmentator_dn_resizer`` when the HIPIE term is on; inference never needs it)."""
+    """The model a training step differentiates: ``SegLLM``, with its DN label encoder
+    (``segmentator_dn_resizer``) when the HIPIE term is on (the term is its only user)."""
     seed = cfg.seed if seed is None else seed
-    model_cfg = training_model_config(cfg.model, cfg.compute_dtype)
-    model = SegLLM(model_cfg, rngs=nnx.Rngs(seed))
-    if cfg.use_hipie_loss:
-        from segllm_jax.models.hipie.training import DNLabelEncoder
-
-        setattr(model, DN_RESIZER, DNLabelEncoder(model_cfg.hipie, rngs=nnx.Rngs(seed + 1)))
-    return model
+    return SegLLM(training_model_config(cfg.model, cfg.compute_dtype), rngs=nnx.Rngs(seed),
+                  dn_rngs=nnx.Rngs(seed + 1) if cfg.use_hipie_loss else None)
 
 
 def abstract_structure(cfg: TrainConfig) -> ModelStructure:

@@ -10,6 +10,7 @@ import jax
 import numpy as np
 import pytest
 
+from segllm_jax.models.segllm import DN_RESIZER
 from segllm_jax.sharding import make_mesh
 from segllm_jax.tokenizer import SegTokenizer
 from segllm_jax.train import step as S
@@ -162,7 +163,7 @@ def test_step_with_hipie_term_trains_hipie(setup):
     cfg, tokenizer, _ = setup
     cfg = dataclasses.replace(cfg, use_hipie_loss=True, learning_rate=1e-3)
     structure = S.abstract_structure(cfg)
-    assert any(k.startswith(S.DN_RESIZER + "/") and S.is_trainable(k) for k in structure.keys)
+    assert any(k.startswith(DN_RESIZER + "/") and S.is_trainable(k) for k in structure.keys)
     batch = _batch(cfg, tokenizer, 2)
     state, _ = S.init_state(cfg, make_mesh((1, 1, 1), jax.devices()[:1]), structure)
     before = jax.device_get(state)
