@@ -41,6 +41,7 @@ from segllm_jax.config import HipieConfig, LlamaConfig, SegLLMConfig, VisionConf
 from segllm_jax.sharding import make_mesh
 from segllm_jax.tokenizer import SegTokenizer
 from segllm_jax.train import loop
+from segllm_jax.train import batching as B
 from segllm_jax.train import step as S
 from segllm_jax.train.config import TrainConfig, prepare_tiny_mrshapes, tiny_cpu
 
@@ -77,11 +78,11 @@ def variants(preset: str, data: tuple[Any, str, int], batch_size: int, frame: in
     return [Variant(f"llama1b + ViT-L/14-224 + HIPIE-R50 @{frame}, bf16", cfg)]
 
 
-def first_batch(cfg: TrainConfig) -> S.TrainBatch:
+def first_batch(cfg: TrainConfig) -> B.TrainBatch:
     pipeline = loop.make_pipeline(cfg, SegTokenizer.from_pretrained(cfg.tokenizer_dir), num_epochs=1)
     iterator = iter(pipeline)
     try:
-        return S.make_train_batch(next(iterator)["examples"], cfg, step=0)
+        return B.make_train_batch(next(iterator)["examples"], cfg, step=0)
     finally:
         iterator.close()
 
@@ -134,7 +135,7 @@ def measure(cfg: TrainConfig, steps: int, dry_run: bool) -> dict[str, Any]:
         row["compile_s"] = time.perf_counter() - t0
         return row
     state, _ = S.init_state(cfg, mesh, structure)
-    batch = jax.device_put(batch, S.batch_shardings(batch, mesh))
+    batch = jax.device_put(batch, B.batch_shardings(batch, mesh))
     t0 = time.perf_counter()
     step, row["flops"] = compiled_step(cfg, state, batch)
     row["compile_s"] = time.perf_counter() - t0

@@ -58,6 +58,35 @@ class ConversationBatch:
     seg_rows: jax.Array  # [N] one per <seg>, row-major over (batch, position) like the original
     seg_cols: jax.Array  # [N] column of the <seg> (the prompt is read at column - 1)
 
+    def pad(self, *, tokens: int | None = None, references: int | None = None,
+            prompts: int | None = None) -> ConversationBatch:
+        """This batch with ``tokens`` columns, ``references`` reference slots and ``prompts`` ``<seg>`` slots
+        (None: as they are), so training batches reuse few compiled shapes and hosts can stack theirs.
+
+        The padding changes nothing: padding tokens are masked and ignored by the loss; a padding reference
+        adds ``0 x`` its encoding at (row 0, col 0) (gate 0); a padding prompt reads (row 0, col 0) and its
+        owner gives it weight 0. NumPy fields stay NumPy, JAX fields JAX.
+        """
+        t = self.input_ids.shape[1] if tokens is None else tokens
+        r = self.ref_rows.shape[0] if references is None else references
+        n = self.seg_rows.shape[0] if prompts is None else prompts
+        return dataclasses.replace(
+            self, input_ids=pad_axis(self.input_ids, t, 0, axis=1),
+            token_mask=pad_axis(self.token_mask, t, False, axis=1),
+            labels=pad_axis(self.labels, t, IGNORE_INDEX, axis=1),
+            ref_rows=pad_axis(self.ref_rows, r), ref_mask_cols=pad_axis(self.ref_mask_cols, r),
+            ref_box_cols=pad_axis(self.ref_box_cols, r), ref_crops=pad_axis(self.ref_crops, r),
+            ref_boxes=pad_axis(self.ref_boxes, r), ref_gates=pad_axis(self.ref_gates, r),
+            seg_rows=pad_axis(self.seg_rows, n), seg_cols=pad_axis(self.seg_cols, n, 1))
+
+
+def pad_axis(x: np.ndarray | jax.Array, size: int, value: int | float | bool = 0, axis: int = 0):
+    """``x`` padded with ``value`` to ``size`` along ``axis``, on the host; a JAX array comes back as one."""
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, size - x.shape[axis])
+    out = np.pad(np.asarray(x), widths, constant_values=value)
+    return jnp.asarray(out) if isinstance(x, jax.Array) else out
+
 
 def collate(conversations: Sequence[EncodedConversation], clip_images: np.ndarray, image_of_row: Sequence[int],
             references: Sequence[Sequence[Sequence[Reference]]], *, gate: float = 0.5,

@@ -14,7 +14,8 @@ Three things make SegLLM more than LLaVA + a segmentor; each is reproduced here,
   ``segmentator_predictor`` to 8 x 768 tokens: tokens 0-3 stand for the reference, 4-7 for the target.
 
 Parameter paths mirror the release's module names (``llm`` = the LLaMA at ``model.*``/``lm_head``,
-``vision_tower``, ``mm_projector``, ``mask_enc_head``, ``segmentator_predictor``, ``segmentator``).
+``vision_tower``, ``mm_projector``, ``mask_enc_head``, ``segmentator_predictor``, ``segmentator``), plus
+the training-only ``segmentator_dn_resizer`` (:data:`DN_RESIZER`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from flax import nnx
 from segllm_jax.config import SegLLMConfig
 from segllm_jax.models.clip_vision import ClipVision
 from segllm_jax.models.hipie.model import Hipie
+from segllm_jax.models.hipie.training import DNLabelEncoder
 from segllm_jax.models.layers import Linear
 from segllm_jax.models.llama import KVCache, Llama, LlamaOutput
 from segllm_jax.models.projector import MlpProjector
@@ -42,8 +44,17 @@ def seg_predictor(cfg: SegLLMConfig, rngs: nnx.Rngs) -> MlpProjector:
     return MlpProjector(cfg.predictor, rngs=rngs, in_axis="embed", out_axis="hipie_text")
 
 
+# Parameter path (and training-checkpoint key prefix) of HIPIE's DN label encoder: the attribute below.
+DN_RESIZER = "segmentator_dn_resizer"
+
+
 class SegLLM(nnx.Module):
-    def __init__(self, cfg: SegLLMConfig, *, rngs: nnx.Rngs):
+    """The composed model; ``dn_rngs`` also builds HIPIE's DN label encoder (``detr.resizer``, architecture.md
+    §T2) at :data:`DN_RESIZER`: only the HIPIE training term uses it, so inference models leave it ``None``
+    and their checkpoints hold no such parameters. Its own RNG stream keeps the other modules' init the same
+    with or without it."""
+
+    def __init__(self, cfg: SegLLMConfig, *, rngs: nnx.Rngs, dn_rngs: nnx.Rngs | None = None):
         self.cfg = cfg
         self.llm = Llama(cfg.llm, rngs=rngs)
         self.vision_tower = ClipVision(cfg.vision, rngs=rngs)
@@ -51,6 +62,8 @@ class SegLLM(nnx.Module):
         self.mask_enc_head = box_encoder(cfg, rngs)
         self.segmentator_predictor = seg_predictor(cfg, rngs)
         self.segmentator = Hipie(cfg.hipie, rngs=rngs)
+        self.segmentator_dn_resizer: DNLabelEncoder | None = (
+            None if dn_rngs is None else DNLabelEncoder(cfg.hipie, rngs=dn_rngs))
 
     # ---- what enters the LLM -------------------------------------------------------------------
     def image_embeds(self, clip_pixels: jax.Array) -> jax.Array:

@@ -192,22 +192,12 @@ def hide_extra_dn_slots(dn: DNQueries, valid: jax.Array) -> tuple[jax.Array, jax
 
 # ------------------------------------------------------------------------------------------------- the loss
 
-def _parts(hipie) -> tuple[Hipie, DNLabelEncoder]:
-    core = getattr(hipie, "hipie", hipie)
-    resizer = getattr(hipie, "dn_resizer", None)
-    if resizer is None:
-        raise ValueError("hipie_loss needs the DN label encoder: pass a HipieTrainingModel "
-                         "(segllm_jax.models.hipie.training) or a Hipie with a `dn_resizer` attribute.")
-    return core, resizer
-
-
-def hipie_loss_details(hipie, levels: LevelInputs, prompts: jax.Array, image_index: jax.Array | None,
-                       target_masks: jax.Array, aux_masks: jax.Array, has_aux: jax.Array,
+def hipie_loss_details(hipie: Hipie, dn_resizer: DNLabelEncoder, levels: LevelInputs, prompts: jax.Array,
+                       image_index: jax.Array | None, target_masks: jax.Array, aux_masks: jax.Array, has_aux: jax.Array,
                        key: jax.Array | None, *, options: HipieLossOptions = HipieLossOptions(),
                        replay: HipieReplay | None = None) -> HipieLossDetails:
     """:func:`hipie_loss` with every intermediate (tests, debugging). Same arguments."""
-    core, resizer = _parts(hipie)
-    cfg = core.cfg
+    cfg = hipie.cfg
     crit_cfg = options.criterion
     if crit_cfg.dec_layers != cfg.dec_layers:  # aux-loss keys follow the model's decoder depth
         crit_cfg = dataclasses.replace(crit_cfg, dec_layers=cfg.dec_layers)
@@ -218,7 +208,7 @@ def hipie_loss_details(hipie, levels: LevelInputs, prompts: jax.Array, image_ind
     targets = device_targets(target_masks, aux_masks, has_aux, cfg.prompt_tokens, options.max_gt)
 
     # §T2 DN queries
-    label_enc = resizer(prompts)  # [B, 256]
+    label_enc = dn_resizer(prompts)  # [B, 256]
     dn = prepare_dn_queries(targets.boxes, targets.valid, label_enc,
                             num_queries=cfg.num_bg_queries + cfg.num_queries,
                             key=k_dn if replay.dn_draws is None else None, draws=replay.dn_draws,
@@ -229,7 +219,7 @@ def hipie_loss_details(hipie, levels: LevelInputs, prompts: jax.Array, image_ind
     deterministic = not options.fusion_dropout
     rngs = nnx.Rngs(dropout=k_drop) if (not deterministic and replay.fusion_keep is None and k_drop is not None) \
         else None
-    fwd = training_forward(core, levels, prompts, image_index, dn.label, dn.bbox_logit, attn_mask,
+    fwd = training_forward(hipie, levels, prompts, image_index, dn.label, dn.bbox_logit, attn_mask,
                            deterministic=deterministic, rngs=rngs, fusion_dropout_keep=replay.fusion_keep,
                            topk_indices=replay.topk_indices)
     n_layers = fwd.hs.shape[0]
@@ -239,8 +229,8 @@ def hipie_loss_details(hipie, levels: LevelInputs, prompts: jax.Array, image_ind
     gt_idx = dn_indices(targets.valid, n_layers)
 
     # §T3 masks of the matched pairs, group outputs
-    fg_masks = training_mask_logits(core, fwd, "fg", fg_idx.src)
-    dn_masks = training_mask_logits(core, fwd, "dn", gt_idx.src)
+    fg_masks = training_mask_logits(hipie, fwd, "fg", fg_idx.src)
+    dn_masks = training_mask_logits(hipie, fwd, "dn", gt_idx.src)
     fl, fb, fi = fwd.group("fg")
     dl, db, _ = fwd.group("dn")
     dl = jnp.where(extra[None, None, :, None], EXTRA_DN_LOGIT, dl)
@@ -302,13 +292,14 @@ def target_ranking_loss(fg_logits: jax.Array, fg_indices: PaddedIndices, positiv
     return per.sum() / jnp.maximum(has.sum(), 1)
 
 
-def hipie_loss(hipie, levels: LevelInputs, prompts: jax.Array, image_index: jax.Array | None,
-               target_masks: jax.Array, aux_masks: jax.Array, has_aux: jax.Array, key: jax.Array | None, *,
+def hipie_loss(hipie: Hipie, dn_resizer: DNLabelEncoder, levels: LevelInputs, prompts: jax.Array,
+               image_index: jax.Array | None, target_masks: jax.Array, aux_masks: jax.Array, has_aux: jax.Array,
+               key: jax.Array | None, *,
                options: HipieLossOptions = HipieLossOptions(),
                replay: HipieReplay | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """SegLLM's HIPIE training loss of one step (architecture.md §T1 to §T10) -> (loss, metrics).
 
-    hipie: :class:`~segllm_jax.models.hipie.training.HipieTrainingModel` (``Hipie`` + ``dn_resizer``);
+    hipie: the inference ``Hipie``; dn_resizer: its training-only DN label encoder (``detr.resizer``, §T2);
     levels: ``Hipie.image_features`` of the I images; prompts [B, 8, 768] (raw LLM prompt embeddings, the
     kept rounds); image_index [B] (image row per prompt, None = row b); target_masks / aux_masks [B, H, W]
     (padded frame, H = W = S); has_aux [B] bool (round has a reference mask); key: PRNG key for DN noise,
@@ -319,7 +310,7 @@ def hipie_loss(hipie, levels: LevelInputs, prompts: jax.Array, image_index: jax.
     original's loss dict), ``loss_hipie`` (= loss), ``prompt_l2`` and ``iou_train``. Differentiable w.r.t. the
     HIPIE parameters and ``prompts``; jit-able (options static).
     """
-    d = hipie_loss_details(hipie, levels, prompts, image_index, target_masks, aux_masks, has_aux, key,
+    d = hipie_loss_details(hipie, dn_resizer, levels, prompts, image_index, target_masks, aux_masks, has_aux, key,
                            options=options, replay=replay)
     return d.loss, d.metrics
 

@@ -16,7 +16,6 @@ the conversation ids; the state of that step is never saved.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import logging
@@ -32,11 +31,12 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from segllm_jax.errors import ConfigError, SegLLMError
+from segllm_jax.models.segllm import DN_RESIZER
 from segllm_jax.sharding import make_mesh
+from segllm_jax.train import batching
 from segllm_jax.train import step as train_step_lib
 from segllm_jax.train.checkpointing import Checkpointer
 from segllm_jax.train.config import TrainConfig
-from segllm_jax.tokenizer import IGNORE_INDEX
 from segllm_jax.train.state import TrainState
 
 log = logging.getLogger(__name__)
@@ -89,55 +89,6 @@ def _host_metrics(metrics: dict[str, jax.Array], rounds: np.ndarray) -> dict[str
     if parts is not None:
         out.update(train_step_lib.round_ious(parts, rounds))
     return out
-
-
-def global_batch(local: train_step_lib.TrainBatch, rows_per_host: int) -> train_step_lib.TrainBatch:
-    """Every host's TrainBatch -> the global one (NumPy, identical on all hosts), in host order.
-
-    Hosts pad their token length, reference and prompt counts to the largest (padding references
-    have gate 0 and padding prompts weight 0, so they change nothing), then the row and slot indices
-    of host ``h`` are offset by ``h * rows_per_host`` (and prompt indices by ``h * N``).
-    """
-    from jax.experimental import multihost_utils
-
-    b = jax.tree.map(np.asarray, local)
-    c = b.conv
-    sizes = np.array([c.input_ids.shape[1], c.ref_rows.shape[0], c.seg_rows.shape[0], b.hipie_index.shape[0]])
-    t, r, n, m = np.asarray(multihost_utils.process_allgather(sizes)).max(0)
-    if np.asarray(multihost_utils.process_allgather(sizes))[:, 3].min() != m:
-        raise ConfigError("hosts selected different numbers of HIPIE prompts this step; multi-host training "
-                          "needs conversations with at least max_rounds rounds each.")
-
-    def pad(x, size, value=0, axis=0):
-        widths = [(0, 0)] * x.ndim
-        widths[axis] = (0, size - x.shape[axis])
-        return np.pad(x, widths, constant_values=value)
-
-    c = dataclasses.replace(
-        c, input_ids=pad(c.input_ids, t, 0, 1), token_mask=pad(c.token_mask, t, False, 1),
-        labels=pad(c.labels, t, IGNORE_INDEX, 1),
-        ref_rows=pad(c.ref_rows, r), ref_mask_cols=pad(c.ref_mask_cols, r), ref_box_cols=pad(c.ref_box_cols, r),
-        ref_crops=pad(c.ref_crops, r), ref_boxes=pad(c.ref_boxes, r), ref_gates=pad(c.ref_gates, r),
-        seg_rows=pad(c.seg_rows, n), seg_cols=pad(c.seg_cols, n, 1))
-    b = dataclasses.replace(b, conv=c, seg_weight=pad(b.seg_weight, n))
-    g = jax.tree.map(np.asarray, multihost_utils.process_allgather(b))  # every leaf: [hosts, ...]
-    hosts = g.seg_weight.shape[0]
-    row_offset = (np.arange(hosts) * rows_per_host)[:, None]
-    flat = lambda x: x.reshape(-1, *x.shape[2:])  # noqa: E731
-    gc = g.conv
-    conv = dataclasses.replace(
-        jax.tree.map(flat, gc),
-        image_slot_rows=flat(gc.image_slot_rows + row_offset),
-        image_slot_image=flat(gc.image_slot_image + row_offset),
-        ref_rows=flat(gc.ref_rows + row_offset), seg_rows=flat(gc.seg_rows + row_offset))
-    return dataclasses.replace(jax.tree.map(flat, g), conv=conv,
-                               hipie_index=flat(g.hipie_index + (np.arange(hosts) * n)[:, None]))
-
-
-def _put_global(batch: train_step_lib.TrainBatch, mesh) -> train_step_lib.TrainBatch:
-    """A host-identical NumPy batch -> global arrays (each process fills its own shards)."""
-    shardings = train_step_lib.batch_shardings(batch, mesh)
-    return jax.tree.map(lambda x, s: jax.make_array_from_callback(x.shape, s, lambda idx: x[idx]), batch, shardings)
 
 
 def mesh_for(cfg: TrainConfig):
@@ -268,13 +219,13 @@ def train(config: TrainConfig, workdir: str | Path) -> list[dict[str, Any]]:
             host = next(iterator)
             conv_ids = [str(e["conv_id"]) for e in host["examples"]]
             rows_per_host = cfg.batch_size // jax.process_count()
-            batch = train_step_lib.make_train_batch(host["examples"], cfg, step,
+            batch = batching.make_train_batch(host["examples"], cfg, step,
                                                     row_offset=jax.process_index() * rows_per_host)
             if jax.process_count() > 1:
-                batch = _put_global(global_batch(batch, rows_per_host), mesh)
+                batch = batching.put_global(batching.global_batch(batch, rows_per_host), mesh)
                 conv_ids = f"{', '.join(conv_ids)} on host {jax.process_index()}"
             else:
-                batch = jax.device_put(batch, train_step_lib.batch_shardings(batch, mesh))
+                batch = jax.device_put(batch, batching.batch_shardings(batch, mesh))
                 conv_ids = ", ".join(conv_ids)
             t0 = time.perf_counter()
             new_state, metrics = step_fn(state, batch)
@@ -335,7 +286,7 @@ def restore_init_params(directory: str | Path, structure: train_step_lib.ModelSt
     where = {**shardings.params, **shardings.frozen}
     targets = {k: jax.ShapeDtypeStruct(v.shape, np.float32, sharding=where[k])
                for k, v in structure.abstract().items()}
-    prefix = train_step_lib.DN_RESIZER + "/"
+    prefix = DN_RESIZER + "/"
     dn = {k: v for k, v in targets.items() if k.startswith(prefix)}
     values = checkpoint.restore_sharded(directory, {k: v for k, v in targets.items() if k not in dn})
     if dn and (Path(directory) / checkpoint.TRAINING_PARAMS).is_dir():
@@ -357,7 +308,7 @@ def export_model(state, cfg: TrainConfig, tokenizer, directory: Path) -> Path:
     values = jax.device_get({**state.params, **state.frozen})
     dtype = jnp.dtype(cfg.model.llm.param_dtype)  # the loader casts each parameter to its module's dtype
     arrays = {k: np.asarray(jnp.asarray(v, dtype)) for k, v in values.items()}
-    dn = {k: arrays.pop(k) for k in list(arrays) if k.startswith(train_step_lib.DN_RESIZER + "/")}
+    dn = {k: arrays.pop(k) for k in list(arrays) if k.startswith(DN_RESIZER + "/")}
     tmp = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     save(tmp, "segllm", cfg.model, arrays, training_arrays=dn)

@@ -10,7 +10,8 @@
   The reference gates of the batch (1 = real reference, 0 = padding) are multiplied by a fresh
   Bernoulli(0.5) draw here, on device, from the step key (architecture.md §D6, §O22: no 1/p rescaling).
 * :func:`make_train_step` returns ``train_step(state, batch) -> (state, metrics)``, jit-able; the
-  caller (``loop.py`` / tests) jits it with the shardings of :func:`state_shardings`.
+  caller (``loop.py`` / tests) jits it with the shardings of :func:`state_shardings`; its batch, a
+  :class:`~segllm_jax.train.batching.TrainBatch`, comes from ``batching.py``.
 
 Parameters are handled as flat ``{"a/b/c": array}`` dicts: easy to split by path, to shard, to
 checkpoint, and independent of NNX internals; :class:`ModelStructure` turns them back into a
@@ -30,11 +31,12 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from segllm_jax.batch import ConversationBatch, collate, forward
+from segllm_jax.batch import forward
 from segllm_jax.config import SegLLMConfig
 from segllm_jax.models.segllm import SegLLM
 from segllm_jax.sharding import logical_to_spec
 from segllm_jax.tokenizer import IGNORE_INDEX
+from segllm_jax.train.batching import TrainBatch
 from segllm_jax.train.config import TrainConfig
 from segllm_jax.train.state import TrainState
 
@@ -144,115 +146,6 @@ def apply_remat(model: SegLLM, remat: str) -> SegLLM:
 
 
 # ---------------------------------------------------------------------------------------------
-# batches
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class TrainBatch:
-    """A ``ConversationBatch`` plus what the training losses need.
-
-    ``conv.ref_gates`` is 1 for real references and 0 for padding; :func:`loss_fn` multiplies it by
-    the Bernoulli(0.5) training gate. References and prompts are padded to a multiple of
-    ``ref_pad_multiple`` and tokens to ``pad_multiple`` so batches reuse few compiled shapes.
-    """
-
-    conv: ConversationBatch
-    seg_weight: jax.Array  # [N] 1.0 for prompts sent to HIPIE (<= max_rounds per conversation), else 0
-    hipie_index: jax.Array  # [M] indices into the N prompts of those sent to HIPIE
-    hipie_round: jax.Array  # [M] 0-based round of each of them in its conversation (per-round metrics)
-    hipie_images: jax.Array | None = None  # [B, S, S, 3] uint8 (one image per conversation)
-    target_masks: jax.Array | None = None  # [M, S, S] bool
-    aux_masks: jax.Array | None = None  # [M, S, S] bool (the reference mask of that round)
-    has_aux: jax.Array | None = None  # [M] bool
-
-
-def _round_up(n: int, k: int) -> int:
-    return max(k, -(-n // k) * k)
-
-
-def make_train_batch(examples: Sequence[Mapping[str, Any]], cfg: TrainConfig, step: int, *,
-                     row_offset: int = 0,
-                     with_hipie: bool | None = None) -> TrainBatch:
-    """Host side: collate pipeline examples, pick the HIPIE prompts, pad to bucketed shapes.
-
-    The prompt choice of a conversation is seeded by ``(seed, step, global row)``: independent of how
-    the global batch is split over hosts (``row_offset`` = this host's first global row) and of resumes.
-    """
-    from segllm_jax.data.pipeline import collate_inputs
-
-    with_hipie = cfg.use_hipie_loss if with_hipie is None else with_hipie
-    conversations, clip_images, image_of_row, references = collate_inputs(examples)
-    t = _round_up(max(c.num_tokens for c in conversations), cfg.pad_multiple)
-    conv = collate(conversations, clip_images, image_of_row, references, gate=1.0, pad_to=t)
-    # at most max_rounds random <seg> prompts per conversation go to HIPIE (and into the L2 term)
-    # (an example's k-th <seg> is its round k: every round ends in one)
-    selected, rounds, start = [], [], 0
-    for row, example in enumerate(examples):
-        n = int(example["seg_positions"].size)
-        rng = np.random.default_rng([cfg.seed, step, row_offset + row])
-        pick = np.sort(rng.permutation(n)[:cfg.max_rounds]) if n > cfg.max_rounds else np.arange(n)
-        selected.append(start + pick)
-        rounds.append(pick)
-        start += n
-    hipie_index = np.concatenate(selected).astype(np.int32)
-    rounds = np.concatenate(rounds).astype(np.int32)
-    if cfg.hipie_prompts is not None:
-        hipie_index, rounds = _fixed_prompt_count(hipie_index, rounds, cfg, step, row_offset, len(examples))
-    n_seg, n_ref = int(conv.seg_rows.shape[0]), int(conv.ref_rows.shape[0])
-    n_seg_pad, n_ref_pad = _round_up(n_seg, cfg.ref_pad_multiple), _round_up(n_ref, cfg.ref_pad_multiple)
-    seg_weight = np.zeros(n_seg_pad, np.float32)
-    seg_weight[hipie_index] = 1.0
-
-    def pad(x, n, value=0):
-        x = np.asarray(x)
-        return jnp.asarray(np.concatenate([x, np.full((n - x.shape[0], *x.shape[1:]), value, x.dtype)]))
-
-    conv = dataclasses.replace(
-        conv,
-        # padding references add 0 x encoding at (row 0, col 0); padding prompts read (0, 0), weight 0
-        ref_rows=pad(conv.ref_rows, n_ref_pad), ref_mask_cols=pad(conv.ref_mask_cols, n_ref_pad),
-        ref_box_cols=pad(conv.ref_box_cols, n_ref_pad), ref_crops=pad(conv.ref_crops, n_ref_pad),
-        ref_boxes=pad(conv.ref_boxes, n_ref_pad), ref_gates=pad(conv.ref_gates, n_ref_pad),
-        seg_rows=pad(conv.seg_rows, n_seg_pad), seg_cols=pad(conv.seg_cols, n_seg_pad, 1))
-    extra: dict[str, Any] = {}
-    if with_hipie:
-        extra = dict(
-            hipie_images=jnp.asarray(np.stack([e["hipie_image"] for e in examples])),
-            target_masks=jnp.asarray(np.concatenate([e["target_masks"] for e in examples])[hipie_index]),
-            aux_masks=jnp.asarray(np.concatenate([e["aux_masks"] for e in examples])[hipie_index]),
-            has_aux=jnp.asarray(np.concatenate([e["has_aux"] for e in examples])[hipie_index]))
-    return TrainBatch(conv=conv, seg_weight=jnp.asarray(seg_weight), hipie_index=jnp.asarray(hipie_index),
-                      hipie_round=jnp.asarray(rounds), **extra)
-
-
-def _fixed_prompt_count(index: np.ndarray, rounds: np.ndarray, cfg: TrainConfig, step: int, row_offset: int,
-                        rows: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exactly ``cfg.hipie_prompts`` prompts for this host's ``rows`` (its share of the global count): a
-    random subset when there are more, the selection plus random repeats when there are fewer. One
-    static prompt count means one compiled step whatever the conversations' lengths; a repeated prompt
-    only weighs twice in its step's mean."""
-    want = cfg.hipie_prompts * rows // cfg.batch_size
-    rng = np.random.default_rng([cfg.seed, step, row_offset, 1])
-    if index.size >= want:
-        keep = np.sort(rng.permutation(index.size)[:want])
-    else:
-        keep = np.concatenate([np.arange(index.size), rng.integers(0, index.size, want - index.size)])
-    return index[keep], rounds[keep]
-
-
-def batch_shardings(batch: TrainBatch, mesh: Mesh) -> Any:
-    """Token arrays ``[B, T]`` split over (data, fsdp); the flat slot bookkeeping is replicated."""
-    replicated = NamedSharding(mesh, PartitionSpec())
-    tokens = lambda x: NamedSharding(mesh, logical_to_spec(("batch", "length"), x.shape, mesh))  # noqa: E731
-    conv = batch.conv
-    conv_sh = jax.tree.map(lambda _: replicated, conv)
-    conv_sh = dataclasses.replace(conv_sh, input_ids=tokens(conv.input_ids), token_mask=tokens(conv.token_mask),
-                                  labels=tokens(conv.labels))
-    return dataclasses.replace(jax.tree.map(lambda _: replicated, batch), conv=conv_sh)
-
-
-# ---------------------------------------------------------------------------------------------
 # loss
 
 
@@ -268,15 +161,11 @@ def hipie_term_from_loss(hipie_loss_details: Callable) -> HipieTerm:
     every conversation's HIPIE image, then the criterion on the selected prompts. The metrics are the
     criterion's plus :data:`PROMPT_IOU`, from which the loop logs per-round IoU (:func:`round_ious`)."""
 
-    import types
-
     def term(model: SegLLM, prompts: jax.Array, batch: TrainBatch, key: jax.Array):
         levels = model.segmentator.image_features(batch.hipie_images)
         image_index = batch.conv.seg_rows[batch.hipie_index]  # one image per conversation row
-        # hipie_loss wants a HipieTrainingModel-like object: the inference Hipie + the DN label encoder
-        hipie = types.SimpleNamespace(hipie=model.segmentator, dn_resizer=getattr(model, DN_RESIZER))
-        details = hipie_loss_details(hipie, levels, prompts, image_index, batch.target_masks, batch.aux_masks,
-                                     batch.has_aux, key)
+        details = hipie_loss_details(model.segmentator, model.segmentator_dn_resizer, levels, prompts, image_index,
+                                     batch.target_masks, batch.aux_masks, batch.has_aux, key)
         return details.loss, {**details.metrics, PROMPT_IOU: prompt_iou_parts(details, batch.target_masks)}
 
     return term
@@ -402,20 +291,12 @@ def state_shardings(structure: ModelStructure, cfg: TrainConfig, mesh: Mesh) -> 
                       opt_state=opt_sh, rng=replicated)
 
 
-DN_RESIZER = "segmentator_dn_resizer"  # HIPIE's DN label encoder (``detr.resizer``), trained with the HIPIE term
-
-
 def build_training_model(cfg: TrainConfig, seed: int | None = None) -> SegLLM:
-    """The model a training step differentiates: ``SegLLM`` (+ the DN label encoder at
-    ``segmentator_dn_resizer`` when the HIPIE term is on; inference never needs it)."""
+    """The model a training step differentiates: ``SegLLM``, with its DN label encoder
+    (``segmentator_dn_resizer``) when the HIPIE term is on (the term is its only user)."""
     seed = cfg.seed if seed is None else seed
-    model_cfg = training_model_config(cfg.model, cfg.compute_dtype)
-    model = SegLLM(model_cfg, rngs=nnx.Rngs(seed))
-    if cfg.use_hipie_loss:
-        from segllm_jax.models.hipie.training import DNLabelEncoder
-
-        setattr(model, DN_RESIZER, DNLabelEncoder(model_cfg.hipie, rngs=nnx.Rngs(seed + 1)))
-    return model
+    return SegLLM(training_model_config(cfg.model, cfg.compute_dtype), rngs=nnx.Rngs(seed),
+                  dn_rngs=nnx.Rngs(seed + 1) if cfg.use_hipie_loss else None)
 
 
 def abstract_structure(cfg: TrainConfig) -> ModelStructure:

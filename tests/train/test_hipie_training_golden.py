@@ -2,7 +2,7 @@
 
 Golden part (``golden`` in every test name, ``@pytest.mark.golden``): every ``train_seed*_256.npz`` of
 ``SEGLLM_GOLDEN_HIPIE`` (default ``<repo>/../shared/golden/hipie``). Weights: the golden recipe (seed of the
-file) through the real converter (main HIPIE table + :func:`dn_resizer_table`). Inputs: the image and prompts of
+file) through the real converter (main HIPIE table + ``dn_resizer_table``). Inputs: the image and prompts of
 ``seed<N>_256.npz``, the stored GT masks. README "Training golden":
 
 * ``det``: no DN noise, no fusion dropout, the stored two-stage order forced (near-tie caveat), point uniforms
@@ -29,7 +29,8 @@ import pytest
 from flax import nnx
 
 from segllm_jax.models.hipie.config import HipieConfig
-from segllm_jax.models.hipie.training import HipieTrainingModel, dn_resizer_table
+from segllm_jax.models.hipie.model import Hipie
+from segllm_jax.models.hipie.training import DNLabelEncoder
 from segllm_jax.train.criterion import CriterionConfig, segllm_targets
 from segllm_jax.train.denoising import flat_draws_to_padded
 from segllm_jax.train.hipie_loss import (HipieLossOptions, HipieReplay, device_targets, hipie_loss,
@@ -56,10 +57,11 @@ def _import_path(name: str, path: Path):
 # ------------------------------------------------------------------------------------------------ plumbing
 
 @functools.lru_cache(maxsize=1)
-def _model(seed: int) -> HipieTrainingModel:
-    """Recipe weights (seed) -> .pth -> real converter -> Hipie + DN label encoder."""
+def _model(seed: int) -> tuple[Hipie, DNLabelEncoder]:
+    """Recipe weights (seed) -> .pth -> real converter -> (Hipie, DN label encoder)."""
     torch = pytest.importorskip("torch")
     from segllm_jax_convert.engine import convert, flat_targets, load_arrays
+    from segllm_jax_convert.hipie import dn_resizer_table
     from segllm_jax_convert.io import open_checkpoint
 
     helpers = _import_path("hipie_train_golden_helpers", REPO_ROOT / "tests" / "hipie" / "hipie_helpers.py")
@@ -68,13 +70,11 @@ def _model(seed: int) -> HipieTrainingModel:
     pth = Path(tempfile.mkdtemp(prefix="hipie_train_golden_")) / "hipie.pth"
     torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()}, pth)
     del sd
-    model = HipieTrainingModel(HipieConfig.hipie_r50_segllm(), rngs=nnx.Rngs(0),
-                               hipie=helpers.converted_hipie(str(pth)))
-    source = open_checkpoint(pth)
-    load_arrays(model.dn_resizer, convert(source, dn_resizer_table(), flat_targets(model.dn_resizer),
-                                          progress=False))
+    hipie = helpers.converted_hipie(str(pth))
+    resizer = DNLabelEncoder(hipie.cfg, rngs=nnx.Rngs(0))
+    load_arrays(resizer, convert(open_checkpoint(pth), dn_resizer_table(), flat_targets(resizer), progress=False))
     pth.unlink()
-    return model
+    return hipie, resizer
 
 
 @functools.lru_cache(maxsize=2)
@@ -136,20 +136,21 @@ _details_jit = nnx.jit(hipie_loss_details, static_argnames=("options",))
 def _run(path: Path, v: str):
     d = _load(path)
     inf = _inference_file(path, d)
-    model = _model(int(d["seed"]))
+    hipie, resizer = _model(int(d["seed"]))
     from segllm_jax.models.hipie.model import image_features_jit
 
-    levels = image_features_jit(model.hipie, jnp.asarray(inf["input_image_u8"].transpose(1, 2, 0)[None]))
+    levels = image_features_jit(hipie, jnp.asarray(inf["input_image_u8"].transpose(1, 2, 0)[None]))
     prompts = jnp.asarray(inf["prompts"])
     batch = prompts.shape[0]
-    n_layers = model.cfg.dec_layers
+    n_layers = hipie.cfg.dec_layers
     tg = segllm_targets(d["gt_target_masks"], d["gt_prev_masks"])
     counts_gt = [int(c) for c in np.asarray(tg.valid).sum(1)]
     options = HipieLossOptions(box_noise_scale=0.0 if v == "det" else 1.0, fusion_dropout=(v == "rand"))
     replay = _replay(d, v, batch, n_layers, options, counts_gt)
     has_aux = jnp.asarray(d["gt_prev_masks"].reshape(batch, -1).any(1))
-    det = _details_jit(model, levels, prompts, jnp.zeros(batch, jnp.int32), jnp.asarray(d["gt_target_masks"]),
-                       jnp.asarray(d["gt_prev_masks"]), has_aux, None, options=options, replay=replay)
+    det = _details_jit(hipie, resizer, levels, prompts, jnp.zeros(batch, jnp.int32),
+                       jnp.asarray(d["gt_target_masks"]), jnp.asarray(d["gt_prev_masks"]), has_aux, None,
+                       options=options, replay=replay)
     print(f"\n[{path.name} {v}]")
     return d, jax.device_get(det)
 
@@ -260,9 +261,11 @@ def test_golden_device_targets(golden_file) -> None:
 
 # --------------------------------------------------------------------------------------- jit + grad (tiny)
 
-def _tiny_model(cfg: HipieConfig) -> HipieTrainingModel:
-    """Tiny model with N(0, .) weights, built abstractly (fast) like the HIPIE tests do."""
-    return build_random(lambda: HipieTrainingModel(cfg, rngs=nnx.Rngs(0)), seed=0)
+def _tiny_model(cfg: HipieConfig) -> dict[str, nnx.Module]:
+    """Tiny ``{"hipie": Hipie, "dn_resizer": DNLabelEncoder}`` with N(0, .) weights, built abstractly (fast)
+    like the HIPIE tests do."""
+    return build_random(lambda: {"hipie": Hipie(cfg, rngs=nnx.Rngs(0)), "dn_resizer": DNLabelEncoder(
+        cfg, rngs=nnx.Rngs(0))}, seed=0)
 
 
 @functools.lru_cache(maxsize=1)
@@ -271,8 +274,8 @@ def _tiny_inputs():
     cfg = HipieConfig.tiny()
     model = _tiny_model(cfg)
     s, b = 64, 2
-    levels = nnx.jit(lambda m, x: m.hipie.image_features(x))(
-        model, jnp.asarray(np.random.default_rng(0).integers(0, 255, (1, s, s, 3), dtype=np.uint8)))
+    levels = nnx.jit(lambda m, x: m.image_features(x))(
+        model["hipie"], jnp.asarray(np.random.default_rng(0).integers(0, 255, (1, s, s, 3), dtype=np.uint8)))
     prompts = jnp.asarray(np.random.default_rng(1).normal(0, 1, (b, 8, cfg.text_dim)).astype(np.float32))
     yy, xx = np.mgrid[:s, :s]
     tm = np.stack([(abs(xx - 20) < 8) & (abs(yy - 30) < 10), (abs(xx - 40) < 12) & (abs(yy - 20) < 6)])
@@ -291,7 +294,7 @@ def test_hipie_loss_jit_grad_tiny() -> None:
 
     def f(params, prompts, key):
         m = nnx.merge(graphdef, params, rest)
-        return hipie_loss(m, levels, prompts, jnp.zeros(b, jnp.int32), jnp.asarray(tm.astype(np.uint8)),
+        return hipie_loss(m["hipie"], m["dn_resizer"], levels, prompts, jnp.zeros(b, jnp.int32), jnp.asarray(tm.astype(np.uint8)),
                           jnp.asarray(am.astype(np.uint8)), has_aux, key, options=options)
 
     (loss, metrics), (g_params, g_prompts) = jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))(
@@ -324,17 +327,17 @@ def test_extra_dn_slots_are_invisible_tiny() -> None:
 
     @nnx.jit
     def run(m, lab, box, mask):
-        return training_forward(m.hipie, levels, prompts, jnp.zeros(b, jnp.int32), lab, box, mask,
+        return training_forward(m, levels, prompts, jnp.zeros(b, jnp.int32), lab, box, mask,
                                deterministic=True)
 
-    label = model.dn_resizer(prompts)
+    label = model["dn_resizer"](prompts)
     dn2 = prepare_dn_queries(tg.boxes, tg.valid, label, num_queries=nq, draws=(sign, part))
     mask2, extra = hide_extra_dn_slots(dn2, tg.valid)
     np.testing.assert_array_equal(np.asarray(extra), [False, True, False, True])
     dn1 = prepare_dn_queries(tg.boxes[:, :1], tg.valid[:, :1], label, num_queries=nq,
                              draws=(sign[:, :, :1], part[:, :, :1]))
-    out2 = run(model, dn2.label, dn2.bbox_logit, mask2)
-    out1 = run(model, dn1.label, dn1.bbox_logit, dn1.attn_mask)
+    out2 = run(model["hipie"], dn2.label, dn2.bbox_logit, mask2)
+    out1 = run(model["hipie"], dn1.label, dn1.bbox_logit, dn1.attn_mask)
     keep = np.asarray([0, 2] + list(range(4, 4 + nq)))  # real slots (pos 0, neg 0) + matching queries
     np.testing.assert_allclose(np.asarray(out2.hs)[:, :, keep], np.asarray(out1.hs), atol=2e-5, rtol=1e-5)
     np.testing.assert_allclose(np.asarray(out2.inter_references)[:, :, keep], np.asarray(out1.inter_references),

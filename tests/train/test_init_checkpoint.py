@@ -16,6 +16,7 @@ from safetensors.numpy import save_file
 from segllm.conftest import golden_segllm_dir
 from segllm_jax import checkpoint
 from segllm_jax.data.pipeline import MixtureConfig
+from segllm_jax.models.segllm import DN_RESIZER
 from segllm_jax.train import loop
 from segllm_jax.train import step as S
 from segllm_jax.train.config import TrainConfig
@@ -24,7 +25,7 @@ from segllm_jax_convert.convert import convert_checkpoint, convert_training_init
 pytestmark = pytest.mark.skipif(not (golden_segllm_dir() / "state_dict_keys.json").exists(),
                                 reason="the release key list comes from ../shared/golden/segllm")
 
-DN = S.DN_RESIZER + "/"
+DN = DN_RESIZER + "/"
 
 
 def resizer_tensors(prefix: str, seed: int = 7) -> dict[str, np.ndarray]:

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from segllm_jax.train import loop
+from segllm_jax.train import batching as B
 from segllm_jax.train import step as S
 from segllm_jax.train.checkpointing import Checkpointer
 from segllm_jax.train.config import prepare_tiny_mrshapes, tiny_cpu
@@ -128,7 +129,7 @@ def test_sigkill_and_resume_is_bit_exact(env, tmp_path, monkeypatch):
 def test_nan_loss_stops_naming_step_and_conversations(env, tmp_path, monkeypatch):
     mixture, tokenizer_dir, vocab = prepare_tiny_mrshapes(env["SEGLLM_TINY_DATA"])
     cfg = tiny_cpu(mixture, tokenizer_dir, vocab, steps=5, checkpoint_every=1, async_checkpointing=True)
-    real = S.make_train_batch
+    real = B.make_train_batch
     seen = []
 
     def poisoned(examples, c, step, **kwargs):
@@ -139,7 +140,7 @@ def test_nan_loss_stops_naming_step_and_conversations(env, tmp_path, monkeypatch
                 batch.conv, clip_images=jnp.full_like(batch.conv.clip_images, jnp.nan)))
         return batch
 
-    monkeypatch.setattr(S, "make_train_batch", poisoned)
+    monkeypatch.setattr(B, "make_train_batch", poisoned)
     with pytest.raises(loop.NonFiniteLossError) as info:
         loop.train(cfg, tmp_path / "run")
     message = str(info.value)

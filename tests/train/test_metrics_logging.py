@@ -12,6 +12,7 @@ import pytest
 
 from segllm_jax.tokenizer import SegTokenizer
 from segllm_jax.train import loop
+from segllm_jax.train import batching as B
 from segllm_jax.train import step as S
 from segllm_jax.train.config import prepare_tiny_mrshapes, tiny_cpu
 
@@ -56,7 +57,7 @@ def test_train_batch_knows_each_prompts_round(data):
     mixture, tokenizer_dir, vocab = data
     cfg = tiny_cpu(mixture, tokenizer_dir, vocab, batch_size=4, max_rounds=1)
     host = next(iter(loop.make_pipeline(cfg, SegTokenizer.from_pretrained(tokenizer_dir), num_epochs=1)))
-    batch = S.make_train_batch(host["examples"], cfg, step=3)
+    batch = B.make_train_batch(host["examples"], cfg, step=3)
     counts = [int(e["seg_positions"].size) for e in host["examples"]]
     assert max(counts) > cfg.max_rounds  # the selection really drops rounds
     starts = np.cumsum([0, *counts[:-1]])
@@ -74,7 +75,7 @@ def test_tiny_hipie_run_logs_round_iou_and_tensorboard(data, tmp_path, monkeypat
     mixture, tokenizer_dir, vocab = data
     cfg = tiny_cpu(mixture, tokenizer_dir, vocab, steps=2, checkpoint_every=2, use_hipie_loss=True,
                    tensorboard=True, export_model=False, async_checkpointing=False)
-    real_batch, real_step = S.make_train_batch, S.make_train_step
+    real_batch, real_step = B.make_train_batch, S.make_train_step
     rounds_seen = []
 
     def recording_batch(examples, c, step, **kwargs):
@@ -92,7 +93,7 @@ def test_tiny_hipie_run_logs_round_iou_and_tensorboard(data, tmp_path, monkeypat
 
         return checked
 
-    monkeypatch.setattr(S, "make_train_batch", recording_batch)
+    monkeypatch.setattr(B, "make_train_batch", recording_batch)
     monkeypatch.setattr(S, "make_train_step", with_pooled_check)
     loop.train(cfg, tmp_path)
 

@@ -10,8 +10,10 @@ import jax
 import numpy as np
 import pytest
 
+from segllm_jax.models.segllm import DN_RESIZER
 from segllm_jax.sharding import make_mesh
 from segllm_jax.tokenizer import SegTokenizer
+from segllm_jax.train import batching as B
 from segllm_jax.train import step as S
 from segllm_jax.train.config import prepare_tiny_mrshapes, tiny_cpu
 from segllm_jax.train.loop import make_pipeline
@@ -42,7 +44,7 @@ def _place(initial, structure, cfg, mesh):
 def _batch(cfg, tokenizer, batch_size):
     cfg = dataclasses.replace(cfg, batch_size=batch_size)
     host = next(iter(make_pipeline(cfg, tokenizer, num_epochs=1)))
-    return S.make_train_batch(host["examples"], cfg, 0)
+    return B.make_train_batch(host["examples"], cfg, 0)
 
 
 def test_trainable_mask_is_spec_5_1(setup):
@@ -101,7 +103,7 @@ def test_sharded_step_equals_single_device(setup, initial):
         shardings = S.state_shardings(structure, cfg, mesh)
         state = jax.device_put(initial, shardings)
         step = jax.jit(S.make_train_step(structure, cfg), out_shardings=(shardings, None))
-        b = jax.device_put(batch, S.batch_shardings(batch, mesh))
+        b = jax.device_put(batch, B.batch_shardings(batch, mesh))
         metrics = []
         for _ in range(2):
             state, m = step(state, b)
@@ -162,7 +164,7 @@ def test_step_with_hipie_term_trains_hipie(setup):
     cfg, tokenizer, _ = setup
     cfg = dataclasses.replace(cfg, use_hipie_loss=True, learning_rate=1e-3)
     structure = S.abstract_structure(cfg)
-    assert any(k.startswith(S.DN_RESIZER + "/") and S.is_trainable(k) for k in structure.keys)
+    assert any(k.startswith(DN_RESIZER + "/") and S.is_trainable(k) for k in structure.keys)
     batch = _batch(cfg, tokenizer, 2)
     state, _ = S.init_state(cfg, make_mesh((1, 1, 1), jax.devices()[:1]), structure)
     before = jax.device_get(state)
@@ -190,12 +192,12 @@ def test_fixed_prompt_count(setup, count):
     host = next(iter(make_pipeline(cfg, tokenizer, num_epochs=1)))
     available = sum(int(e["seg_positions"].size) for e in host["examples"])
     assert 2 < available < 8  # the two cases below really are a subset and a padding
-    batch = S.make_train_batch(host["examples"], cfg, 3)
+    batch = B.make_train_batch(host["examples"], cfg, 3)
     index = np.asarray(batch.hipie_index)
     assert index.shape == (count,) and batch.target_masks.shape[0] == count
     assert np.all(np.asarray(batch.seg_weight)[index] == 1) and index.max() < available
     assert len(set(index.tolist())) == min(count, available)
-    np.testing.assert_array_equal(np.asarray(S.make_train_batch(host["examples"], cfg, 3).hipie_index), index)
+    np.testing.assert_array_equal(np.asarray(B.make_train_batch(host["examples"], cfg, 3).hipie_index), index)
 
 
 def test_prompt_count_must_split_over_the_batch(setup):

@@ -36,6 +36,7 @@ from segllm_jax import checkpoint_folder
 from segllm_jax.checkpoint import PARAMS, TRAINING_PARAMS, flatten_tree
 from segllm_jax.config import LlamaConfig, SegLLMConfig, VisionConfig
 from segllm_jax.errors import CheckpointError, InputError
+from segllm_jax.models.segllm import DN_RESIZER
 from segllm_jax.outputs import atomic_write_text, check_destination, written_atomically
 from segllm_jax_convert.clip import clip_vision_table
 from segllm_jax_convert.convert import TOKENIZER_FILES
@@ -43,7 +44,7 @@ from segllm_jax_convert.engine import MappingTable
 from segllm_jax_convert.hipie import SEGLLM_PREFIX, hipie_table
 from segllm_jax_convert.io import open_checkpoint
 from segllm_jax_convert.llama import llama_table
-from segllm_jax_convert.segllm import segllm_table
+from segllm_jax_convert.segllm import dn_resizer_training_table, segllm_table
 
 log = logging.getLogger(__name__)
 
@@ -125,15 +126,6 @@ def read_item(ckpt: Path, item: str) -> dict[str, np.ndarray]:
     return {k: np.asarray(v) for k, v in flatten_tree(tree).items()}
 
 
-def _dn_resizer() -> tuple[str, Callable[[str], MappingTable]]:
-    """(our training_params prefix, source prefix -> table) of HIPIE's DN label encoder: the converter's
-    ``dn_resizer_arrays`` uses the same two, so both directions read one table."""
-    from segllm_jax.models.hipie.training import dn_resizer_table
-    from segllm_jax.train.step import DN_RESIZER
-
-    return DN_RESIZER, lambda prefix: dn_resizer_table().under(prefix, DN_RESIZER + "/")
-
-
 def state_dict(ckpt: str | Path, part: str = "segllm") -> tuple[SegLLMConfig, dict[str, np.ndarray], MappingTable]:
     """(config, PyTorch-named tensors, the part's table) of a segllm-jax SegLLM checkpoint, dtypes as stored."""
     ckpt = Path(ckpt)
@@ -143,9 +135,8 @@ def state_dict(ckpt: str | Path, part: str = "segllm") -> tuple[SegLLMConfig, di
     table = spec.table(config)
     tensors = table.invert(params)
     if spec.training_prefix is not None and (ckpt / TRAINING_PARAMS).is_dir():
-        ours, resizer_table = _dn_resizer()
-        training = {k: v for k, v in read_item(ckpt, TRAINING_PARAMS).items() if k.startswith(ours + "/")}
-        tensors.update(resizer_table(spec.training_prefix).invert(training))
+        training = {k: v for k, v in read_item(ckpt, TRAINING_PARAMS).items() if k.startswith(DN_RESIZER + "/")}
+        tensors.update(dn_resizer_training_table(spec.training_prefix).invert(training))
     return config, tensors, table
 
 

@@ -162,10 +162,23 @@ _IGNORED: tuple[tuple[str, str], ...] = (
     # decoder side
     (_TR + r"resizer\..*", "transformer.resizer: runs, but its output is multiplied by 0 (STILL_TGT_FOR_BOTH)"),
     (r"detr\.resizer\..*", "detr.resizer: DN label encoder, training only (a SegLLM conversion keeps it in "
-                          "training_params/: segllm.dn_resizer_arrays)"),
+                          "training_params/: dn_resizer_table, segllm.dn_resizer_arrays)"),
 )
 
 HIPIE_TABLE = MappingTable("hipie", _IMAGE_SIDE_RULES + _DECODER_SIDE_RULES, ignore=_IGNORED)
+
+
+def dn_resizer_table() -> MappingTable:
+    """``detr.resizer.*`` -> ``segllm_jax.models.hipie.training.DNLabelEncoder`` paths (every other key ignored).
+
+    The training-only half :data:`HIPIE_TABLE` leaves out; for a SegLLM checkpoint apply
+    ``.under(SEGLLM_PREFIX, "")`` first (``segllm.dn_resizer_training_table`` does, for the trainer's paths).
+    """
+    r = r"detr\.resizer\."
+    rules = (Rule(r + r"fc\.weight", "fc/kernel", linear_kernel), Rule(r + r"fc\.bias", "fc/bias"),
+             Rule(r + r"layer_norm\.weight", "layer_norm/scale"), Rule(r + r"layer_norm\.bias", "layer_norm/bias"))
+    return MappingTable("hipie_dn_resizer", rules,
+                        ignore=((r"(?!detr\.resizer\.).*", "not the DN label encoder (main HIPIE table)"),))
 
 # ------------------------------------------------------------------------------------------------
 # Decoder side: choosing the table for a given checkpoint

@@ -7,7 +7,7 @@ box encoder, and ``model.segmentator.hipie.*`` through the HIPIE table. Keys tha
 sub-model's prefix but not to its table are reported as unknown, never silently dropped.
 
 HIPIE's DN label encoder (``detr.resizer``) is not part of the inference model; :func:`dn_resizer_arrays`
-converts it on its own, for the checkpoint's ``training_params/``.
+converts it on its own (:func:`dn_resizer_training_table`), for the checkpoint's ``training_params/``.
 """
 
 from __future__ import annotations
@@ -20,9 +20,11 @@ import numpy as np
 from flax import nnx
 
 from segllm_jax.config import SegLLMConfig
+from segllm_jax.models.hipie.training import DNLabelEncoder
+from segllm_jax.models.segllm import DN_RESIZER
 from segllm_jax_convert.clip import clip_vision_table
 from segllm_jax_convert.engine import MappingTable, Rule, Transform, convert, flat_targets, linear_kernel
-from segllm_jax_convert.hipie import SEGLLM_PREFIX, hipie_table
+from segllm_jax_convert.hipie import SEGLLM_PREFIX, dn_resizer_table, hipie_table
 from segllm_jax_convert.io import TensorSource
 from segllm_jax_convert.llama import llama_table
 from segllm_jax_convert.projector import mlp_projector_table
@@ -83,24 +85,28 @@ def segllm_table(cfg: SegLLMConfig) -> MappingTable:
             + hipie_table(cfg.hipie.num_queries).under(SEGLLM_PREFIX, "segmentator/"))
 
 
+def dn_resizer_training_table(prefix: str) -> MappingTable:
+    """``<prefix>detr.resizer.*`` <-> the trainer's DN label encoder (:data:`DN_RESIZER` ``/``) in a checkpoint's
+    ``training_params/``, every other key ignored: :func:`dn_resizer_arrays` converts with it and
+    ``export.state_dict`` inverts it, so both directions read one table.
+
+    ``prefix``: where HIPIE's keys live (``model.segmentator.hipie.`` in a release, ``""`` in ``r50_parts.pth``).
+    """
+    own = re.escape(prefix + "detr.resizer.")
+    return MappingTable("hipie_dn_resizer", dn_resizer_table().under(prefix, DN_RESIZER + "/").rules,
+                        ignore=((f"(?!{own}).*", "not the DN label encoder (the main tables)"),))
+
+
 def dn_resizer_arrays(source: TensorSource, cfg: SegLLMConfig, prefix: str, *,
                       progress: bool = True) -> dict[str, np.ndarray]:
     """The source's ``<prefix>detr.resizer.*`` as the trainer's DN label encoder (``segmentator_dn_resizer/``).
 
-    ``prefix``: where HIPIE's keys live (``model.segmentator.hipie.`` in a release, ``""`` in
-    ``r50_parts.pth``). Empty when the source has no such tensors: training then starts the encoder fresh.
+    Empty when the source has no such tensors: training then starts the encoder fresh.
     """
     own = prefix + "detr.resizer."
     if not any(key.startswith(own) for key in source):
         log.info("no %s* tensors: a training run from this checkpoint starts HIPIE's DN label encoder fresh", own)
         return {}
-    # the trainer's modules, only when there is something to convert for it
-    from segllm_jax.models.hipie.training import DNLabelEncoder, dn_resizer_table
-    from segllm_jax.train.step import DN_RESIZER
-
-    rules = dn_resizer_table().under(prefix, DN_RESIZER + "/").rules
-    table = MappingTable("hipie_dn_resizer", rules,
-                         ignore=((f"(?!{re.escape(own)}).*", "not the DN label encoder (the main tables)"),))
     encoder = nnx.eval_shape(lambda: DNLabelEncoder(cfg.hipie, rngs=nnx.Rngs(0)))
     targets = {f"{DN_RESIZER}/{path}": v for path, v in flat_targets(encoder).items()}
-    return convert(source, table, targets, progress=progress)
+    return convert(source, dn_resizer_training_table(prefix), targets, progress=progress)

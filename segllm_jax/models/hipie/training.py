@@ -18,8 +18,9 @@ Differences from inference (:meth:`Hipie.segment`), all reusing the inference mo
   gradients only through the ``_enc`` losses); bg references are the learned ``bg_query_refs`` (not detached).
 
 Weights: ``detr.resizer`` is not part of the inference ``Hipie`` (the main converter table ignores it as
-"training only"); :class:`HipieTrainingModel` pairs a ``Hipie`` with a ``DNLabelEncoder`` and
-:func:`dn_resizer_table` converts the four ``detr.resizer.*`` tensors into the latter.
+"training only"); the trainer's ``SegLLM`` holds a :class:`DNLabelEncoder` next to its ``Hipie``
+(``segllm_jax.models.segllm.DN_RESIZER``) and the converter's ``hipie.dn_resizer_table`` maps the four
+``detr.resizer.*`` tensors onto it.
 """
 
 from __future__ import annotations
@@ -51,33 +52,6 @@ class DNLabelEncoder(nnx.Module):
     def __call__(self, prompts: jax.Array) -> jax.Array:
         """Raw prompts [B, T, 768] (before VL fusion; text mask all ones -> plain mean) -> [B, 256]."""
         return self.layer_norm(self.fc(jnp.mean(prompts.astype(jnp.float32), axis=1)))
-
-
-class HipieTrainingModel(nnx.Module):
-    """The trainable HIPIE of SegLLM: the inference ``Hipie`` (``hipie``) + the DN label encoder (``dn_resizer``)."""
-
-    def __init__(self, cfg: HipieConfig, *, rngs: nnx.Rngs, hipie: Hipie | None = None):
-        self.hipie = hipie if hipie is not None else Hipie(cfg, rngs=rngs)
-        self.dn_resizer = DNLabelEncoder(cfg, rngs=rngs)
-
-    @property
-    def cfg(self) -> HipieConfig:
-        return self.hipie.cfg
-
-
-def dn_resizer_table():
-    """Converter table ``detr.resizer.*`` -> :class:`DNLabelEncoder` paths (every other key ignored).
-
-    Use with ``segllm_jax_convert.engine.convert(source, dn_resizer_table(), flat_targets(encoder))``. For a
-    SegLLM checkpoint apply ``.under("model.segmentator.hipie.", "")`` first.
-    """
-    from segllm_jax_convert.engine import MappingTable, Rule, linear_kernel
-
-    r = r"detr\.resizer\."
-    rules = (Rule(r + r"fc\.weight", "fc/kernel", linear_kernel), Rule(r + r"fc\.bias", "fc/bias"),
-             Rule(r + r"layer_norm\.weight", "layer_norm/scale"), Rule(r + r"layer_norm\.bias", "layer_norm/bias"))
-    return MappingTable("hipie_dn_resizer", rules,
-                        ignore=((r"(?!detr\.resizer\.).*", "not the DN label encoder (main HIPIE table)"),))
 
 
 @struct.dataclass
@@ -187,5 +161,4 @@ def training_mask_logits(hipie: Hipie, out: TrainingOutputs, group: str, query_i
     return jax.vmap(one_layer)(ref, params)
 
 
-__all__ = ["DNLabelEncoder", "HipieTrainingModel", "TrainingOutputs", "dn_resizer_table", "mask_reference_points",
-           "training_forward", "training_mask_logits"]
+__all__ = ["DNLabelEncoder", "TrainingOutputs", "mask_reference_points", "training_forward", "training_mask_logits"]
