@@ -32,7 +32,7 @@ import jax
 
 from segllm_jax.checkpoint import load
 from segllm_jax.data import mrshapes
-from segllm_jax.demo import run_demo
+from segllm_jax.apps.demo import run_demo
 from segllm_jax.eval.evaluate import EvalData, evaluate
 
 CI_CONVERSATIONS = 20

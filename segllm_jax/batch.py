@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from segllm_jax import preprocess
 from segllm_jax.errors import InputError
 from segllm_jax.models.llama import LlamaOutput
 from segllm_jax.models.segllm import SegLLM
@@ -36,6 +37,15 @@ class Reference:
 
     crop: np.ndarray  # [224, 224, 3] float32
     box: np.ndarray  # [4] float32
+
+    @classmethod
+    def of_prediction(cls, frame_u8: np.ndarray, mask: np.ndarray, box_xyxy: np.ndarray, frame: int,
+                      clip_size: int) -> "Reference":
+        """A predicted round as a later round's reference, as the original CLI re-encodes it (§D6): the
+        mask's crop of the HIPIE frame (box truncated to integers) and the box ``[y0, x0, y1, x1] / frame``."""
+        x0, y0, x1, y1 = preprocess.reference_box(box_xyxy, frame)
+        crop = preprocess.clip_image(preprocess.masked_crop(frame_u8, mask, (x0, y0, x1, y1)), clip_size)
+        return cls(crop, np.asarray([y0, x0, y1, x1], np.float32) / frame)
 
 
 @jax.tree_util.register_dataclass

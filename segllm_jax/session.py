@@ -15,6 +15,7 @@ preprocessed) and the box ``[y0, x0, y1, x1] / 1024``.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Literal
 
 import jax
@@ -24,13 +25,14 @@ from flax import nnx
 from PIL import Image
 
 from segllm_jax import preprocess
-from segllm_jax.batch import LENGTH_BUCKET, bucketed
+from segllm_jax.batch import LENGTH_BUCKET, Reference, bucketed
 from segllm_jax.checkpoint import Loaded
 from segllm_jax.config import SegLLMConfig
 from segllm_jax.errors import InputError
 from segllm_jax.models.hipie.model import image_features_jit, predict
 from segllm_jax.models.llama import KVCache
 from segllm_jax.models.segllm import SegLLM
+from segllm_jax.outputs import atomic_save_image
 from segllm_jax.tokenizer import (ConversationEncoder, EncodedConversation, Round, SegTokenizer, check_fits,
                                   parse_references)
 
@@ -75,13 +77,24 @@ class ImageContext:
         return cls(image, frame_u8, resized_hw, preprocess.clip_image(image, cfg.vision.image_size))
 
 
+def next_round(encoder: ConversationEncoder, conversation: EncodedConversation, text: str,
+               context_length: int) -> tuple[EncodedConversation, str, list[int]]:
+    """``conversation`` extended by the user's ``text`` (``[REF:k]`` tags cite earlier rounds), with the
+    question (tags removed) and the rounds it cites. Bad input raises :class:`InputError`: a malformed
+    or future reference, an empty question, a conversation longer than ``context_length``."""
+    question, refs = parse_references(text, num_previous_rounds=len(conversation.rounds))
+    if not question.strip():
+        raise InputError("The question is empty; type what to segment.")
+    extended = encoder.append(conversation, Round(question, len(refs), not conversation.rounds))
+    check_fits(extended, context_length)  # its sentence says what to do
+    return extended, question, refs
+
+
 def round_result(ctx: ImageContext, cfg: SegLLMConfig, index: int, question: str, refs: list[int],
                  mask_frame: np.ndarray, box_frame: np.ndarray, score: float, hidden, prompt) -> RoundResult:
     """A round's answer in the user's frame, plus the products later references need (§D6, §E3)."""
-    frame = cfg.hipie_image_size
-    x0, y0, x1, y1 = preprocess.reference_box(box_frame, frame)
-    crop = preprocess.clip_image(preprocess.masked_crop(ctx.frame_u8, mask_frame, (x0, y0, x1, y1)),
-                                 cfg.vision.image_size)
+    reference = Reference.of_prediction(ctx.frame_u8, mask_frame, box_frame, cfg.hipie_image_size,
+                                        cfg.vision.image_size)
     h, w = ctx.resized_hw
     width, height = ctx.image.size
     mask = np.asarray(Image.fromarray(mask_frame[:h, :w]).resize((width, height), Image.NEAREST))
@@ -90,7 +103,20 @@ def round_result(ctx: ImageContext, cfg: SegLLMConfig, index: int, question: str
     return RoundResult(
         index=index, text=question, refs=tuple(refs), mask=mask, mask_frame=mask_frame, box_frame=box_frame,
         box=box.astype(np.float32), score=float(score), prompt_hidden=np.asarray(hidden), prompt=np.asarray(prompt),
-        ref_crop=crop, ref_box=np.asarray([y0, x0, y1, x1], np.float32) / frame)
+        ref_crop=reference.crop, ref_box=reference.box)
+
+
+def save_round(result: RoundResult, image: Image.Image, folder: Path, prefix: str = "") -> dict:
+    """Writes ``round_<r>.png`` (the overlay on ``image``) and ``round_<r>_mask.png`` into ``folder``, each
+    atomically, and returns the round's ``results.json`` entry; its file names start with ``prefix`` (the
+    folder's path relative to that ``results.json``)."""
+    r = result.index
+    atomic_save_image(folder / f"round_{r}.png", blend(image, result.mask))
+    atomic_save_image(folder / f"round_{r}_mask.png", Image.fromarray(result.mask.astype(np.uint8) * 255))
+    return {"round": r, "text": result.text, "refs": list(result.refs),
+            "box": [round(float(v), 2) for v in result.box], "score": round(result.score, 6),
+            "mask": f"{prefix}round_{r}_mask.png", "overlay": f"{prefix}round_{r}.png",
+            "mask_pixels": int(result.mask.sum())}
 
 
 def blend(image: Image.Image, mask: np.ndarray, color: tuple[int, int, int] = (255, 0, 0)) -> Image.Image:
@@ -146,17 +172,14 @@ class MultiRoundSession:
     def clear(self) -> None:
         """Forgets the conversation (keeps the per-image features)."""
         self.rounds: list[RoundResult] = []
-        self._conversation = EncodedConversation(np.zeros(0, np.int32), np.zeros(0, np.int32), ())
+        self._conversation = EncodedConversation.empty()
         self._refs_per_round: list[tuple[int, ...]] = []
         self._cache = KVCache.empty(self.model.cfg.llm, 1, self._capacity)
 
     def ask(self, text: str) -> RoundResult:
         """Runs one round. Bad input raises :class:`InputError` and leaves the session unchanged."""
-        question, refs = parse_references(text, num_previous_rounds=len(self.rounds))
-        if not question.strip():
-            raise InputError("The question is empty; type what to segment.")
-        conversation = self.encoder.append(self._conversation, Round(question, len(refs), not self.rounds))
-        check_fits(conversation, self.model.cfg.context_length)  # its sentence says what to do
+        conversation, question, refs = next_round(self.encoder, self._conversation, text,
+                                                  self.model.cfg.context_length)
         if self.mode == "incremental":
             hidden, prompt, cache = self._run_incremental(conversation, refs)
         else:

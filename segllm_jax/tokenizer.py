@@ -313,6 +313,11 @@ class EncodedConversation:
     labels: np.ndarray  #: int32 (T,), IGNORE_INDEX except assistant-emitted tokens
     rounds: tuple[RoundLayout, ...]
 
+    @classmethod
+    def empty(cls) -> "EncodedConversation":
+        """No rounds yet: what :meth:`ConversationEncoder.append` extends by the first round."""
+        return cls(np.zeros(0, np.int32), np.zeros(0, np.int32), rounds=())
+
     @property
     def num_tokens(self) -> int:
         return int(self.input_ids.shape[0])
@@ -359,7 +364,7 @@ class ConversationEncoder:
 
     def encode(self, rounds: Sequence[Round]) -> EncodedConversation:
         """Encode a whole conversation (what the original tokenizes in one call)."""
-        conversation = EncodedConversation(np.zeros(0, np.int32), np.zeros(0, np.int32), rounds=())
+        conversation = EncodedConversation.empty()
         for one in rounds:
             conversation = self.append(conversation, one)
         return conversation

@@ -5,7 +5,7 @@ import pytest
 
 from hf_fixtures import save_hf, tiny_clip_vision_hf, tiny_llama_hf
 from segllm_jax import checkpoint
-from segllm_jax.cli import main
+from segllm_jax.apps.cli import main
 from segllm_jax_convert.convert import convert_checkpoint
 
 

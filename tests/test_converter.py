@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 from hf_fixtures import save_hf, tiny_llama_hf
 from segllm_jax import checkpoint
-from segllm_jax.cli import main
+from segllm_jax.apps.cli import main
 from segllm_jax.errors import CheckpointError, ConversionError
 from segllm_jax_convert.convert import convert_checkpoint
 from segllm_jax_convert.io import open_checkpoint

@@ -32,7 +32,6 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from segllm_jax import batch as batching
-from segllm_jax import preprocess
 from segllm_jax.checkpoint import Loaded
 from segllm_jax.data.conversations import parse_conversation
 from segllm_jax.data.mrshapes import question_type
@@ -74,14 +73,6 @@ def best_query_masks(hipie: Hipie, levels, prompts: jax.Array, gt_masks: np.ndar
     return np.asarray(selected_mask_jit(hipie, out, jnp.asarray(best, jnp.int32))[1])
 
 
-def _products(frame_u8: np.ndarray, mask: np.ndarray, box_xyxy: np.ndarray, frame: int,
-              clip_size: int) -> batching.Reference:
-    """A predicted round as a reference, exactly as the inference CLI re-encodes it (§D6, 1024 frame)."""
-    x0, y0, x1, y1 = preprocess.reference_box(box_xyxy, frame)
-    crop = preprocess.clip_image(preprocess.masked_crop(frame_u8, mask, (x0, y0, x1, y1)), clip_size)
-    return batching.Reference(crop, np.asarray([y0, x0, y1, x1], np.float32) / frame)
-
-
 def _evaluate_one(loaded: Loaded, example: dict, entry: dict, mode: Mode, gate: float, limit_rounds: int | None,
                   best_query: bool = False):
     cfg = loaded.config
@@ -99,8 +90,9 @@ def _evaluate_one(loaded: Loaded, example: dict, entry: dict, mode: Mode, gate: 
         if mode == "teacher":
             break
         # Jacobi step: later references to round j's target now use round j's prediction
-        predicted = [_products(example["hipie_image"], pred.masks[j], pred.boxes_xyxy[j], cfg.hipie_image_size,
-                               cfg.vision.image_size) for j in range(len(rounds))]
+        predicted = [batching.Reference.of_prediction(example["hipie_image"], pred.masks[j], pred.boxes_xyxy[j],
+                                                      cfg.hipie_image_size, cfg.vision.image_size)
+                     for j in range(len(rounds))]
         updated = []
         for k in range(len(rounds)):
             row = []

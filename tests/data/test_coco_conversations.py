@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from segllm_jax import cli
+from segllm_jax.apps import cli
 from segllm_jax.data import mrshapes
 from segllm_jax.data.coco_conversations import (CocoLayout, CocoOptions, Instance, image_conversations, mixture,
                                                 read_coco, write_conversations)

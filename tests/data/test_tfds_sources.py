@@ -18,7 +18,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 from tokenizer_fixture import make_llama_tokenizer_dir
 
-from segllm_jax import cli
+from segllm_jax.apps import cli
 from segllm_jax.data import mrshapes
 from segllm_jax.data import pipeline as p
 from segllm_jax.data.conversations import parse_conversation

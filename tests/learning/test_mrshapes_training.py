@@ -40,7 +40,7 @@ def test_prepared_folder_with_other_arguments_is_refused(tmp_path):
 
 
 def _train(config: str, workdir: Path, env: dict) -> list[dict]:
-    subprocess.run([sys.executable, "-m", "segllm_jax.cli", "train", "--config", str(REPO / "configs" / config),
+    subprocess.run([sys.executable, "-m", "segllm_jax.apps.cli", "train", "--config", str(REPO / "configs" / config),
                     "--workdir", str(workdir)], env=env, check=True, cwd=REPO, timeout=900)
     return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 

@@ -12,7 +12,7 @@ import pytest
 
 from segllm_jax.checkpoint import load
 from segllm_jax.data import mrshapes
-from segllm_jax.demo import SHIPPED_CHECKPOINT, run_demo
+from segllm_jax.apps.demo import SHIPPED_CHECKPOINT, run_demo
 from segllm_jax.eval.evaluate import EvalData, evaluate
 
 RESULTS = json.loads((SHIPPED_CHECKPOINT / "RESULTS.json").read_text())

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 import segllm_jax
-from segllm_jax.cli import main
+from segllm_jax.apps.cli import main
 from segllm_jax.data import mrshapes
 from segllm_jax.errors import InputError
 from segllm_jax.session import MultiRoundSession

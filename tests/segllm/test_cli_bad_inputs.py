@@ -337,7 +337,7 @@ def snapshot(*roots: Path) -> dict[str, str | None]:
 def run_cli(argv: list[str], cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device is enough here
     env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
-    return subprocess.run([sys.executable, "-m", "segllm_jax.cli", *argv], cwd=cwd, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "segllm_jax.apps.cli", *argv], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -392,7 +392,7 @@ def test_debug_shows_the_traceback(shared, tmp_path):
 def test_edge_checks_run_before_the_model_loads(shared, tmp_path):
     """A refused command costs about a second: nothing heavy (JAX, orbax, torch, Gradio) is imported."""
     (tmp_path / "notes.png").write_text("not a picture")
-    code = ("import sys; from segllm_jax.cli import main; rc = main(sys.argv[1:]); "
+    code = ("import sys; from segllm_jax.apps.cli import main; rc = main(sys.argv[1:]); "
             "heavy = [m for m in ('jax', 'orbax', 'torch', 'gradio', 'transformers') if m in sys.modules]; "
             "print(rc, heavy)")
     for argv in (["chat", "--checkpoint", str(shared / "converted"), "--image", "notes.png"],

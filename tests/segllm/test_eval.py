@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import segllm_jax.eval.evaluate as evaluate_module
-from segllm_jax.cli import main
+from segllm_jax.apps.cli import main
 from segllm_jax.data import mrshapes
 from segllm_jax.data.pipeline import ExampleBuilder
 from segllm_jax.eval.evaluate import EvalData, evaluate

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from segllm_jax import cli
+from segllm_jax.apps import cli
 from segllm_jax.checkpoint import PARAMS, TRAINING_PARAMS
 from segllm_jax_convert.convert import convert_checkpoint
 from segllm_jax_convert.export import read_item, export_checkpoint

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from segllm_jax import cli
+from segllm_jax.apps import cli
 
 from .conftest import golden_segllm_dir
 

@@ -11,7 +11,7 @@ from PIL import Image
 
 import segllm_jax
 from segllm_jax import batch as batching
-from segllm_jax.cli import main
+from segllm_jax.apps.cli import main
 from segllm_jax.session import MultiRoundSession
 
 from .conftest import golden_segllm_dir

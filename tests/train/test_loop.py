@@ -37,7 +37,7 @@ def env(tmp_path_factory):
 
 
 def _command(workdir: Path) -> list[str]:
-    return [sys.executable, "-m", "segllm_jax.cli", "train", "--config", str(REPO / "configs/tiny_train.py"),
+    return [sys.executable, "-m", "segllm_jax.apps.cli", "train", "--config", str(REPO / "configs/tiny_train.py"),
             "--workdir", str(workdir)]
 
 

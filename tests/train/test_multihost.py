@@ -25,7 +25,7 @@ def _free_port() -> int:
 
 
 def _cmd(workdir: Path) -> list[str]:
-    return [sys.executable, "-m", "segllm_jax.cli", "train", "--config", str(REPO / "configs/tiny_train.py"),
+    return [sys.executable, "-m", "segllm_jax.apps.cli", "train", "--config", str(REPO / "configs/tiny_train.py"),
             "--workdir", str(workdir)]
 
 

@@ -22,25 +22,24 @@ def free_port() -> int:
 
 
 class Served:
-    """A launched app: ``url`` (loopback), ``demo`` (the Blocks) and ``store`` (its SessionStore)."""
+    """A launched app: ``url`` (loopback), ``app`` (the WebApp) and ``store`` (its SessionStore)."""
 
-    def __init__(self, demo, url: str):
-        self.demo, self.url, self.store = demo, url, demo.segllm_store
+    def __init__(self, app, url: str):
+        self.app, self.url, self.store = app, url, app.store
 
 
 @pytest.fixture(scope="session")
 def served(tiny):
-    from segllm_jax.web_demo import build_app, launch
+    from segllm_jax.apps.web_demo import build_app, launch
 
     _, loaded = tiny
-    demo = build_app(loaded, examples=None, max_sessions=40, idle_timeout_s=600)
-    _, url, _ = launch(demo, host="127.0.0.1", port=free_port(), prevent_thread_lock=True, quiet=True)
+    app = build_app(loaded, examples=None, max_sessions=40, idle_timeout_s=600)
+    _, url, _ = launch(app, host="127.0.0.1", port=free_port(), prevent_thread_lock=True, quiet=True)
     assert url.startswith("http://127.0.0.1:")
     try:
-        yield Served(demo, url.rstrip("/"))
+        yield Served(app, url.rstrip("/"))
     finally:
-        demo.close()
-        demo.segllm_store.close()
+        app.close()
 
 
 def write_image(path, height: int, width: int, seed: int):

@@ -11,9 +11,9 @@ from PIL import Image
 pytest.importorskip("gradio", reason="the web demo needs the `demo` extra: pip install 'segllm-jax[demo]'")
 gradio_client = pytest.importorskip("gradio_client")
 
-from segllm_jax.cli import main  # noqa: E402
+from segllm_jax.apps.cli import main  # noqa: E402
 from segllm_jax.session import MultiRoundSession  # noqa: E402
-from segllm_jax.web_demo import compose_query, round_color  # noqa: E402
+from segllm_jax.apps.web_demo import compose_query, round_color  # noqa: E402
 
 pytestmark = [pytest.mark.filterwarnings("ignore:.*future.no_silent_downcasting"),
               pytest.mark.filterwarnings("ignore:The copy keyword is deprecated")]
@@ -111,37 +111,36 @@ def test_errors_are_one_sentence_and_keep_the_session(served, tiny, tmp_path):
 
 
 def test_upload_limit(tiny, tmp_path):
-    from segllm_jax.web_demo import build_app, launch
+    from segllm_jax.apps.web_demo import build_app, launch
 
     from .conftest import free_port
 
     root, loaded = tiny
     big = tmp_path / "big.png"
     Image.fromarray(np.random.default_rng(1).integers(0, 255, (400, 400, 3), dtype=np.uint8)).save(big)
-    demo = build_app(loaded, examples=None, max_upload_mb=0.1)
-    _, url, _ = launch(demo, port=free_port(), prevent_thread_lock=True, quiet=True)
+    app = build_app(loaded, examples=None, max_upload_mb=0.1)
+    _, url, _ = launch(app, port=free_port(), prevent_thread_lock=True, quiet=True)
     client = gradio_client.Client(url, verbose=False, download_files=str(tmp_path), analytics_enabled=False)
     try:
         with pytest.raises(Exception, match="(?i)size|large|limit"):
             client.predict(gradio_client.handle_file(str(big)), api_name="/set_image")
-        assert len(demo.segllm_store) == 0
+        assert len(app.store) == 0
         client.predict(gradio_client.handle_file(str(root / "scene.png")), api_name="/set_image")
-        assert len(demo.segllm_store) == 1
+        assert len(app.store) == 1
     finally:
         client.close()
-        demo.close()
-        demo.segllm_store.close()
+        app.close()
 
 
 def test_serve_loads_once_and_launches(tiny, monkeypatch):
-    from segllm_jax import web_demo
+    from segllm_jax.apps import web_demo
 
     root, _ = tiny
     calls = []
-    monkeypatch.setattr(web_demo, "launch", lambda demo, **kw: calls.append((demo, kw)))
+    monkeypatch.setattr(web_demo, "launch", lambda app, **kw: calls.append((app, kw)))
     assert main(["serve", "--checkpoint", str(root / "converted"), "--no-warmup", "--port", "7999",
                  "--max-sessions", "3", "--max-upload-mb", "2"]) == 0
-    (demo, kw), = calls
+    (app, kw), = calls
     assert kw == {"host": "127.0.0.1", "port": 7999}
-    assert demo.segllm_max_file_size == 2 * 2**20 and demo.segllm_store.max_sessions == 3
-    assert len(demo.segllm_example_dirs) == 1  # two generated MR-Shapes scenes (the folder has no examples/)
+    assert app.max_file_size == 2 * 2**20 and app.store.max_sessions == 3
+    assert len(app.example_dirs) == 1  # two generated MR-Shapes scenes (the folder has no examples/)

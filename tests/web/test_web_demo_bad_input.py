@@ -83,13 +83,13 @@ def _complete_png(path: str, size: tuple[int, int] | None = None) -> None:
 def test_thirty_concurrent_clients(tiny, tmp_path):
     """30 clients, at most 20 sessions: 10 are refused with the limit's sentence; the other 20 ask
     round after round for a bounded time. Zero protocol errors, every returned file complete."""
-    from segllm_jax.web_demo import build_app, close_app, launch, warm_up
+    from segllm_jax.apps.web_demo import build_app, launch, warm_up
 
     _, loaded = tiny
     assert LOAD_SECONDS <= 60
     warm_up(loaded)  # latencies measure serving, not the first compilation
-    demo = build_app(loaded, examples=None, max_sessions=MAX_SESSIONS, idle_timeout_s=600)
-    _, url, _ = launch(demo, host="127.0.0.1", port=free_port(), prevent_thread_lock=True, quiet=True)
+    app = build_app(loaded, examples=None, max_sessions=MAX_SESSIONS, idle_timeout_s=600)
+    _, url, _ = launch(app, host="127.0.0.1", port=free_port(), prevent_thread_lock=True, quiet=True)
     assert url.startswith("http://127.0.0.1:")
     images = [write_image(tmp_path / f"img{i}.png", 40 + i, 60 + i, seed=i) for i in range(CLIENTS)]
     latencies: list[float] = []
@@ -153,7 +153,7 @@ def test_thirty_concurrent_clients(tiny, tmp_path):
         assert not any(t.is_alive() for t in threads), "a client hung"
         t2 = time.monotonic()
     finally:
-        close_app(demo)
+        app.close()
     print(f"\nload phases: upload {t1 - t0:.1f} s, asking {LOAD_SECONDS:.0f} s + drain {t2 - t1 - LOAD_SECONDS:.1f} s")
     p50, p95, p99 = np.percentile(latencies, [50, 95, 99]) if latencies else (0, 0, 0)
     print(f"\nload: {CLIENTS} clients, {LOAD_SECONDS:.0f} s, {len(latencies)} requests, {len(errors)} errors, "
@@ -161,7 +161,7 @@ def test_thirty_concurrent_clients(tiny, tmp_path):
     assert not errors, errors[:5]
     assert len(refused) == CLIENTS - MAX_SESSIONS, refused
     assert len(latencies) >= MAX_SESSIONS  # every admitted client completed at least one round
-    assert not demo.segllm_store.root.exists()
+    assert not app.store.root.exists()
 
 
 def test_serve_removes_its_temporary_folders_on_sigterm(tiny, tmp_path):
@@ -172,7 +172,7 @@ def test_serve_removes_its_temporary_folders_on_sigterm(tiny, tmp_path):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env.update(TMPDIR=str(temp), GRADIO_TEMP_DIR=str(temp / "gradio"), JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
-    server = subprocess.Popen([sys.executable, "-m", "segllm_jax.cli", "serve", "--checkpoint",
+    server = subprocess.Popen([sys.executable, "-m", "segllm_jax.apps.cli", "serve", "--checkpoint",
                                str(root / "converted"), "--no-warmup", "--port", str(port)],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

@@ -149,20 +149,19 @@ def test_screenshot_of_the_shipped_model(browser, tmp_path):
     """The README's web-demo picture: the trained tiny checkpoint on ``make demo``'s unseen scene, its first
     two questions (the second through the reference checkbox)."""
     from segllm_jax.checkpoint import load
-    from segllm_jax.demo import SHIPPED_CHECKPOINT, demo_scene
-    from segllm_jax.web_demo import build_app, launch
+    from segllm_jax.apps.demo import SHIPPED_CHECKPOINT, demo_scene
+    from segllm_jax.apps.web_demo import build_app, launch
 
     from .conftest import Served, free_port
 
     _, scene, conversation = demo_scene(7)
     picture = tmp_path / "scene.png"
     Image.fromarray(scene.image).save(picture)
-    demo = build_app(load(SHIPPED_CHECKPOINT), examples=None, max_sessions=4, idle_timeout_s=600)
-    _, url, _ = launch(demo, host="127.0.0.1", port=free_port(), prevent_thread_lock=True, quiet=True)
+    app = build_app(load(SHIPPED_CHECKPOINT), examples=None, max_sessions=4, idle_timeout_s=600)
+    _, url, _ = launch(app, host="127.0.0.1", port=free_port(), prevent_thread_lock=True, quiet=True)
     try:
         first, second = (r.question for r in conversation.rounds[:2])
-        _, shot = _two_rounds(browser, Served(demo, url.rstrip("/")), picture, first, second)
+        _, shot = _two_rounds(browser, Served(app, url.rstrip("/")), picture, first, second)
         shutil.copyfile(shot, REPO / "docs" / "web_demo.png")
     finally:
-        demo.close()
-        demo.segllm_store.close()
+        app.close()

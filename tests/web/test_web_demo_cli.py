@@ -8,11 +8,11 @@ import sys
 import numpy as np
 from PIL import Image
 
-from segllm_jax.cli import build_parser
+from segllm_jax.apps.cli import build_parser
 
 
 def test_import_segllm_jax_does_not_need_gradio():
-    code = "import sys, segllm_jax, segllm_jax.web_demo, segllm_jax.cli; assert 'gradio' not in sys.modules"
+    code = "import sys, segllm_jax, segllm_jax.apps.web_demo, segllm_jax.apps.cli; assert 'gradio' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
@@ -23,14 +23,14 @@ def test_serve_defaults_to_loopback():
 
 
 def test_exposure_warning():
-    from segllm_jax.web_demo import exposure_warning
+    from segllm_jax.apps.web_demo import exposure_warning
 
     assert exposure_warning("127.0.0.1", 7860) is None and exposure_warning("localhost", 1) is None
     assert "WARNING" in exposure_warning("0.0.0.0", 7860) and "0.0.0.0:7860" in exposure_warning("0.0.0.0", 7860)
 
 
 def test_example_images(tmp_path):
-    from segllm_jax.web_demo import example_images
+    from segllm_jax.apps.web_demo import example_images
 
     generated = example_images(tmp_path)
     assert len(generated) == 2 and all(Image.open(p).size == (256, 256) for p in generated)

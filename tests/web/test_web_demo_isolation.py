@@ -14,7 +14,7 @@ gradio_client = pytest.importorskip("gradio_client")
 
 from segllm_jax.errors import InputError  # noqa: E402
 from segllm_jax.session import MultiRoundSession  # noqa: E402
-from segllm_jax.web_demo import SessionStore  # noqa: E402
+from segllm_jax.apps.web_sessions import SessionStore  # noqa: E402
 
 from .conftest import write_image  # noqa: E402
 

@@ -22,17 +22,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from PIL import Image
 from tqdm.auto import tqdm
 
 from segllm_jax import batch as batching
 from segllm_jax.checkpoint import Loaded
-from segllm_jax.errors import InputError, SegLLMError
+from segllm_jax.errors import SegLLMError
 from segllm_jax.models.hipie.model import image_features_jit, predict
 from segllm_jax.manifest import RESULTS, read_manifest
-from segllm_jax.outputs import atomic_save_image, atomic_write_text, make_output_folder
-from segllm_jax.session import ImageContext, RoundResult, blend, round_result
-from segllm_jax.tokenizer import ConversationEncoder, EncodedConversation, Round, check_fits, parse_references
+from segllm_jax.outputs import atomic_write_text, make_output_folder
+from segllm_jax.session import ImageContext, RoundResult, next_round, round_result, save_round
+from segllm_jax.tokenizer import ConversationEncoder, EncodedConversation
 
 log = logging.getLogger(__name__)
 
@@ -62,13 +61,8 @@ def _step_round(loaded: Loaded, encoder: ConversationEncoder, group: list[_Conve
         if conv.error or r >= len(conv.queries):
             continue
         try:
-            question, refs = parse_references(conv.queries[r], num_previous_rounds=r)
-            if not question.strip():
-                raise InputError("the question is empty.")
-            encoded = encoder.append(conv.encoded or EncodedConversation(np.zeros(0, np.int32),
-                                                                        np.zeros(0, np.int32), ()),
-                                     Round(question, len(refs), r == 0))
-            check_fits(encoded, cfg.context_length)
+            encoded, question, refs = next_round(encoder, conv.encoded or EncodedConversation.empty(), conv.queries[r],
+                                                 cfg.context_length)
         except SegLLMError as e:
             conv.error = f"round {r + 1}: {e}"
             continue
@@ -99,11 +93,7 @@ def _write(conv: _Conversation, out: Path) -> dict:
     if conv.results:
         folder.mkdir(parents=True, exist_ok=True)
     for res in conv.results:
-        atomic_save_image(folder / f"round_{res.index}.png", blend(conv.ctx.image, res.mask))
-        atomic_save_image(folder / f"round_{res.index}_mask.png", Image.fromarray(res.mask.astype(np.uint8) * 255))
-        entry["rounds"].append({"round": res.index, "text": res.text, "refs": list(res.refs),
-                                "box": [round(float(v), 2) for v in res.box], "score": round(res.score, 6),
-                                "mask": f"{conv.id}/round_{res.index}_mask.png"})
+        entry["rounds"].append(save_round(res, conv.ctx.image, folder, prefix=f"{conv.id}/"))
     return entry
 
 

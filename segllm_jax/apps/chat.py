@@ -13,13 +13,10 @@ import json
 from pathlib import Path
 from typing import Callable, Iterator, TextIO
 
-import numpy as np
-from PIL import Image
-
 from segllm_jax.checkpoint import Loaded
 from segllm_jax.errors import SegLLMError
-from segllm_jax.outputs import atomic_save_image, atomic_write_text, make_output_folder
-from segllm_jax.session import MultiRoundSession, RoundResult
+from segllm_jax.outputs import atomic_write_text, make_output_folder
+from segllm_jax.session import MultiRoundSession, RoundResult, save_round
 
 COMMANDS = ("clear history", "exit", "quit")
 
@@ -33,14 +30,7 @@ class ChatWriter:
         self.results = {"image": image_path, "rounds": []}
 
     def write(self, session: MultiRoundSession, result: RoundResult) -> None:
-        r = result.index
-        atomic_save_image(self.out / f"round_{r}.png", session.overlay(result))
-        atomic_save_image(self.out / f"round_{r}_mask.png", Image.fromarray(result.mask.astype(np.uint8) * 255))
-        self.results["rounds"].append({
-            "round": r, "text": result.text, "refs": list(result.refs),
-            "box": [round(float(v), 2) for v in result.box], "score": round(result.score, 6),
-            "mask": f"round_{r}_mask.png", "overlay": f"round_{r}.png", "mask_pixels": int(result.mask.sum()),
-        })
+        self.results["rounds"].append(save_round(result, session.image, self.out))
         atomic_write_text(self.out / "results.json", json.dumps(self.results, indent=2) + "\n")
 
     def reset(self) -> None:

@@ -219,7 +219,7 @@ def _chat(args: argparse.Namespace) -> int:
 
     import io
 
-    from segllm_jax.chat import run_chat
+    from segllm_jax.apps.chat import run_chat
     from segllm_jax.checkpoint import load
 
     loaded = load(args.checkpoint)
@@ -241,7 +241,7 @@ def _infer(args: argparse.Namespace) -> int:
     read_manifest(args.manifest)  # every line checked before the model loads
     check_output_folder(args.out)
     from segllm_jax.checkpoint import load
-    from segllm_jax.infer import run_infer
+    from segllm_jax.apps.infer import run_infer
 
     results = run_infer(load(args.checkpoint), args.manifest, args.out, batch_size=args.batch_size)
     failed = [r for r in results if r["error"]]
@@ -310,7 +310,7 @@ def _demo(args: argparse.Namespace) -> int:
     if args.checkpoint is not None:
         _segllm_checkpoint(args.checkpoint)
     check_output_folder(args.out)
-    from segllm_jax.demo import run_demo
+    from segllm_jax.apps.demo import run_demo
 
     run_demo(args.out, seed=args.seed, checkpoint_dir=args.checkpoint)
     return 0
@@ -319,7 +319,7 @@ def _demo(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     _port_is_free(args.host, args.port)  # before minutes of model loading, not after
     _segllm_checkpoint(args.checkpoint)
-    from segllm_jax.web_demo import require_gradio, serve
+    from segllm_jax.apps.web_demo import require_gradio, serve
 
     require_gradio()
     return serve(args.checkpoint, host=args.host, port=args.port, mode=args.mode, max_upload_mb=args.max_upload_mb,

@@ -9,7 +9,8 @@ every round in its own colour. "Clear history" starts the conversation again on 
 Design:
 
 * The model is loaded once. Every browser tab (Gradio ``session_hash``) gets its own
-  :class:`~segllm_jax.session.MultiRoundSession` in a :class:`SessionStore`, so users never see each
+  :class:`~segllm_jax.session.MultiRoundSession` in a
+  :class:`~segllm_jax.apps.web_sessions.SessionStore` (no Gradio there), so users never see each
   other's image, masks or history. All model calls go through one lock (JAX programs and the KV
   caches are not shared between threads), and each user's events are serialised by a per-user lock.
 * Sessions are released when the tab closes (``demo.unload``), after ``idle_timeout_s`` without a
@@ -25,6 +26,8 @@ Design:
   request was reading it: truncated responses under load.)
 * All temporary folders (sessions, generated examples) live under one root that is removed on exit,
   including on SIGTERM (``serve`` turns it into a clean shutdown).
+* :func:`build_app` returns a :class:`WebApp`: the Gradio Blocks, its session store and the launch
+  settings side by side (nothing is attached to the Gradio object).
 * Gradio is imported lazily: ``import segllm_jax`` never needs it (``pip install 'segllm-jax[demo]'``).
 * The default bind address is 127.0.0.1; anything else must be asked for and prints a warning.
 """
@@ -32,36 +35,29 @@ Design:
 import dataclasses
 import html
 import logging
-import os
-import shutil
 import signal
 import sys
 import tempfile
 import threading
 import time
-import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 from PIL import Image
 
+from segllm_jax.apps.web_sessions import DEFAULT_IDLE_TIMEOUT_S, DEFAULT_MAX_SESSIONS, SessionStore, UserSession
 from segllm_jax.checkpoint import Loaded
 from segllm_jax.errors import InputError, SegLLMError
-from segllm_jax.outputs import atomic_save_image
 from segllm_jax.session import MultiRoundSession, RoundResult
 from segllm_jax.tokenizer import parse_references
 
 if TYPE_CHECKING:  # pragma: no cover
     import gradio as gr
 
-log = logging.getLogger(__name__)
-
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 DEFAULT_PORT = 7860
 DEFAULT_MAX_UPLOAD_MB = 20.0
-DEFAULT_IDLE_TIMEOUT_S = 1800.0
-DEFAULT_MAX_SESSIONS = 16  # each live session holds image features and a KV cache of the full context
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 # Round k is drawn in ROUND_COLORS[(k - 1) % len]: round 1 is the original's red.
@@ -130,128 +126,6 @@ def example_images(directory: str | Path | None, *, generate: int = 2, size: int
     return paths
 
 
-# ---- per-user state --------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(eq=False)
-class UserSession:
-    """One browser tab's conversation: its MultiRoundSession and the pictures/files made from it."""
-
-    key: str
-    session: MultiRoundSession
-    files: Path  # this user's mask PNGs (deleted on release)
-    last_used: float
-    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
-    overlays: list[str] = dataclasses.field(default_factory=list)  # overlay PNG per round (this folder)
-    mask_files: list[str] = dataclasses.field(default_factory=list)
-
-    def save(self, name: str, image: Image.Image) -> str:
-        """``files/name`` written completely (temporary name, rename) and made read-only, then its path."""
-        path = atomic_save_image(self.files / name, image)
-        os.chmod(path, 0o444)
-        return str(path)
-
-    def reset_history(self) -> None:
-        for f in (*self.overlays, *self.mask_files):
-            Path(f).unlink(missing_ok=True)
-        self.overlays.clear()
-        self.mask_files.clear()
-
-
-class SessionStore:
-    """Live per-user sessions, keyed by Gradio's ``session_hash``; released on close, idle or demand."""
-
-    def __init__(self, *, idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S, max_sessions: int = DEFAULT_MAX_SESSIONS,
-                 sweep_interval_s: float | None = None, clock: Callable[[], float] = time.monotonic):
-        self.idle_timeout_s, self.max_sessions, self.clock = float(idle_timeout_s), int(max_sessions), clock
-        self._sessions: dict[str, UserSession] = {}
-        self._lock = threading.Lock()
-        self._root = Path(tempfile.mkdtemp(prefix="segllm-web-"))  # everything temporary of this demo
-        self._stop = threading.Event()
-        self.released = 0  # how many sessions were released so far (for tests and logs)
-        interval = sweep_interval_s if sweep_interval_s is not None else min(60.0, max(1.0, self.idle_timeout_s / 4))
-        self._sweeper = threading.Thread(target=self._sweep_loop, args=(interval,), daemon=True,
-                                         name="segllm-web-sweeper")
-        self._sweeper.start()
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._sessions)
-
-    def keys(self) -> list[str]:
-        with self._lock:
-            return list(self._sessions)
-
-    def get(self, key: str | None) -> UserSession | None:
-        with self._lock:
-            user = self._sessions.get(key or "")
-            if user is not None:
-                user.last_used = self.clock()
-            return user
-
-    def check_room(self, key: str) -> None:
-        """Raises :class:`InputError` if a new session for ``key`` would exceed ``max_sessions``."""
-        self.sweep()
-        with self._lock:
-            if len(self._sessions) - (key in self._sessions) >= self.max_sessions:
-                raise InputError(f"The demo is serving its maximum of {self.max_sessions} sessions; "
-                                 "try again in a few minutes.")
-
-    @property
-    def root(self) -> Path:
-        """The demo's temporary folder (sessions' files, generated examples); removed by :meth:`close`."""
-        return self._root
-
-    def put(self, key: str, session: MultiRoundSession) -> UserSession:
-        """Stores a new session for ``key`` (replacing, i.e. releasing, the old one); refuses when the
-        store is full. Counting and inserting happen under one lock: concurrent uploads never overshoot."""
-        self.release(key)
-        self.sweep()
-        with self._lock:
-            if len(self._sessions) >= self.max_sessions:
-                raise InputError(f"The demo is serving its maximum of {self.max_sessions} sessions; "
-                                 "try again in a few minutes.")
-            files = self._root / "sessions" / uuid.uuid4().hex
-            files.mkdir(parents=True)
-            user = UserSession(key, session, files, self.clock())
-            self._sessions[key] = user
-            return user
-
-    def release(self, key: str | None) -> bool:
-        with self._lock:
-            user = self._sessions.pop(key or "", None)
-            if user is None:
-                return False
-            self.released += 1
-        shutil.rmtree(user.files, ignore_errors=True)
-        return True
-
-    def sweep(self) -> int:
-        """Releases sessions idle for longer than the timeout (not those busy with a request)."""
-        now = self.clock()
-        with self._lock:
-            stale = [k for k, u in self._sessions.items()
-                     if now - u.last_used > self.idle_timeout_s and not u.lock.locked()]
-        for key in stale:
-            self.release(key)
-        if stale:
-            log.info("web demo: released %d idle session(s)", len(stale))
-        return len(stale)
-
-    def close(self) -> None:
-        self._stop.set()
-        for key in self.keys():
-            self.release(key)
-        shutil.rmtree(self._root, ignore_errors=True)
-
-    def _sweep_loop(self, interval: float) -> None:
-        while not self._stop.wait(interval):
-            try:
-                self.sweep()
-            except Exception:  # never let the sweeper die
-                log.exception("web demo: session sweep failed")
-
-
 # ---- the app -----------------------------------------------------------------------------------------
 
 
@@ -277,15 +151,31 @@ def _status(result: RoundResult) -> str:
     return f"Round {result.index}: {result.text!r}{refs} → {what}, score {result.score:.3f}."
 
 
+@dataclasses.dataclass(frozen=True)
+class WebApp:
+    """A built demo: the Gradio ``blocks``, the ``store`` of its sessions and what :func:`launch` needs."""
+
+    blocks: "gr.Blocks"
+    store: SessionStore
+    max_file_size: int  # bytes; Gradio refuses larger uploads
+    example_dirs: tuple[str, ...]  # folders of the example pictures (served as files)
+
+    def close(self) -> None:
+        """Stops the server (if running) and removes every temporary folder of the app."""
+        try:
+            self.blocks.close(verbose=False)
+        finally:
+            self.store.close()
+
+
 def build_app(loaded: Loaded, *, examples: Sequence[str | Path] | str | None = "auto", mode: str = "incremental",
               idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S, max_sessions: int = DEFAULT_MAX_SESSIONS,
               max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, model_lock: Any = None,
-              sweep_interval_s: float | None = None) -> "gr.Blocks":
-    """The Gradio Blocks app. Launch it with :func:`launch` (which applies the upload limit).
+              sweep_interval_s: float | None = None) -> WebApp:
+    """The Gradio app and its session store. Launch it with :func:`launch` (which applies the upload limit).
 
     ``examples``: ``"auto"`` (the checkpoint's ``examples/`` folder, else two generated MR-Shapes
-    scenes), a list of image paths, or ``None``. The returned Blocks carries ``.segllm_store`` (the
-    :class:`SessionStore`), ``.segllm_max_file_size`` and ``.segllm_example_dirs``.
+    scenes), a list of image paths, or ``None``.
     """
     gr = require_gradio()
     if mode not in ("incremental", "recompute"):
@@ -422,10 +312,7 @@ def build_app(loaded: Loaded, *, examples: Sequence[str | Path] | str | None = "
         new.click(new_image, outputs=[image_in, *round_outputs], api_name="new_image", show_progress="hidden")
         demo.unload(unload)
 
-    demo.segllm_store = store
-    demo.segllm_max_file_size = max_bytes
-    demo.segllm_example_dirs = sorted({str(Path(p).parent) for p in examples})
-    return demo
+    return WebApp(demo, store, max_bytes, tuple(sorted({str(Path(p).parent) for p in examples})))
 
 
 def is_loopback(host: str) -> bool:
@@ -440,18 +327,19 @@ def exposure_warning(host: str, port: int | None) -> str | None:
             "and upload images. Use --host 127.0.0.1 to keep it local.")
 
 
-def launch(demo: "gr.Blocks", *, host: str = "127.0.0.1", port: int | None = DEFAULT_PORT,
+def launch(app: WebApp, *, host: str = "127.0.0.1", port: int | None = DEFAULT_PORT,
            prevent_thread_lock: bool = False, quiet: bool = False) -> tuple[Any, str, Any]:
     """Starts the server (queue on, no share link, no SSR, the upload limit of :func:`build_app`)."""
     if (warning := exposure_warning(host, port)) is not None:
         print(warning, file=sys.stderr, flush=True)
+    demo = app.blocks
     demo.queue(max_size=64)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's start-up self-checks log every request
     try:
         result = demo.launch(server_name=host, server_port=port, share=False, ssr_mode=False, inbrowser=False,
                              prevent_thread_lock=True, quiet=True, show_error=True,
-                             max_file_size=getattr(demo, "segllm_max_file_size", None),
-                             allowed_paths=list(getattr(demo, "segllm_example_dirs", [])), footer_links=["api"],
+                             max_file_size=app.max_file_size, allowed_paths=list(app.example_dirs),
+                             footer_links=["api"],
                              enable_monitoring=False, mcp_server=False)
     except OSError as e:  # the port was taken after the CLI checked it
         raise InputError(f"cannot serve on {host}:{port} ({str(e).splitlines()[0][:120]}); pick another "
@@ -485,14 +373,6 @@ def _interrupt_on_sigterm() -> None:
         signal.signal(signal.SIGTERM, handler)
 
 
-def close_app(demo: "gr.Blocks") -> None:
-    """Stops the server (if running) and removes every temporary folder of the app."""
-    try:
-        demo.close(verbose=False)
-    finally:
-        demo.segllm_store.close()
-
-
 def serve(checkpoint: str | Path, *, host: str = "127.0.0.1", port: int = DEFAULT_PORT, mode: str = "incremental",
           max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
           max_sessions: int = DEFAULT_MAX_SESSIONS, warmup: bool = True) -> int:
@@ -506,12 +386,12 @@ def serve(checkpoint: str | Path, *, host: str = "127.0.0.1", port: int = DEFAUL
         print("compiling the model (one warm-up conversation)...", file=sys.stderr, flush=True)
         print(f"warm-up done in {warm_up(loaded, mode):.1f} s", file=sys.stderr, flush=True)
     _interrupt_on_sigterm()
-    demo = build_app(loaded, mode=mode, max_upload_mb=max_upload_mb, idle_timeout_s=idle_timeout_s,
-                     max_sessions=max_sessions)
+    app = build_app(loaded, mode=mode, max_upload_mb=max_upload_mb, idle_timeout_s=idle_timeout_s,
+                    max_sessions=max_sessions)
     try:
-        launch(demo, host=host, port=port)
+        launch(app, host=host, port=port)
     except KeyboardInterrupt:
         pass  # SIGTERM or Ctrl-C before the server was up: still a clean exit
     finally:
-        close_app(demo)
+        app.close()
     return 0

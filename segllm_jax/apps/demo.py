@@ -22,7 +22,7 @@ from segllm_jax.data import mrshapes
 from segllm_jax.errors import InputError
 from segllm_jax.session import MultiRoundSession
 
-SHIPPED_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "tiny_mrshapes"
+SHIPPED_CHECKPOINT = Path(__file__).resolve().parents[2] / "checkpoints" / "tiny_mrshapes"
 DEMO_ROUNDS = 4
 PALETTE = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240))
 
