@@ -19,10 +19,12 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from segllm_jax.errors import ConfigError
@@ -166,4 +168,69 @@ def merge(values: Mapping[str, Any], scale: float) -> dict[str, jax.Array]:
         b = jnp.asarray(values[f"{owner}/{LORA_B}"], jnp.float32)
         w = jnp.asarray(base_kernel(values[kernel]), jnp.float32)
         out[kernel] = w + scale * jnp.dot(a, b, precision=jax.lax.Precision.HIGHEST)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# adapters on disk, and merging them into a model folder
+
+ADAPTERS_FILE, LORA_JSON = "adapters.npz", "lora.json"
+
+
+def write_adapters(directory: Path, params: Mapping[str, Any], cfg) -> Path:
+    """``directory/adapters.npz`` (the run's trained parameters: adapters and ``lora.train``) and
+    ``lora.json`` (the LoRA settings and the base they apply to, ``init_checkpoint``)."""
+    import dataclasses
+    import json
+
+    from segllm_jax.outputs import written_atomically
+
+    with written_atomically(directory) as tmp:
+        np.savez(tmp / ADAPTERS_FILE, **{k.replace("/", "."): np.asarray(v) for k, v in params.items()})
+        meta = {"lora": dataclasses.asdict(cfg.lora), "base_weights_qtype": cfg.base_weights_qtype,
+                "init_checkpoint": None if cfg.init_checkpoint is None else str(Path(cfg.init_checkpoint).absolute())}
+        (tmp / LORA_JSON).write_text(json.dumps(meta, indent=2) + "\n")
+    return directory
+
+
+def merge_to_folder(checkpoint: str | Path, out: str | Path, base: str | Path | None = None,
+                    overwrite: bool = False) -> Path:
+    """``segllm-jax merge-lora``: a plain model folder (what ``segllm_jax.load``, ``chat`` and ``export`` read)
+    from a LoRA run (``RUN/adapters``) or an adapters folder, and the base model folder (``base``, default the
+    run's ``init_checkpoint``). A QLoRA run's base kernels are quantized as in training before merging."""
+    import json
+
+    from segllm_jax import checkpoint as ckpt_lib
+    from segllm_jax.errors import InputError
+    from segllm_jax.outputs import check_destination, written_atomically
+
+    folder = Path(checkpoint)
+    folder = folder / "adapters" if (folder / "adapters" / LORA_JSON).is_file() else folder
+    if not (folder / LORA_JSON).is_file():
+        raise InputError(f"{checkpoint} is neither a LoRA run folder (with adapters/) nor an adapters folder "
+                         f"(with {LORA_JSON} and {ADAPTERS_FILE}).")
+    meta = json.loads((folder / LORA_JSON).read_text())
+    base = base or meta["init_checkpoint"]
+    if base is None:
+        raise InputError(f"{folder / LORA_JSON} records no base model (the run started from a random init); "
+                         "pass --base MODEL_FOLDER.")
+    out = check_destination(out, [folder, base], overwrite)
+    lora_cfg = LoraConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["lora"].items()})
+    loaded = ckpt_lib.load(base)
+    values = {k: jnp.asarray(v, jnp.float32) for k, v in ckpt_lib.flat_arrays(loaded.model).items()}
+    with np.load(folder / ADAPTERS_FILE) as npz:
+        trained = {k.replace(".", "/"): npz[k] for k in npz.files}
+    unknown = sorted(k for k in trained if not is_adapter(k) and k not in values)
+    if unknown:
+        raise InputError(f"the adapters do not fit the base {base}: it has no {', '.join(unknown[:5])}.")
+    frozen = quantize_frozen({k: v for k, v in values.items() if k not in trained}, list(trained),
+                             meta["base_weights_qtype"])  # the base as training saw it
+    values = {**frozen, **{k: jnp.asarray(v) for k, v in trained.items()}}
+    merged = merge(values, lora_cfg.scale)
+    dtype = jnp.dtype(loaded.config.llm.param_dtype)
+    arrays = {k: np.asarray(jnp.asarray(v, dtype)) for k, v in merged.items()}
+    with written_atomically(out) as tmp:
+        ckpt_lib.save(tmp, loaded.kind, loaded.config, arrays)
+        if loaded.tokenizer is not None:
+            loaded.tokenizer.save(tmp)
     return out

@@ -299,7 +299,7 @@ def state_shardings(structure: ModelStructure, cfg: TrainConfig, mesh: Mesh) -> 
                                    transform_non_params=lambda _: replicated)
     if cfg.base_weights_qtype != "none":  # QLoRA: adapted kernels are QArrays (qvalue like the kernel)
         shapes, axes = structure.abstract(), structure.logical_axes()
-        for k in lora_lib.adapted_kernels(structure.keys):
+        for k in (k for k in lora_lib.adapted_kernels(structure.keys) if k in frozen):
             q = jax.eval_shape(lambda x: lora_lib.quantize_kernel(x, cfg.base_weights_qtype),
                                jax.ShapeDtypeStruct(shapes[k].shape, jnp.float32))
             scale = replicated if axes[k] is None else NamedSharding(mesh, logical_to_spec(axes[k], q.scale.shape, mesh))
@@ -307,6 +307,11 @@ def state_shardings(structure: ModelStructure, cfg: TrainConfig, mesh: Mesh) -> 
     return TrainState(step=replicated, params=trainable,
                       frozen=frozen,
                       opt_state=opt_sh, rng=replicated)
+
+
+def param_array_shardings(shardings: TrainState) -> dict[str, NamedSharding]:
+    """Where each parameter's float array goes (a QLoRA kernel, a ``QArray``, keeps its values' sharding)."""
+    return {k: getattr(v, "qvalue", v) for k, v in {**shardings.params, **shardings.frozen}.items()}
 
 
 def build_training_model(cfg: TrainConfig, seed: int | None = None) -> SegLLM:
@@ -349,7 +354,7 @@ def init_state(cfg: TrainConfig, mesh: Mesh, structure: ModelStructure | None = 
         unknown = sorted(set(init_params) - known)
         if unknown:
             raise ValueError(f"init parameters not in the model: {', '.join(unknown[:10])}")
-        values = {k: jax.device_put(v, shardings.params.get(k, shardings.frozen.get(k)))
-                  for k, v in init_params.items()}
+        where = param_array_shardings(shardings)
+        values = {k: jax.device_put(v, where[k]) for k, v in init_params.items()}
         state = jax.jit(init, out_shardings=shardings, donate_argnums=0)(values)
     return state, structure

@@ -29,8 +29,8 @@ def tiny(tmp_path_factory):
 
 def _cfg(tiny, **kw):
     mixture, tokenizer_dir, vocab, _ = tiny
-    return tiny_cpu(mixture, tokenizer_dir, vocab, learning_rate=1e-2,
-                    lora=kw.pop("lora", LoraConfig(rank=4, alpha=8.0)), **kw)
+    kw = {"learning_rate": 1e-2, "lora": LoraConfig(rank=4, alpha=8.0), **kw}
+    return tiny_cpu(mixture, tokenizer_dir, vocab, **kw)
 
 
 def _batch(cfg, tokenizer):
@@ -101,3 +101,48 @@ def test_bad_configs_give_one_clear_error(tiny):
     cfg = _cfg(tiny, lora=LoraConfig(targets=(r"llm/layers/\d+/self_attn/qkv_fused",)))
     with pytest.raises(ConfigError, match=r"qkv_fused.*matches no Linear.*llm/layers/0/"):
         S.abstract_structure(cfg)
+
+
+def test_resume_merge_lora_and_load(tiny, tmp_path, monkeypatch):
+    """A QLoRA run from a base folder, stopped after a checkpoint and resumed, matches a straight
+    run; its checkpoints hold no frozen base; ``merge-lora`` rebuilds exactly the exported merged model."""
+    from segllm_jax import checkpoint as C
+    from segllm_jax.apps.cli import main
+    from segllm_jax.train import loop
+
+    mixture, tokenizer_dir, vocab, tokenizer = tiny
+    plain = tiny_cpu(mixture, tokenizer_dir, vocab)
+    base_values = S.ModelStructure(S.build_training_model(plain)).values(S.build_training_model(plain))
+    C.save(tmp_path / "base", "segllm", plain.model, {k: np.asarray(v) for k, v in base_values.items()})
+    tokenizer.save(tmp_path / "base")
+    cfg = _cfg(tiny, base_weights_qtype="int8", init_checkpoint=str(tmp_path / "base"), steps=4,
+               checkpoint_every=2, async_checkpointing=False, learning_rate=3e-3)
+    straight = loop.train(cfg, tmp_path / "straight")
+    real = B.make_train_batch
+
+    def dies_at_step_2(examples, c, step, **kwargs):  # the run is "killed" after its step-2 checkpoint
+        if step == 2:
+            raise KeyboardInterrupt
+        return real(examples, c, step, **kwargs)
+
+    monkeypatch.setattr(loop.batching, "make_train_batch", dies_at_step_2)
+    with pytest.raises(KeyboardInterrupt):
+        loop.train(cfg, tmp_path / "killed")
+    monkeypatch.setattr(loop.batching, "make_train_batch", real)
+    resumed = loop.train(cfg, tmp_path / "killed")
+    assert [r["step"] for r in resumed] == [2, 3]
+    drop = lambda r: {k: v for k, v in r.items() if k not in ("step_time_s", "tokens_per_s")}  # noqa: E731
+    assert [drop(r) for r in straight[2:]] == [drop(r) for r in resumed]
+    ckpt_files = [p.name for p in (tmp_path / "killed/checkpoints/4/state").rglob("*")]
+    assert not any("frozen" in n for n in ckpt_files)
+    a = C.flat_arrays(C.load(tmp_path / "straight/model").model)
+    b = C.flat_arrays(C.load(tmp_path / "killed/model").model)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert main(["merge-lora", "--checkpoint", str(tmp_path / "killed"), "--out", str(tmp_path / "merged")]) == 0
+    merged = C.load(tmp_path / "merged")
+    assert merged.tokenizer is not None
+    m = C.flat_arrays(merged.model)
+    assert set(m) == set(a)
+    for k in a:
+        np.testing.assert_allclose(m[k], a[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    assert main(["merge-lora", "--checkpoint", str(tmp_path / "killed"), "--out", str(tmp_path / "merged")]) != 0
