@@ -18,8 +18,9 @@ import numpy as np
 from segllm_jax.config import SegLLMConfig
 from segllm_jax.data.pipeline import MixtureConfig
 from segllm_jax.sharding import MESH_AXES, logical_to_spec
+from segllm_jax.train import lora as L
 from segllm_jax.train import step as S
-from segllm_jax.train.config import TrainConfig
+from segllm_jax.train.config import LoraConfig, TrainConfig
 
 # (name, devices, HBM per device in GiB, (data, fsdp, tensor))
 MESHES = (
@@ -68,5 +69,48 @@ def main() -> None:
               f"{b['adam'] / gib:.2f} GiB | **{t / gib:.2f} GiB** | {hbm} GB |")
 
 
+# single card: (row name, lora, base_weights_qtype); the trainer keeps an unquantized frozen base in float32
+SINGLE_CARD = (("full fine-tune", None, "none"), ("LoRA r16 (fp32 base)", LoraConfig(), "none"),
+               ("QLoRA r16 (int8 base)", LoraConfig(), "int8"), ("QLoRA r16 (nf4 base)", LoraConfig(), "nf4"))
+QBYTES = {"int8": 1.0, "nf4": 0.5}  # bytes per stored base weight (nf4 packed two per byte on GPU/TPU)
+
+
+def single_card_bytes(cfg: TrainConfig) -> dict[str, float]:
+    """Parameters (trainable + frozen as stored), gradients and AdamW moments of one card, from shapes only."""
+    structure = S.abstract_structure(cfg)
+    abstract = structure.abstract()
+    quantized = set(L.adapted_kernels(structure.keys)) if cfg.base_weights_qtype != "none" else set()
+    out = {"params": 0.0, "grads": 0.0, "adam": 0.0}
+    for key, v in abstract.items():
+        n = int(np.prod(v.shape))
+        if S.trains(key, cfg):
+            out["params"] += 4 * n
+            out["grads"] += 4 * n
+            out["adam"] += 8 * n
+        elif key in quantized:  # qvalue + float32 scales (per output channel; nf4 per 64-input block)
+            out["params"] += QBYTES[cfg.base_weights_qtype] * n + 4 * n / (L.NF4_BLOCK if cfg.base_weights_qtype
+                                                                            == "nf4" else v.shape[0])
+        else:
+            out["params"] += 4 * n
+    return out
+
+
+def single_card_table() -> None:
+    """Training state of one card per mode (batch-independent; activations at batch 1-4 with full remat are
+    not in these numbers: see docs/memory.md)."""
+    gib = 2 ** 30
+    print("\n| single card | params | grads | Adam m+v | state total | fits 24 / 48 / 80 GB (state only) |")
+    print("|---|---|---|---|---|---|")
+    for name, lora, qtype in SINGLE_CARD:
+        cfg = TrainConfig(model=SegLLMConfig.segllm_7b(), data=MixtureConfig((), (), ".", "."), tokenizer_dir=".",
+                          lora=lora, base_weights_qtype=qtype, mesh_shape=(1, 1, 1))
+        b = single_card_bytes(cfg)
+        t = sum(b.values())
+        fits = " / ".join("yes" if t < hbm * 1e9 else "no" for hbm in (24, 48, 80))
+        print(f"| {name} | {b['params'] / gib:.2f} GiB | {b['grads'] / gib:.2f} GiB | {b['adam'] / gib:.2f} GiB | "
+              f"**{t / gib:.2f} GiB** | {fits} |")
+
+
 if __name__ == "__main__":
     main()
+    single_card_table()

@@ -23,7 +23,7 @@ import os
 from segllm_jax.checkpoint import read_config
 from segllm_jax.data.coco_conversations import mixture
 from segllm_jax.errors import ConfigError
-from segllm_jax.train.config import TrainConfig
+from segllm_jax.train.config import LoraConfig, TrainConfig
 
 INIT = os.environ.get("SEGLLM_INIT", "converted")
 DATA = os.environ.get("SEGLLM_DATA", "conversations/train")
@@ -34,6 +34,12 @@ PRESET = os.environ.get("SEGLLM_PRESET", "gpu")
 PRESETS = {
     "gpu": dict(batch_size=4, steps=2000, mesh_shape=(1, 1, 1), checkpoint_every=250),
     "pod": dict(batch_size=32, steps=1000, mesh_shape=(1, -1, 1), checkpoint_every=250),
+    # LoRA / QLoRA on one card (docs/fine_tuning.md, "LoRA / QLoRA"): adapters on the LLM's projections,
+    # the <seg> predictor and mask-encode head fully trained, everything else frozen
+    "lora": dict(batch_size=4, steps=2000, mesh_shape=(1, 1, 1), checkpoint_every=250, learning_rate=2e-4,
+                 lora=LoraConfig()),
+    "qlora": dict(batch_size=4, steps=2000, mesh_shape=(1, 1, 1), checkpoint_every=250, learning_rate=2e-4,
+                  lora=LoraConfig(), base_weights_qtype="nf4"),
     "cpu": dict(batch_size=2, steps=1, mesh_shape=(1, 1, 1), checkpoint_every=1, compute_dtype="float32",
                 remat="none", pad_multiple=128, use_hipie_loss=False, learning_rate=1e-4, warmup_ratio=0.0,
                 tensorboard=False),

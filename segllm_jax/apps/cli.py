@@ -350,6 +350,14 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _merge_lora(args: argparse.Namespace) -> int:
+    from segllm_jax.train.lora import merge_to_folder
+
+    out = merge_to_folder(args.checkpoint, args.out, base=args.base, overwrite=args.overwrite)
+    print(f"merged the LoRA adapters of {args.checkpoint} into {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="segllm-jax", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-sentence errors")
@@ -424,6 +432,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, type=existing_file, help="Python file defining CONFIG = TrainConfig(...)")
     p.add_argument("--workdir", required=True, help="checkpoints and metrics; rerun to resume")
     p.add_argument("--steps", type=positive_int(), default=None, help="override the config's step count")
+
+    p = command("merge-lora", _merge_lora, "merge a LoRA run's adapters into a plain model folder")
+    p.add_argument("--checkpoint", required=True, type=existing_path,
+                   help="a LoRA training workdir (its adapters/) or an adapters folder")
+    p.add_argument("--base", default=None, type=existing_path,
+                   help="the base model folder (default: the run's init_checkpoint)")
+    p.add_argument("--out", required=True, help="the merged model folder to write")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (swapped in when complete)")
 
     p = command("eval", _eval, "per-round gIoU / cIoU / P@0.5 on conversation data")
     p.add_argument("--checkpoint", required=True)

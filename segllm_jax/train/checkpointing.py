@@ -30,10 +30,12 @@ def _encode(key: str) -> str:
 def _to_tree(state: TrainState) -> dict[str, Any]:
     """A plain nested dict orbax can store without knowing our types."""
     opt_leaves = jax.tree.leaves(state.opt_state)
-    return {"step": state.step, "rng": state.rng,
+    tree = {"step": state.step, "rng": state.rng,
             "params": {_encode(k): v for k, v in state.params.items()},
-            "frozen": {_encode(k): v for k, v in state.frozen.items()},
             "opt_state": {f"{i:05d}": v for i, v in enumerate(opt_leaves)}}
+    if state.frozen:  # a LoRA run saves no frozen base (it is rebuilt from the init weights on resume)
+        tree["frozen"] = {_encode(k): v for k, v in state.frozen.items()}
+    return tree
 
 
 def _from_tree(tree: Mapping[str, Any], like: TrainState) -> TrainState:

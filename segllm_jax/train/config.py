@@ -24,6 +24,50 @@ from segllm_jax.data.pipeline import ConversationFile, MixtureConfig
 from segllm_jax.errors import ConfigError
 
 RematPolicy = Literal["none", "full", "dots", "dots_no_batch"]
+BaseQType = Literal["none", "int8", "nf4"]
+BASE_QTYPES: tuple[str, ...] = ("none", "int8", "nf4")  # base_weights_qtype values (qwix qtypes but "none")
+
+# LoRA target presets: module paths ('/'-joined, matched with re.fullmatch) of the Linear layers that get adapters
+LLM_TARGETS: tuple[str, ...] = (r"llm/layers/\d+/self_attn/[qkvo]_proj", r"llm/layers/\d+/mlp/(gate|up|down)_proj")
+PREDICTOR_TARGETS: tuple[str, ...] = (r"segmentator_predictor/linear_[12]",)
+HIPIE_TRANSFORMER_TARGETS: tuple[str, ...] = (r"segmentator/decoder/layers/\d+/.+", r"segmentator/encoder/layers/\d+/.+")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """LoRA adapters ``W + (alpha / rank) * A @ B`` on the Linear layers whose module path matches a ``targets``
+    pattern (``re.fullmatch``, e.g. ``llm/layers/3/self_attn/q_proj``; :data:`LLM_TARGETS` by default, add
+    :data:`PREDICTOR_TARGETS` / :data:`HIPIE_TRANSFORMER_TARGETS` for the ``<seg>`` predictor / HIPIE's
+    transformer). Only the adapters and the parameters matching ``train`` (``re.search`` on parameter paths,
+    still minus architecture.md §T12's frozen set) get gradients and Adam moments; every other parameter is
+    frozen. ``dropout`` applies to the adapter's input in training only."""
+
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = LLM_TARGETS
+    train: tuple[str, ...] = (r"^segmentator_predictor/", r"^mask_enc_head/")
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rank, int) or self.rank < 1:
+            raise ConfigError(f"lora.rank={self.rank!r} must be an integer >= 1.")
+        if not self.alpha > 0:
+            raise ConfigError(f"lora.alpha={self.alpha!r} must be > 0.")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"lora.dropout={self.dropout!r} must be in [0, 1).")
+        if isinstance(self.targets, str) or isinstance(self.train, str) or not self.targets:
+            raise ConfigError("lora.targets (non-empty) and lora.train must be tuples of regular expressions.")
+        import re
+
+        for pattern in (*self.targets, *self.train):
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ConfigError(f"lora pattern {pattern!r} is not a regular expression: {e}.") from None
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +102,8 @@ class TrainConfig:
     ranking_loss_weight: float = 0.0  # training aid (not in the original): hipie_loss.target_ranking_loss
     # what trains
     freeze_pretrained: bool = True  # architecture.md §T12; False trains all but FrozenBN buffers (from-scratch runs)
+    lora: LoraConfig | None = None  # LoRA / QLoRA fine-tuning (segllm_jax.train.lora); None = full fine-tune
+    base_weights_qtype: BaseQType = "none"  # QLoRA: the adapted layers' frozen kernels stored as int8 or nf4
     # numerics and memory
     compute_dtype: str = "bfloat16"  # activations; parameters and optimizer state stay float32
     remat: RematPolicy = "full"
@@ -89,6 +135,14 @@ class TrainConfig:
                               f"({self.batch_size}), so every host sends the same number of prompts.")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"warmup_ratio={self.warmup_ratio} must be in [0, 1).")
+        if self.lora is not None and not isinstance(self.lora, LoraConfig):
+            raise ConfigError(f"lora={self.lora!r} must be a LoraConfig (segllm_jax.train.config.LoraConfig).")
+        if self.base_weights_qtype not in BASE_QTYPES:
+            raise ConfigError(f"base_weights_qtype={self.base_weights_qtype!r} is not supported; use one of "
+                              f"{', '.join(BASE_QTYPES)} (the qwix qtypes QLoRA stores frozen kernels in).")
+        if self.base_weights_qtype != "none" and self.lora is None:
+            raise ConfigError(f"base_weights_qtype={self.base_weights_qtype!r} quantizes the frozen base of a LoRA "
+                              "run; set lora=LoraConfig(...) too (a full fine-tune trains float32 weights).")
 
     @property
     def warmup_steps(self) -> int:

@@ -16,6 +16,7 @@ the conversation ids; the state of that step is never saved.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -34,6 +35,7 @@ from segllm_jax.errors import ConfigError, SegLLMError
 from segllm_jax.models.segllm import DN_RESIZER
 from segllm_jax.sharding import make_mesh
 from segllm_jax.train import batching
+from segllm_jax.train import lora as lora_lib
 from segllm_jax.train import step as train_step_lib
 from segllm_jax.train.checkpointing import Checkpointer
 from segllm_jax.train.config import TrainConfig
@@ -204,7 +206,12 @@ def train(config: TrainConfig, workdir: str | Path) -> list[dict[str, Any]]:
         start = 0
     else:
         abstract = abstract_train_state(structure, cfg, shardings)
+        if cfg.lora is not None:  # the checkpoint has no frozen base: rebuild it (deterministic) from the init weights
+            init_params = restore_init_params(cfg.init_checkpoint, structure, shardings) if cfg.init_checkpoint else None
+            frozen = train_step_lib.init_state(cfg, mesh, structure, init_params)[0].frozen
         state, data = ckpt.restore(latest, abstract)
+        if cfg.lora is not None:
+            state = dataclasses.replace(state, frozen=frozen)
         iterator.set_state(data["iterator"])
         start = int(data["step"])
         log.info("resumed from %s at step %d", workdir / "checkpoints" / str(latest), start)
@@ -249,7 +256,8 @@ def train(config: TrainConfig, workdir: str | Path) -> list[dict[str, Any]]:
                 bar.update(1)
             done = step + 1
             if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-                ckpt.save(done, state, {"step": done, "iterator": iterator.get_state()})
+                saved = state if cfg.lora is None else dataclasses.replace(state, frozen={})
+                ckpt.save(done, saved, {"step": done, "iterator": iterator.get_state()})
         if records and primary:
             from segllm_jax.eval.charts import training_curves
 
@@ -283,9 +291,9 @@ def restore_init_params(directory: str | Path, structure: train_step_lib.ModelSt
     if kind != "segllm":
         raise ConfigError(f"init_checkpoint {directory} holds a {kind!r} model; training starts from a "
                           "'segllm' checkpoint (`segllm-jax convert` of a release, or of --llava --clip --hipie).")
-    where = {**shardings.params, **shardings.frozen}
+    where = train_step_lib.param_array_shardings(shardings)
     targets = {k: jax.ShapeDtypeStruct(v.shape, np.float32, sharding=where[k])
-               for k, v in structure.abstract().items()}
+               for k, v in structure.abstract().items() if not lora_lib.is_adapter(k)}  # adapters start fresh
     prefix = DN_RESIZER + "/"
     dn = {k: v for k, v in targets.items() if k.startswith(prefix)}
     values = checkpoint.restore_sharded(directory, {k: v for k, v in targets.items() if k not in dn})
@@ -300,12 +308,16 @@ def restore_init_params(directory: str | Path, structure: train_step_lib.ModelSt
 def export_model(state, cfg: TrainConfig, tokenizer, directory: Path) -> Path:
     """The trained weights as a segllm-jax checkpoint folder (``segllm_jax.load``, ``segllm-jax chat``):
     the model's own parameters in its ``param_dtype``; the DN label encoder goes to
-    ``training_params/`` (inference never reads it, a later ``init_checkpoint`` does)."""
+    ``training_params/`` (inference never reads it, a later ``init_checkpoint`` does). A LoRA run exports
+    the merged weights (a plain model) and its adapters apart, in ``adapters/`` next to ``directory``."""
     import shutil
 
     from segllm_jax.checkpoint import save
 
     values = jax.device_get({**state.params, **state.frozen})
+    if cfg.lora is not None:
+        lora_lib.write_adapters(directory.with_name("adapters"), jax.device_get(state.params), cfg)
+        values = jax.device_get(lora_lib.merge(values, cfg.lora.scale))
     dtype = jnp.dtype(cfg.model.llm.param_dtype)  # the loader casts each parameter to its module's dtype
     arrays = {k: np.asarray(jnp.asarray(v, dtype)) for k, v in values.items()}
     dn = {k: arrays.pop(k) for k in list(arrays) if k.startswith(DN_RESIZER + "/")}
@@ -320,11 +332,14 @@ def export_model(state, cfg: TrainConfig, tokenizer, directory: Path) -> Path:
 
 
 def abstract_train_state(structure, cfg: TrainConfig, shardings):
-    """ShapeDtypeStructs (with shardings) of the TrainState: where a restore puts every array (no allocation)."""
+    """ShapeDtypeStructs (with shardings) of the TrainState: where a restore puts every array (no allocation).
+    A LoRA run's checkpoints hold no frozen base, so its ``frozen`` is empty."""
     abstract_params = structure.abstract()
     tx = train_step_lib.make_optimizer(cfg)
     trainable, frozen = train_step_lib.split_trainable(abstract_params, cfg)
     f32 = lambda d: {k: jax.ShapeDtypeStruct(v.shape, np.float32) for k, v in d.items()}  # noqa: E731
+    if cfg.lora is not None:
+        frozen, shardings = {}, dataclasses.replace(shardings, frozen={})
     shapes = TrainState(step=jax.ShapeDtypeStruct((), np.int32), params=f32(trainable), frozen=f32(frozen),
                         opt_state=jax.eval_shape(tx.init, f32(trainable)),
                         rng=jax.ShapeDtypeStruct((2,), np.uint32))

@@ -36,6 +36,7 @@ from segllm_jax.config import SegLLMConfig
 from segllm_jax.models.segllm import SegLLM
 from segllm_jax.sharding import logical_to_spec
 from segllm_jax.tokenizer import IGNORE_INDEX
+from segllm_jax.train import lora as lora_lib
 from segllm_jax.train.batching import TrainBatch
 from segllm_jax.train.config import TrainConfig
 from segllm_jax.train.state import TrainState
@@ -65,9 +66,16 @@ def is_trainable(path: str, freeze_pretrained: bool = True) -> bool:
     return (_FROZEN if freeze_pretrained else _BUFFERS).search(path) is None
 
 
+def trains(path: str, cfg: TrainConfig) -> bool:
+    """``cfg``'s freezing rule: :func:`is_trainable`, or with ``cfg.lora`` only the adapters and ``lora.train``."""
+    if cfg.lora is None:
+        return is_trainable(path, cfg.freeze_pretrained)
+    return lora_lib.is_trainable_lora(path, cfg.lora, lambda p: is_trainable(p, cfg.freeze_pretrained))
+
+
 def split_trainable(flat: Mapping[str, Any], cfg: TrainConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(trainable, frozen)`` halves of a flat ``{path: value}`` dict under ``cfg``'s freezing rule."""
-    trainable = {k: v for k, v in flat.items() if is_trainable(k, cfg.freeze_pretrained)}
+    trainable = {k: v for k, v in flat.items() if trains(k, cfg)}
     return trainable, {k: v for k, v in flat.items() if k not in trainable}
 
 
@@ -252,7 +260,10 @@ def make_train_step(structure: ModelStructure, cfg: TrainConfig,
         key = jax.random.fold_in(state.rng, state.step)
 
         def objective(params):
-            model = apply_remat(structure.merge({**params, **state.frozen}), cfg.remat)
+            model = structure.merge({**params, **state.frozen})
+            if cfg.lora is not None and cfg.lora.dropout > 0:
+                lora_lib.set_dropout_keys(model, jax.random.fold_in(key, 1 << 20))
+            model = apply_remat(model, cfg.remat)
             return loss_fn(model, batch, key, prompt_l2_weight=cfg.prompt_l2_weight, hipie_term=hipie_term)
 
         (_, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
@@ -286,17 +297,30 @@ def state_shardings(structure: ModelStructure, cfg: TrainConfig, mesh: Mesh) -> 
     opt_abstract = jax.eval_shape(tx.init, abstract)
     opt_sh = optax.tree_map_params(tx, lambda _, s: s, opt_abstract, trainable,
                                    transform_non_params=lambda _: replicated)
+    if cfg.base_weights_qtype != "none":  # QLoRA: adapted kernels are QArrays (qvalue like the kernel)
+        shapes, axes = structure.abstract(), structure.logical_axes()
+        for k in (k for k in lora_lib.adapted_kernels(structure.keys) if k in frozen):
+            q = jax.eval_shape(lambda x: lora_lib.quantize_kernel(x, cfg.base_weights_qtype),
+                               jax.ShapeDtypeStruct(shapes[k].shape, jnp.float32))
+            scale = replicated if axes[k] is None else NamedSharding(mesh, logical_to_spec(axes[k], q.scale.shape, mesh))
+            frozen[k] = q.replace(qvalue=frozen[k], scale=scale)
     return TrainState(step=replicated, params=trainable,
                       frozen=frozen,
                       opt_state=opt_sh, rng=replicated)
+
+
+def param_array_shardings(shardings: TrainState) -> dict[str, NamedSharding]:
+    """Where each parameter's float array goes (a QLoRA kernel, a ``QArray``, keeps its values' sharding)."""
+    return {k: getattr(v, "qvalue", v) for k, v in {**shardings.params, **shardings.frozen}.items()}
 
 
 def build_training_model(cfg: TrainConfig, seed: int | None = None) -> SegLLM:
     """The model a training step differentiates: ``SegLLM``, with its DN label encoder
     (``segmentator_dn_resizer``) when the HIPIE term is on (the term is its only user)."""
     seed = cfg.seed if seed is None else seed
-    return SegLLM(training_model_config(cfg.model, cfg.compute_dtype), rngs=nnx.Rngs(seed),
-                  dn_rngs=nnx.Rngs(seed + 1) if cfg.use_hipie_loss else None)
+    model = SegLLM(training_model_config(cfg.model, cfg.compute_dtype), rngs=nnx.Rngs(seed),
+                   dn_rngs=nnx.Rngs(seed + 1) if cfg.use_hipie_loss else None)
+    return model if cfg.lora is None else lora_lib.add_adapters(model, cfg.lora, seed + 2)
 
 
 def abstract_structure(cfg: TrainConfig) -> ModelStructure:
@@ -319,6 +343,7 @@ def init_state(cfg: TrainConfig, mesh: Mesh, structure: ModelStructure | None = 
         if given is not None:  # keys the source lacks (e.g. the DN label encoder) keep their fresh init
             values.update(given)
         params, frozen = split_trainable({k: jnp.asarray(v, jnp.float32) for k, v in values.items()}, cfg)
+        frozen = lora_lib.quantize_frozen(frozen, structure.keys, cfg.base_weights_qtype)
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, frozen=frozen, opt_state=tx.init(params),
                           rng=jax.random.PRNGKey(cfg.seed))
 
@@ -329,7 +354,7 @@ def init_state(cfg: TrainConfig, mesh: Mesh, structure: ModelStructure | None = 
         unknown = sorted(set(init_params) - known)
         if unknown:
             raise ValueError(f"init parameters not in the model: {', '.join(unknown[:10])}")
-        values = {k: jax.device_put(v, shardings.params.get(k, shardings.frozen.get(k)))
-                  for k, v in init_params.items()}
+        where = param_array_shardings(shardings)
+        values = {k: jax.device_put(v, where[k]) for k, v in init_params.items()}
         state = jax.jit(init, out_shardings=shardings, donate_argnums=0)(values)
     return state, structure

@@ -1,0 +1,148 @@
+"""LoRA / QLoRA training (issue 17): only adapters (and ``lora.train``) change, the loss falls, merging
+equals the adapter forward, bad configs give one clear error."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from segllm_jax.errors import ConfigError
+from segllm_jax.sharding import make_mesh
+from segllm_jax.tokenizer import SegTokenizer
+from segllm_jax.train import batching as B
+from segllm_jax.train import lora as L
+from segllm_jax.train import step as S
+from segllm_jax.train.config import LoraConfig, prepare_tiny_mrshapes, tiny_cpu
+from segllm_jax.train.loop import make_pipeline
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    mixture, tokenizer_dir, vocab = prepare_tiny_mrshapes(str(tmp_path_factory.mktemp("tiny")), n_scenes=8)
+    return mixture, tokenizer_dir, vocab, SegTokenizer.from_pretrained(tokenizer_dir)
+
+
+def _cfg(tiny, **kw):
+    mixture, tokenizer_dir, vocab, _ = tiny
+    kw = {"learning_rate": 1e-2, "lora": LoraConfig(rank=4, alpha=8.0), **kw}
+    return tiny_cpu(mixture, tokenizer_dir, vocab, **kw)
+
+
+def _batch(cfg, tokenizer):
+    host = next(iter(make_pipeline(cfg, tokenizer, num_epochs=1)))
+    return B.make_train_batch(host["examples"], cfg, 0)
+
+
+def _run(cfg, tokenizer, steps):
+    mesh = make_mesh((1, 1, 1), jax.devices()[:1])
+    structure = S.abstract_structure(cfg)
+    state, _ = S.init_state(cfg, mesh, structure)
+    before = jax.device_get(state)
+    step = jax.jit(S.make_train_step(structure, cfg))
+    batch = _batch(cfg, tokenizer)
+    losses = []
+    for _ in range(steps):
+        state, metrics = step(state, batch)
+        losses.append(float(metrics["loss"]))
+    return structure, before, jax.device_get(state), losses
+
+
+@pytest.mark.parametrize("qtype", ["none", "nf4"])
+def test_only_adapters_train_and_loss_falls(tiny, qtype):
+    cfg = _cfg(tiny, base_weights_qtype=qtype)
+    structure, before, after, losses = _run(cfg, tiny[3], 6)
+    print(f"lora ({qtype} base) losses:", [round(x, 4) for x in losses])
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0] - 0.1
+    adapters = [k for k in structure.keys if L.is_adapter(k)]
+    assert len(adapters) == 2 * 7 * cfg.model.llm.num_layers
+    assert set(after.params) == set(adapters) | {k for k in structure.keys
+                                                 if k.startswith(("segmentator_predictor/", "mask_enc_head/"))}
+    assert any(not np.array_equal(after.params[k], before.params[k]) for k in adapters if k.endswith("lora_b"))
+    for k, v in before.frozen.items():  # bit-identical frozen base (QArray leaves included)
+        assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(v), jax.tree.leaves(after.frozen[k]))), k
+    if qtype == "nf4":
+        kernel = after.frozen["llm/layers/0/self_attn/q_proj/kernel"]
+        assert type(kernel).__name__ == "QArray" and kernel.qtype == "nf4"
+    # Adam moments exist only for trainable leaves
+    n_opt = sum(x.size for x in jax.tree.leaves(after.opt_state))
+    assert n_opt <= 2 * sum(v.size for v in after.params.values()) + 16
+
+
+def test_merge_equals_adapter_forward(tiny):
+    cfg = _cfg(tiny)
+    structure, _, after, _ = _run(cfg, tiny[3], 2)
+    values = {**after.params, **after.frozen}
+    plain_cfg = dataclasses.replace(cfg, lora=None)
+    plain = S.ModelStructure(S.build_training_model(plain_cfg))
+    merged = L.merge(values, cfg.lora.scale)
+    assert set(merged) == set(plain.keys)
+    batch = _batch(cfg, tiny[3])
+    from segllm_jax.batch import forward
+
+    out_lora, _ = forward(structure.merge(values), batch.conv)
+    out_plain, _ = forward(plain.merge(merged), batch.conv)
+    a, b = np.asarray(out_lora.logits), np.asarray(out_plain.logits)
+    rel = np.abs(a - b).max() / np.abs(a).max()
+    assert rel <= 1e-5, rel
+
+
+def test_bad_configs_give_one_clear_error(tiny):
+    with pytest.raises(ConfigError, match="rank"):
+        LoraConfig(rank=0)
+    with pytest.raises(ConfigError, match="base_weights_qtype='fp3'"):
+        _cfg(tiny, base_weights_qtype="fp3")
+    with pytest.raises(ConfigError, match="set lora="):
+        _cfg(tiny, lora=None, base_weights_qtype="nf4")
+    cfg = _cfg(tiny, lora=LoraConfig(targets=(r"llm/layers/\d+/self_attn/qkv_fused",)))
+    with pytest.raises(ConfigError, match=r"qkv_fused.*matches no Linear.*llm/layers/0/"):
+        S.abstract_structure(cfg)
+
+
+def test_resume_merge_lora_and_load(tiny, tmp_path, monkeypatch):
+    """A QLoRA run from a base folder, stopped after a checkpoint and resumed, matches a straight
+    run; its checkpoints hold no frozen base; ``merge-lora`` rebuilds exactly the exported merged model."""
+    from segllm_jax import checkpoint as C
+    from segllm_jax.apps.cli import main
+    from segllm_jax.train import loop
+
+    mixture, tokenizer_dir, vocab, tokenizer = tiny
+    plain = tiny_cpu(mixture, tokenizer_dir, vocab)
+    base_values = S.ModelStructure(S.build_training_model(plain)).values(S.build_training_model(plain))
+    C.save(tmp_path / "base", "segllm", plain.model, {k: np.asarray(v) for k, v in base_values.items()})
+    tokenizer.save(tmp_path / "base")
+    cfg = _cfg(tiny, base_weights_qtype="int8", init_checkpoint=str(tmp_path / "base"), steps=4,
+               checkpoint_every=2, async_checkpointing=False, learning_rate=3e-3)
+    straight = loop.train(cfg, tmp_path / "straight")
+    real = B.make_train_batch
+
+    def dies_at_step_2(examples, c, step, **kwargs):  # the run is "killed" after its step-2 checkpoint
+        if step == 2:
+            raise KeyboardInterrupt
+        return real(examples, c, step, **kwargs)
+
+    monkeypatch.setattr(loop.batching, "make_train_batch", dies_at_step_2)
+    with pytest.raises(KeyboardInterrupt):
+        loop.train(cfg, tmp_path / "killed")
+    monkeypatch.setattr(loop.batching, "make_train_batch", real)
+    resumed = loop.train(cfg, tmp_path / "killed")
+    assert [r["step"] for r in resumed] == [2, 3]
+    drop = lambda r: {k: v for k, v in r.items() if k not in ("step_time_s", "tokens_per_s")}  # noqa: E731
+    assert [drop(r) for r in straight[2:]] == [drop(r) for r in resumed]
+    ckpt_files = [p.name for p in (tmp_path / "killed/checkpoints/4/state").rglob("*")]
+    assert not any("frozen" in n for n in ckpt_files)
+    a = C.flat_arrays(C.load(tmp_path / "straight/model").model)
+    b = C.flat_arrays(C.load(tmp_path / "killed/model").model)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert main(["merge-lora", "--checkpoint", str(tmp_path / "killed"), "--out", str(tmp_path / "merged")]) == 0
+    merged = C.load(tmp_path / "merged")
+    assert merged.tokenizer is not None
+    m = C.flat_arrays(merged.model)
+    assert set(m) == set(a)
+    for k in a:
+        np.testing.assert_allclose(m[k], a[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    assert main(["merge-lora", "--checkpoint", str(tmp_path / "killed"), "--out", str(tmp_path / "merged")]) != 0
