@@ -1,4 +1,5 @@
-"""Training-state memory per device of the 7B SegLLM on several meshes (writes docs/memory.md's table).
+"""Training-state memory per device of the 7B SegLLM on several meshes, and single-card inference memory at
+bf16 / int8 / int4 weights (writes docs/memory.md's tables).
 
 Computed from shapes only (``nnx.eval_shape``: nothing is allocated) and the shardings of
 ``segllm_jax.sharding`` (the same logical-axis rules the trainer uses). Counted per device:
@@ -6,7 +7,15 @@ float32 parameters (trainable + frozen), float32 gradients of the trainable ones
 float32 moments. Not counted: activations (depend on batch, length and remat), XLA temporaries,
 the compiled program, and the data pipeline's host memory.
 
-    python benchmarks/memory_table.py            # prints the markdown table
+Inference rows (:func:`inference_rows`): parameters from the shapes of the model as
+``segllm_jax.load(DIR, quantize=...)`` builds it (``nnx.eval_shape`` of the quantized model: qwix's int8 /
+int4 values at 8 / 4 bits, their scales, and every part left in floating point; LLM and CLIP in bfloat16,
+HIPIE in float32 as converted), the bfloat16 KV cache of 2048 tokens, and the LLM program's temporaries
+from XLA's memory analysis of the compiled CPU program (one 512-token round on top of the 2048-token
+cache), which is measured, not arithmetic; GPU temporaries differ (XLA:GPU fuses qwix's dequantize into the
+matmul, XLA:CPU materialises dequantized weights).
+
+    python benchmarks/memory_table.py            # prints the markdown tables
 """
 
 from __future__ import annotations
@@ -52,6 +61,79 @@ def per_device_bytes(structure: S.ModelStructure, mesh_shape: tuple[int, int, in
     return out
 
 
+CARDS_GB = (24, 48, 80)
+KV_TOKENS = 2048
+ROUND_TOKENS = 512
+
+
+def _bits(dtype) -> int:
+    import jax.numpy as jnp
+
+    dtype = jnp.dtype(dtype)
+    if dtype == jnp.bool_:
+        return 8
+    return jnp.iinfo(dtype).bits if jnp.issubdtype(dtype, jnp.integer) else jnp.finfo(dtype).bits
+
+
+def _bytes(tree) -> float:
+    import jax
+
+    return sum(int(np.prod(x.shape)) * _bits(x.dtype) / 8 for x in jax.tree.leaves(tree))
+
+
+def inference_rows(cfg: SegLLMConfig) -> list[dict]:
+    """Per weight type (None = bf16): parameter bytes, KV-cache bytes and the compiled LLM round's temporaries."""
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from segllm_jax import quantize as Q
+    from segllm_jax.models.llama import KVCache
+    from segllm_jax.models.segllm import SegLLM
+
+    bf16 = dict(param_dtype="bfloat16", dtype="bfloat16")
+    cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, **bf16),
+                              vision=dataclasses.replace(cfg.vision, **bf16))
+    cache = jax.eval_shape(lambda: KVCache.empty(cfg.llm, 1, KV_TOKENS))
+    embeds = jax.ShapeDtypeStruct((1, ROUND_TOKENS, cfg.llm.hidden_size), jnp.bfloat16)
+    mask = jax.ShapeDtypeStruct((1, ROUND_TOKENS), bool)
+    rows = []
+    for qtype in (None, "int8", "int4"):
+        def make(qtype=qtype):
+            model = SegLLM(cfg, rngs=nnx.Rngs(0))
+            return model if qtype is None else Q.quantize_model("segllm", model, qtype)
+
+        model = nnx.eval_shape(make)
+        llm_graph, llm_state = nnx.split(model.llm)
+
+        def llm_round(state, embeds, mask, cache):
+            out = nnx.merge(llm_graph, state)(embeds, mask, cache=cache)
+            return out.logits[:, -1], out.cache
+
+        compiled = jax.jit(llm_round, donate_argnums=(3,)).lower(llm_state, embeds, mask, cache).compile()
+        rows.append(dict(qtype=qtype or "bf16", params=_bytes(nnx.state(model, nnx.Param)),
+                         llm_params=_bytes(nnx.state(model.llm, nnx.Param)),
+                         kv=_bytes(cache), temp=compiled.memory_analysis().temp_size_in_bytes))
+    return rows
+
+
+def print_inference_table(cfg: SegLLMConfig) -> None:
+    gib = 2 ** 30
+    print(f"\nSingle-card inference, KV cache of {KV_TOKENS} tokens (bf16), one {ROUND_TOKENS}-token round\n")
+    print("| weights | params (all) | of which LLM | KV cache | LLM round temporaries, XLA:CPU (measured) | "
+          "params + KV + bf16 temporaries | fits |")
+    print("|---|---|---|---|---|---|---|")
+    rows = inference_rows(cfg)
+    activations = rows[0]["temp"]  # the bf16 program's: weight-only quantization leaves activations as they are
+    for r in rows:
+        total = r["params"] + r["kv"] + activations
+        fits = ", ".join(f"{c} GB" for c in CARDS_GB if total < c * 1e9) or "none"
+        print(f"| {r['qtype']} | {r['params'] / gib:.2f} GiB | {r['llm_params'] / gib:.2f} GiB | {r['kv'] / gib:.2f} GiB "
+              f"| {r['temp'] / gib:.2f} GiB | **{total / gib:.2f} GiB** | {fits} |")
+
+
 def main() -> None:
     cfg = TrainConfig(model=SegLLMConfig.segllm_7b(), data=MixtureConfig((), (), ".", "."), tokenizer_dir=".")
     structure = S.abstract_structure(cfg)
@@ -67,6 +149,7 @@ def main() -> None:
         t = sum(b.values())
         print(f"| {name} | {shape} | {b['params'] / gib:.2f} GiB | {b['grads'] / gib:.2f} GiB | "
               f"{b['adam'] / gib:.2f} GiB | **{t / gib:.2f} GiB** | {hbm} GB |")
+    print_inference_table(cfg.model)
 
 
 # single card: (row name, lora, base_weights_qtype); the trainer keeps an unquantized frozen base in float32

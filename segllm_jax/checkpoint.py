@@ -30,7 +30,7 @@ from flax import nnx
 from segllm_jax import checkpoint_folder as folder_checks
 from segllm_jax import schema
 from segllm_jax.config import HipieConfig, LlamaConfig, ProjectorConfig, SegLLMConfig, VisionConfig
-from segllm_jax.errors import CheckpointError
+from segllm_jax.errors import CheckpointError, ConfigError
 from segllm_jax.outputs import atomic_write_text
 
 FORMAT = folder_checks.FORMAT
@@ -233,15 +233,35 @@ def restore_sharded(directory: str | Path, targets: Mapping[str, jax.ShapeDtypeS
         raise _damaged(folder, e) from e
 
 
-def load_model(directory: str | Path) -> tuple[str, Any, nnx.Module]:
-    """(kind, config, model) of a segllm-jax checkpoint folder."""
+def _check_quantize(quantize: str | None, quantize_vision: bool) -> None:
+    """Bad quantization options, refused before anything is read."""
+    from segllm_jax.quantize import check_qtype
+
+    if quantize is not None:
+        check_qtype(quantize)
+    elif quantize_vision:
+        raise ConfigError("quantize_vision needs quantize='int8' or 'int4'.")
+
+
+def load_model(directory: str | Path, *, quantize: str | None = None,
+               quantize_vision: bool = False) -> tuple[str, Any, nnx.Module]:
+    """(kind, config, model) of a segllm-jax checkpoint folder; ``quantize`` ("int8" / "int4") quantizes the
+    LLM's weights (and the CLIP tower's, with ``quantize_vision``) through qwix (:mod:`segllm_jax.quantize`)."""
+    from segllm_jax import quantize as Q
+
+    _check_quantize(quantize, quantize_vision)
     kind, config = read_config(directory)
+    if quantize is not None:
+        config = Q.quantized_config(kind, config, vision=quantize_vision)
     try:
         model = build_model(kind, config, abstract=True)
     except (ValueError, TypeError, ZeroDivisionError) as e:  # a well-typed config with impossible sizes
         raise CheckpointError(f"{Path(directory) / 'config.json'} does not describe a model that can be built "
                               f"({type(e).__name__}: {str(e)[:160]}).") from None
-    return kind, config, restore_arrays(directory, model)
+    model = restore_arrays(directory, model)
+    if quantize is not None:
+        model = Q.quantize_model(kind, model, quantize, vision=quantize_vision)
+    return kind, config, model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -255,18 +275,21 @@ class Loaded:
     directory: Path
 
 
-def load(directory: str | Path) -> Loaded:
+def load(directory: str | Path, *, quantize: str | None = None, quantize_vision: bool = False) -> Loaded:
     """``segllm_jax.load(DIR)``: model and tokenizer of a converted or trained checkpoint folder.
 
     A SegLLM folder must have its tokenizer files (checked before anything is loaded); other kinds
-    may lack them (``tokenizer`` is then None)."""
+    may lack them (``tokenizer`` is then None). ``quantize="int8"`` or ``"int4"`` loads the LLM with
+    weight-only quantized Linears (``quantize_vision=True``: the CLIP tower's too), activations in
+    bfloat16 (:mod:`segllm_jax.quantize`); an unknown value raises :class:`ConfigError`."""
     from segllm_jax.tokenizer import SegTokenizer
 
     directory = Path(directory)
+    _check_quantize(quantize, quantize_vision)
     kind, _ = read_config(directory)
     if kind == "segllm":
         folder_checks.check_tokenizer(directory)
-    kind, config, model = load_model(directory)
+    kind, config, model = load_model(directory, quantize=quantize, quantize_vision=quantize_vision)
     has_tokenizer = any((directory / f).is_file() for f in folder_checks.TOKENIZER_FILES)
     tokenizer = SegTokenizer.from_pretrained(directory) if has_tokenizer else None
     if tokenizer is not None and kind == "segllm":

@@ -205,6 +205,21 @@ def _check_conversion(args: argparse.Namespace) -> int:
     return 0 if report.passed else 1
 
 
+def _load(args: argparse.Namespace):
+    """The checkpoint of ``--checkpoint``, quantized as ``--quantize`` / ``--quantize-vision`` ask."""
+    from segllm_jax.checkpoint import load
+
+    return load(args.checkpoint, quantize=args.quantize, quantize_vision=args.quantize_vision)
+
+
+def add_quantize_options(p: argparse.ArgumentParser) -> None:
+    from segllm_jax.quantize import QTYPES
+
+    p.add_argument("--quantize", default=None, choices=QTYPES,
+                   help="weight-only quantization of the LLM through qwix, activations in bfloat16 (docs/memory.md)")
+    p.add_argument("--quantize-vision", action="store_true", help="with --quantize: quantize the CLIP tower too")
+
+
 def _chat(args: argparse.Namespace) -> int:
     from segllm_jax import preprocess
     from segllm_jax.outputs import check_output_folder
@@ -220,9 +235,8 @@ def _chat(args: argparse.Namespace) -> int:
     import io
 
     from segllm_jax.apps.chat import run_chat
-    from segllm_jax.checkpoint import load
 
-    loaded = load(args.checkpoint)
+    loaded = _load(args)
     if lines is not None:
         failures = run_chat(loaded, args.image, io.StringIO("\n".join(lines) + "\n"), Path(args.out),
                             interactive=False, mode=args.mode)
@@ -240,10 +254,9 @@ def _infer(args: argparse.Namespace) -> int:
     _segllm_checkpoint(args.checkpoint)
     read_manifest(args.manifest)  # every line checked before the model loads
     check_output_folder(args.out)
-    from segllm_jax.checkpoint import load
     from segllm_jax.apps.infer import run_infer
 
-    results = run_infer(load(args.checkpoint), args.manifest, args.out, batch_size=args.batch_size)
+    results = run_infer(_load(args), args.manifest, args.out, batch_size=args.batch_size)
     failed = [r for r in results if r["error"]]
     for r in failed:
         print(f"{r['id']}: {r['error']}", file=sys.stderr)
@@ -323,7 +336,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     require_gradio()
     return serve(args.checkpoint, host=args.host, port=args.port, mode=args.mode, max_upload_mb=args.max_upload_mb,
-                 idle_timeout_s=args.idle_timeout, max_sessions=args.max_sessions, warmup=not args.no_warmup)
+                 idle_timeout_s=args.idle_timeout, max_sessions=args.max_sessions, warmup=not args.no_warmup,
+                 quantize=args.quantize, quantize_vision=args.quantize_vision)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -408,6 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="UTF-8 file with one query per line (non-interactive; needs --image)")
     p.add_argument("--out", default="chat_out", help="where overlays, masks and results.json go")
     p.add_argument("--mode", default="incremental", choices=["incremental", "recompute"])
+    add_quantize_options(p)
 
     p = command("infer", _infer, "batched inference over a manifest of images x conversations")
     p.add_argument("--checkpoint", required=True)
@@ -415,6 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help='JSON lines: {"image": PATH, "queries": [...], "id": NAME (optional)}')
     p.add_argument("--out", default="infer_out")
     p.add_argument("--batch-size", type=positive_int(1024), default=8)
+    add_quantize_options(p)
 
     p = command("serve", _serve, "multi-round segmentation in the browser (needs the `demo` extra: Gradio)")
     p.add_argument("--checkpoint", required=True, help="converted segllm-jax checkpoint folder")
@@ -427,6 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds before an idle session is released")
     p.add_argument("--max-sessions", type=positive_int(1024), default=16, help="browser sessions held at once")
     p.add_argument("--no-warmup", action="store_true", help="skip compiling the model before serving")
+    add_quantize_options(p)
 
     p = command("train", _train, "train (or resume) SegLLM from a config file")
     p.add_argument("--config", required=True, type=existing_file, help="Python file defining CONFIG = TrainConfig(...)")

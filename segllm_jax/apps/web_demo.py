@@ -375,13 +375,14 @@ def _interrupt_on_sigterm() -> None:
 
 def serve(checkpoint: str | Path, *, host: str = "127.0.0.1", port: int = DEFAULT_PORT, mode: str = "incremental",
           max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
-          max_sessions: int = DEFAULT_MAX_SESSIONS, warmup: bool = True) -> int:
-    """``segllm-jax serve``: loads the checkpoint once, warms it up, serves until interrupted (Ctrl-C or
-    SIGTERM), then removes its temporary folders."""
+          max_sessions: int = DEFAULT_MAX_SESSIONS, warmup: bool = True, quantize: str | None = None,
+          quantize_vision: bool = False) -> int:
+    """``segllm-jax serve``: loads the checkpoint once (``quantize``: see ``segllm_jax.load``), warms it up,
+    serves until interrupted (Ctrl-C or SIGTERM), then removes its temporary folders."""
     require_gradio()
     from segllm_jax.checkpoint import load
 
-    loaded = load(checkpoint)
+    loaded = load(checkpoint, quantize=quantize, quantize_vision=quantize_vision)
     if warmup:
         print("compiling the model (one warm-up conversation)...", file=sys.stderr, flush=True)
         print(f"warm-up done in {warm_up(loaded, mode):.1f} s", file=sys.stderr, flush=True)

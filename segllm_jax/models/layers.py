@@ -38,6 +38,13 @@ def torch_linear_init(fan_in: int) -> Initializer:
     return init
 
 
+def compute_weight(weight, dtype: jnp.dtype):
+    """A weight's value in the compute ``dtype``; a weight quantized by qwix (``segllm_jax.quantize``) stays
+    quantized: qwix's intercepted ``jnp.dot`` takes it as it is."""
+    value = weight[...]
+    return value.astype(dtype) if isinstance(value, jax.Array) else value
+
+
 class Linear(nnx.Module):
     """``y = x @ kernel + bias`` with kernel ``[in, out]``."""
 
@@ -50,7 +57,7 @@ class Linear(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dtype = jnp.dtype(self.dtype)
-        y = jnp.dot(x.astype(dtype), self.kernel[...].astype(dtype), preferred_element_type=jnp.float32)
+        y = jnp.dot(x.astype(dtype), compute_weight(self.kernel, dtype), preferred_element_type=jnp.float32)
         if self.bias is not None:
             y = y + self.bias[...].astype(jnp.float32)
         return y.astype(dtype)
