@@ -5,7 +5,7 @@ Structure (all host-side NumPy; nothing here imports JAX):
 * :class:`ConversationSource` — a grain ``RandomAccessDataSource`` over every (file, index) of the
   mixture's conversation files. A split of a prepared TFDS dataset (``ConversationFile.tfds_split``,
   read by ``segllm_jax.data.tfds_sources``) is one such file; its entries are
-  :class:`EmbeddedConversation` records that carry their image and masks.
+  :class:`~segllm_jax.data.conversations.EmbeddedConversation` records that carry their image and masks.
 * :class:`BatchPlan` — the original's ``MultiDatasetBatchSampler`` (spec §5.3): every step picks ONE
   conversation file (weights uniform by default, seeded per epoch) and draws the whole global batch
   (``batch_size × shard_count``) from it; host ``shard_index`` takes its slice. Steps per epoch =
@@ -38,11 +38,11 @@ import grain
 import numpy as np
 from PIL import Image
 
-from segllm_jax.data.conversations import INFERENCE_DATASET, MaskRef, ParsedConversation, parse_conversation
+from segllm_jax.data.conversations import (INFERENCE_DATASET, EmbeddedConversation, MaskRef, ParsedConversation,
+                                           parse_conversation, read_rgb)
 from segllm_jax.data.registers import (AnnotationRegistry, RegisterSpec, load_json, read_register_specs,
                                        resolve_image_path)
 from segllm_jax.errors import ConfigError, InputError
-from segllm_jax import preprocess
 from segllm_jax.preprocess import (CLIP_IMAGE_SIZE, HIPIE_IMAGE_SIZE, clip_image, hipie_image, hipie_mask,
                                    masked_crop)
 from segllm_jax.tokenizer import (DEFAULT_NUM_IMAGE_TOKENS, ConversationEncoder, EncodedConversation,
@@ -238,27 +238,6 @@ def _epoch_plan(plan: BatchPlan, epoch: int) -> tuple[np.ndarray, np.ndarray]:
 
 # ----------------------------------------------------------------------------------------------
 # Examples
-
-
-def read_rgb(source: Path | bytes) -> np.ndarray:
-    """uint8 ``[H, W, 3]`` of a dataset image (file or its bytes), without EXIF rotation (annotations
-    index the stored grid)."""
-    return np.asarray(preprocess.load_image(source, exif_transpose=False))
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class EmbeddedConversation:
-    """A conversation entry that carries its image and masks (a TFDS record): building it reads no
-    image file and no annotation register; its placeholders' mask ids are keys of ``masks``."""
-
-    entry: dict[str, Any]  # the conversation JSON entry (spec §1.1)
-    image: bytes  # the encoded image file
-    masks: Mapping[str, np.ndarray]  # mask id -> boolean [H, W] at the image's resolution
-
-    def mask(self, mask_id: str) -> np.ndarray:
-        if mask_id not in self.masks:
-            raise InputError(f"mask id {mask_id!r} is not in the record of conversation {self.entry.get('id')!r}.")
-        return self.masks[mask_id]
 
 
 def _extent(mask: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
