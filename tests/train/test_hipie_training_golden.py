@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from segllm_jax.models.hipie.config import HipieConfig
+from segllm_jax.config import HipieConfig
 from segllm_jax.models.hipie.training import HipieTrainingModel, dn_resizer_table
 from segllm_jax.train.criterion import CriterionConfig, segllm_targets
 from segllm_jax.train.denoising import flat_draws_to_padded
