@@ -72,8 +72,8 @@ def variants(preset: str, data: tuple[Any, str, int], batch_size: int, frame: in
                 Variant("tiny, + HIPIE term (1024 mask points)", hipie.replace(mask_points=1024))]
     model = llama1b_model(32011, frame)  # LLaVA's vocabulary; the MR-Shapes token ids are a subset
     cfg = TrainConfig(model=model, data=mixture, tokenizer_dir=tokenizer_dir, batch_size=batch_size,
-                      pad_multiple=128, clip_size=model.vision.image_size, frame=frame, mesh_shape=(1, 1, 1),
-                      compute_dtype="bfloat16", remat="full", use_hipie_loss=True)
+                      pad_multiple=128, mesh_shape=(1, 1, 1), compute_dtype="bfloat16", remat="full",
+                      use_hipie_loss=True)
     return [Variant(f"llama1b + ViT-L/14-224 + HIPIE-R50 @{frame}, bf16", cfg)]
 
 

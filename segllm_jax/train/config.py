@@ -37,8 +37,6 @@ class TrainConfig:
     steps: int = 1000
     pad_multiple: int = 64  # sequence length is padded to a multiple of this (fewer recompilations)
     ref_pad_multiple: int = 8  # references and <seg> prompts are padded to multiples of this
-    clip_size: int = 224  # CLIP input side of the data pipeline
-    frame: int = 1024  # HIPIE frame side of the data pipeline
     worker_count: int = 0  # grain worker processes
     # optimisation (spec §5.3)
     learning_rate: float = 2e-6
@@ -80,15 +78,21 @@ class TrainConfig:
             raise ConfigError(f"remat={self.remat!r}; use 'none', 'full', 'dots' or 'dots_no_batch'.")
         if len(self.mesh_shape) != 3:
             raise ConfigError(f"mesh_shape {self.mesh_shape} must be (data, fsdp, tensor).")
-        if self.clip_size != self.model.vision.image_size or self.frame != self.model.hipie_image_size:
-            raise ConfigError(f"the data pipeline makes {self.clip_size}px CLIP and {self.frame}px HIPIE images but "
-                              f"the model takes {self.model.vision.image_size} and {self.model.hipie_image_size}; "
-                              "set clip_size/frame to match.")
         if self.hipie_prompts is not None and (self.hipie_prompts < 1 or self.hipie_prompts % self.batch_size):
             raise ConfigError(f"hipie_prompts={self.hipie_prompts} must be a positive multiple of batch_size "
                               f"({self.batch_size}), so every host sends the same number of prompts.")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"warmup_ratio={self.warmup_ratio} must be in [0, 1).")
+
+    @property
+    def clip_size(self) -> int:
+        """CLIP input side of the data pipeline: the model's vision tower's."""
+        return self.model.vision.image_size
+
+    @property
+    def frame(self) -> int:
+        """HIPIE frame side of the data pipeline: the model's."""
+        return self.model.hipie_image_size
 
     @property
     def warmup_steps(self) -> int:
@@ -102,7 +106,7 @@ class TrainConfig:
 def tiny_cpu(data: MixtureConfig, tokenizer_dir: str, vocab_size: int, **overrides) -> TrainConfig:
     """A model that trains in seconds on a laptop CPU: tiny widths, 32 px CLIP, 64 px HIPIE frame."""
     base = dict(model=SegLLMConfig.tiny(vocab_size=vocab_size), data=data, tokenizer_dir=tokenizer_dir,
-                batch_size=2, steps=8, pad_multiple=128, clip_size=32, frame=64, learning_rate=1e-3,
+                batch_size=2, steps=8, pad_multiple=128, learning_rate=1e-3,
                 warmup_ratio=0.0, compute_dtype="float32", remat="none", mesh_shape=(1, 1, 1),
                 checkpoint_every=4, keep_checkpoints=2, use_hipie_loss=False, tensorboard=False)
     return TrainConfig(**{**base, **overrides})
@@ -119,8 +123,7 @@ def mrshapes_cpu(data: MixtureConfig, tokenizer_dir: str, vocab_size: int, **ove
     ``hipie_loss.target_ranking_loss``), which the from-scratch model needs to tell shapes apart."""
     model = SegLLMConfig.tiny_mrshapes(vocab_size)
     base = dict(model=model, data=data, tokenizer_dir=tokenizer_dir, batch_size=8, steps=1900,
-                pad_multiple=256, ref_pad_multiple=48, clip_size=model.vision.image_size,
-                frame=model.hipie_image_size, learning_rate=1e-3, warmup_ratio=0.03, compute_dtype="float32",
+                pad_multiple=256, ref_pad_multiple=48, learning_rate=1e-3, warmup_ratio=0.03, compute_dtype="float32",
                 remat="none", mesh_shape=(1, 1, 1), mask_points=1024, freeze_pretrained=False,
                 class_loss_weight=10.0, ranking_loss_weight=5.0, use_hipie_loss=True, checkpoint_every=500,
                 keep_checkpoints=2,
