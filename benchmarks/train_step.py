@@ -38,11 +38,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from segllm_jax.config import HipieConfig, LlamaConfig, SegLLMConfig, VisionConfig
+from segllm_jax.data.mrshapes_prepare import prepare_tiny_mrshapes
 from segllm_jax.sharding import make_mesh
 from segllm_jax.tokenizer import SegTokenizer
 from segllm_jax.train import loop
 from segllm_jax.train import step as S
-from segllm_jax.train.config import TrainConfig, prepare_tiny_mrshapes, tiny_cpu
+from segllm_jax.train.config import TrainConfig, tiny_cpu
 
 GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12}  # dense bf16 tensor-core peak (SXM)
 

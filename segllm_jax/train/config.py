@@ -20,7 +20,8 @@ import math
 from typing import Literal
 
 from segllm_jax.config import SegLLMConfig
-from segllm_jax.data.pipeline import ConversationFile, MixtureConfig
+from segllm_jax.data.mixture import MixtureConfig
+from segllm_jax.data.mrshapes_prepare import MRShapesData
 from segllm_jax.errors import ConfigError
 
 RematPolicy = Literal["none", "full", "dots", "dots_no_batch"]
@@ -32,6 +33,7 @@ class TrainConfig:
     data: MixtureConfig
     tokenizer_dir: str  # an HF tokenizer folder with SegLLM's added tokens
     init_checkpoint: str | None = None  # segllm-jax checkpoint folder; None = random init (seed)
+    prepare_data: MRShapesData | None = None  # data the train command writes first (idempotent); None: it exists
     # batch and length
     batch_size: int = 8  # global conversations per step (2 per device x 4 GPUs in the original)
     steps: int = 1000
@@ -129,62 +131,3 @@ def mrshapes_cpu(data: MixtureConfig, tokenizer_dir: str, vocab_size: int, **ove
                 keep_checkpoints=2,
                 tensorboard=True)
     return TrainConfig(**{**base, **overrides})
-
-
-def prepare_tiny_mrshapes(root: str, n_scenes: int = 8, seed: int = 0, max_rounds: int = 3, eval_scenes: int = 0,
-                          grounding_rounds: int = 6) -> tuple[MixtureConfig, str, int]:
-    """MR-Shapes scenes + grounding conversations + a word-level tokenizer under ``root`` (idempotent).
-
-    Writes the ``train`` split (``n_scenes``), the stage-1 grounding conversations on the same scenes
-    (``grounding_rounds`` each, :mod:`segllm_jax.data.mrshapes_grounding`) and, with ``eval_scenes > 0``,
-    ``val`` and ``test`` splits of that size (same seed; a split is part of every scene's seed, so splits
-    never share a scene). The tokenizer is trained on the text the LLM reads as text: the system prompt,
-    the role names and the questions (no placeholder payloads). Returns ``(mixture, tokenizer_dir,
-    vocab_size)`` for the benchmark's conversations; :func:`grounding_mixture` gives stage 1's. A folder
-    prepared with other arguments is refused, not mixed.
-    """
-    import json
-    from pathlib import Path
-
-    from segllm_jax.data import mrshapes
-    from segllm_jax.data.conversations import parse_placeholders
-    from segllm_jax.data.mrshapes_grounding import write_grounding
-    from segllm_jax.data.tiny_tokenizer import train_tokenizer
-    from segllm_jax.tokenizer import ASSISTANT_ROLE, SYSTEM_PROMPT, USER_ROLE, SegTokenizer
-
-    out = Path(root)
-    done = out / "READY.json"
-    request = {"n_scenes": n_scenes, "seed": seed, "max_rounds": max_rounds, "eval_scenes": eval_scenes,
-               "grounding_rounds": grounding_rounds, "tokenizer": "word-level"}
-    if not done.exists():
-        files = [mrshapes.write_split(out, "train", n_scenes, seed, max_rounds=max_rounds).conversations,
-                 write_grounding(out, n_scenes, seed, grounding_rounds)]
-        if eval_scenes:
-            for split in ("val", "test"):
-                mrshapes.write_split(out, split, eval_scenes, seed, max_rounds=max_rounds)
-        texts = [f"{SYSTEM_PROMPT} {USER_ROLE}: {ASSISTANT_ROLE}:", mrshapes.vocabulary_text()]
-        for path in files:
-            for entry in mrshapes.read_conversations(path):
-                texts += [parse_placeholders(turn["value"])[1] for turn in entry["conversations"]]
-        train_tokenizer(texts, out / "tokenizer")
-        vocab = SegTokenizer.from_pretrained(out / "tokenizer").vocab_size
-        done.write_text(json.dumps({**request, "vocab": vocab}))
-    ready = json.loads(done.read_text())
-    made = {k: ready.get(k) for k in request}
-    if made != request:
-        raise ConfigError(f"{out} holds MR-Shapes prepared with {made}, not {request}; "
-                          "remove the folder or choose another one.")
-    return mrshapes_mixture(out, "mrshapes_train.json"), str(out / "tokenizer"), ready["vocab"]
-
-
-def mrshapes_mixture(root, conversations: str) -> MixtureConfig:
-    """A mixture of one conversation file of a prepared MR-Shapes folder (train images and register)."""
-    from pathlib import Path
-
-    from segllm_jax.data.registers import RegisterSpec
-
-    out = Path(root)
-    return MixtureConfig(conversations=(ConversationFile(conversations),),
-                         registers=(RegisterSpec("mrshapes", "mrshapes_train.json"),),
-                         images_root=str(out / "images"), annotations_root=str(out / "annotations"),
-                         conversations_root=str(out / "conversations"))
