@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from segllm_jax.models.hipie.config import HipieConfig
+from segllm_jax.config import HipieConfig
 from segllm_jax.models.hipie.image_side import normalize_pixels
 from segllm_jax.models.hipie.mask_head import split_memory_levels
 from segllm_jax.models.hipie.model import Hipie

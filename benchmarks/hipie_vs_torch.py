@@ -154,7 +154,7 @@ def jax_worker(batch: int, size: int, backward: bool, runs: int, save: str | Non
     import jax.numpy as jnp
     from flax import nnx
 
-    from segllm_jax.models.hipie.config import HipieConfig
+    from segllm_jax.config import HipieConfig
     from segllm_jax.models.hipie.encoder import DeformableEncoder
 
     cfg = HipieConfig.hipie_r50_segllm()

@@ -38,12 +38,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from segllm_jax.config import HipieConfig, LlamaConfig, SegLLMConfig, VisionConfig
+from segllm_jax.data.mrshapes_prepare import prepare_tiny_mrshapes
 from segllm_jax.sharding import make_mesh
 from segllm_jax.tokenizer import SegTokenizer
 from segllm_jax.train import loop
 from segllm_jax.train import batching as B
 from segllm_jax.train import step as S
-from segllm_jax.train.config import TrainConfig, prepare_tiny_mrshapes, tiny_cpu
+from segllm_jax.train.config import TrainConfig, tiny_cpu
 
 GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12}  # dense bf16 tensor-core peak (SXM)
 
@@ -73,8 +74,8 @@ def variants(preset: str, data: tuple[Any, str, int], batch_size: int, frame: in
                 Variant("tiny, + HIPIE term (1024 mask points)", hipie.replace(mask_points=1024))]
     model = llama1b_model(32011, frame)  # LLaVA's vocabulary; the MR-Shapes token ids are a subset
     cfg = TrainConfig(model=model, data=mixture, tokenizer_dir=tokenizer_dir, batch_size=batch_size,
-                      pad_multiple=128, clip_size=model.vision.image_size, frame=frame, mesh_shape=(1, 1, 1),
-                      compute_dtype="bfloat16", remat="full", use_hipie_loss=True)
+                      pad_multiple=128, mesh_shape=(1, 1, 1), compute_dtype="bfloat16", remat="full",
+                      use_hipie_loss=True)
     return [Variant(f"llama1b + ViT-L/14-224 + HIPIE-R50 @{frame}, bf16", cfg)]
 
 

@@ -54,5 +54,4 @@ _kind, _model = read_config(INIT)
 if _kind != "segllm":
     raise ConfigError(f"SEGLLM_INIT={INIT} holds a {_kind} checkpoint; fine-tuning starts from a whole SegLLM.")
 
-CONFIG = TrainConfig(model=_model, data=mixture(DATA), tokenizer_dir=INIT, init_checkpoint=INIT,
-                     clip_size=_model.vision.image_size, frame=_model.hipie_image_size, **_preset)
+CONFIG = TrainConfig(model=_model, data=mixture(DATA), tokenizer_dir=INIT, init_checkpoint=INIT, **_preset)

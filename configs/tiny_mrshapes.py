@@ -15,14 +15,15 @@ through the [REF] memory), every round's prompt supervised. Same data folder and
 import os
 from pathlib import Path
 
-from segllm_jax.train.config import mrshapes_cpu, prepare_tiny_mrshapes
+from segllm_jax.data.mrshapes_prepare import MRShapesData
+from segllm_jax.train.config import mrshapes_cpu
 
-DATA = os.environ.get("SEGLLM_MRSHAPES_DATA", str(Path.home() / ".cache" / "segllm_jax" / "mrshapes"))
+DATA = MRShapesData(os.environ.get("SEGLLM_MRSHAPES_DATA", str(Path.home() / ".cache" / "segllm_jax" / "mrshapes")),
+                    n_scenes=int(os.environ.get("SEGLLM_MRSHAPES_SCENES", "2000")), seed=0, max_rounds=6,
+                    eval_scenes=100)
 STAGE1 = os.environ.get("SEGLLM_MRSHAPES_STAGE1", "runs/tiny_mrshapes_stage1/model")
-_scenes = int(os.environ.get("SEGLLM_MRSHAPES_SCENES", "2000"))
-_mixture, _tokenizer_dir, _vocab = prepare_tiny_mrshapes(DATA, n_scenes=_scenes, seed=0, max_rounds=6,
-                                                         eval_scenes=100)
 
-CONFIG = mrshapes_cpu(_mixture, _tokenizer_dir, _vocab, init_checkpoint=STAGE1 or None,
+CONFIG = mrshapes_cpu(DATA.mixture(), DATA.tokenizer_dir, DATA.vocab_size, prepare_data=DATA,
+                      init_checkpoint=STAGE1 or None,
                       steps=int(os.environ.get("SEGLLM_MRSHAPES_STEPS", "1500")), batch_size=4, max_rounds=6,
                       hipie_prompts=16)

@@ -11,20 +11,22 @@ questions and referring questions about a ground-truth instance handed over as [
 every round's prompt supervised. Stage 2 starts from this stage's ``model/`` folder.
 
 The data (2000 training scenes, 100 validation and 100 test scenes, seed 0, and the word-level tokenizer)
-is generated on first use under ``$SEGLLM_MRSHAPES_DATA`` (default ``~/.cache/segllm_jax/mrshapes``);
-``SEGLLM_MRSHAPES_STEPS`` and ``SEGLLM_MRSHAPES_SCENES`` override the step count and the training scenes.
+is written by the ``train`` command on first use under ``$SEGLLM_MRSHAPES_DATA`` (default
+``~/.cache/segllm_jax/mrshapes``); ``SEGLLM_MRSHAPES_STEPS`` and ``SEGLLM_MRSHAPES_SCENES`` override the step
+count and the training scenes.
 """
 
 import os
 from pathlib import Path
 
 from segllm_jax.data.mrshapes_grounding import GROUNDING_FILE
-from segllm_jax.train.config import mrshapes_cpu, mrshapes_mixture, prepare_tiny_mrshapes
+from segllm_jax.data.mrshapes_prepare import MRShapesData
+from segllm_jax.train.config import mrshapes_cpu
 
-DATA = os.environ.get("SEGLLM_MRSHAPES_DATA", str(Path.home() / ".cache" / "segllm_jax" / "mrshapes"))
-_scenes = int(os.environ.get("SEGLLM_MRSHAPES_SCENES", "2000"))
-_, _tokenizer_dir, _vocab = prepare_tiny_mrshapes(DATA, n_scenes=_scenes, seed=0, max_rounds=6, eval_scenes=100)
+DATA = MRShapesData(os.environ.get("SEGLLM_MRSHAPES_DATA", str(Path.home() / ".cache" / "segllm_jax" / "mrshapes")),
+                    n_scenes=int(os.environ.get("SEGLLM_MRSHAPES_SCENES", "2000")), seed=0, max_rounds=6,
+                    eval_scenes=100)
 
-CONFIG = mrshapes_cpu(mrshapes_mixture(DATA, GROUNDING_FILE), _tokenizer_dir, _vocab,
+CONFIG = mrshapes_cpu(DATA.mixture(GROUNDING_FILE), DATA.tokenizer_dir, DATA.vocab_size, prepare_data=DATA,
                       steps=int(os.environ.get("SEGLLM_MRSHAPES_STEPS", "1500")), batch_size=4, max_rounds=6,
                       hipie_prompts=24)

@@ -1,6 +1,6 @@
 """Tiny SegLLM trained on MR-Shapes on a CPU: ``segllm-jax train --config configs/tiny_train.py --workdir DIR``.
 
-The data (MR-Shapes scenes + a small tokenizer) is generated on first use under
+The data (MR-Shapes scenes + a small tokenizer) is written by the ``train`` command on first use under
 ``$SEGLLM_TINY_DATA`` (default ``~/.cache/segllm_jax/tiny_train``). ``SEGLLM_TINY_STEPS`` and
 ``SEGLLM_TINY_EVERY`` override the step count and checkpoint interval, ``SEGLLM_TINY_BATCH`` the global
 batch and ``SEGLLM_TINY_MESH`` (e.g. ``1,-1,1``) the mesh (the resume and multi-process tests use them).
@@ -9,12 +9,13 @@ batch and ``SEGLLM_TINY_MESH`` (e.g. ``1,-1,1``) the mesh (the resume and multi-
 import os
 from pathlib import Path
 
-from segllm_jax.train.config import prepare_tiny_mrshapes, tiny_cpu
+from segllm_jax.data.mrshapes_prepare import MRShapesData
+from segllm_jax.train.config import tiny_cpu
 
-_root = os.environ.get("SEGLLM_TINY_DATA", str(Path.home() / ".cache" / "segllm_jax" / "tiny_train"))
-_mixture, _tokenizer_dir, _vocab = prepare_tiny_mrshapes(_root, n_scenes=8, seed=0)
+DATA = MRShapesData(os.environ.get("SEGLLM_TINY_DATA", str(Path.home() / ".cache" / "segllm_jax" / "tiny_train")),
+                    n_scenes=8, seed=0)
 
-CONFIG = tiny_cpu(_mixture, _tokenizer_dir, _vocab,
+CONFIG = tiny_cpu(DATA.mixture(), DATA.tokenizer_dir, DATA.vocab_size, prepare_data=DATA,
                   steps=int(os.environ.get("SEGLLM_TINY_STEPS", "8")),
                   checkpoint_every=int(os.environ.get("SEGLLM_TINY_EVERY", "4")),
                   batch_size=int(os.environ.get("SEGLLM_TINY_BATCH", "2")),

@@ -27,7 +27,6 @@ Deliberate differences from the original:
 from __future__ import annotations
 
 import dataclasses
-import enum
 import os
 import re
 import warnings
@@ -262,14 +261,6 @@ def _ensure_added_tokens(hf_tokenizer) -> None:
         )
 
 
-class SlotKind(enum.IntEnum):
-    """What the embedding added at a ``<video>`` position comes from."""
-
-    IMAGE = 0  #: a CLIP patch feature; ``index`` is the patch number
-    MASK_ENCODE = 1  #: CLIP [CLS] of reference ``index``'s masked crop
-    BOX_ENCODE = 2  #: box embedding of reference ``index``
-
-
 @dataclasses.dataclass(frozen=True)
 class Round:
     """One user turn plus its ``<seg>`` answer.
@@ -296,16 +287,6 @@ class RoundLayout:
 
 
 @dataclasses.dataclass(frozen=True)
-class VideoSlots:
-    """All ``<video>`` positions of a conversation in sequence order (= the original's bracket order)."""
-
-    positions: np.ndarray  #: int32 token positions
-    kinds: np.ndarray  #: int32 :class:`SlotKind` values
-    indices: np.ndarray  #: int32 patch number or reference number within the round
-    rounds: np.ndarray  #: int32 0-based round of each slot
-
-
-@dataclasses.dataclass(frozen=True)
 class EncodedConversation:
     """Token ids, LM labels and layout of a multi-round conversation."""
 
@@ -326,23 +307,6 @@ class EncodedConversation:
     def seg_positions(self) -> np.ndarray:
         """Position of every round's ``<seg>``, in round order."""
         return np.asarray([r.seg_position for r in self.rounds], dtype=np.int32)
-
-    def video_slots(self) -> VideoSlots:
-        """Flatten the per-round ``<video>`` bookkeeping for the embedding-injection step."""
-        columns: dict[str, list[np.ndarray]] = {"positions": [], "kinds": [], "indices": [], "rounds": []}
-        for number, layout in enumerate(self.rounds):
-            for pos, kind in (
-                (layout.image_positions, SlotKind.IMAGE),
-                (layout.mask_encode_positions, SlotKind.MASK_ENCODE),
-                (layout.box_encode_positions, SlotKind.BOX_ENCODE),
-            ):
-                columns["positions"].append(pos)
-                columns["kinds"].append(np.full(pos.size, kind))
-                columns["indices"].append(np.arange(pos.size))
-                columns["rounds"].append(np.full(pos.size, number))
-        flat = {name: np.concatenate(arrays).astype(np.int32) for name, arrays in columns.items()}
-        order = np.argsort(flat["positions"], kind="stable")
-        return VideoSlots(**{name: array[order] for name, array in flat.items()})
 
 
 @dataclasses.dataclass(frozen=True)

@@ -43,21 +43,19 @@ import re
 from collections import Counter
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence, Union
+from typing import Any, Mapping, Sequence, Union
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from segllm_jax.data.mixture import ConversationFile, MixtureConfig
 from segllm_jax.data.referring import (EXPRESSION, REFERRING_RELATIONS, Conversation, ConversationRules, Query,
                                        conversation_to_json, generate_conversation, question_type)
-from segllm_jax.data.registers import load_json, resolve_image_path, segmentation_to_mask
+from segllm_jax.data.registers import RegisterSpec, load_json, resolve_image_path, segmentation_to_mask
 from segllm_jax.data.rle import register_text, rle_encode_compressed
 from segllm_jax.errors import InputError
 from segllm_jax.outputs import atomic_write_text, written_atomically
 from segllm_jax.preprocess import mask_box
-
-if TYPE_CHECKING:
-    from segllm_jax.data.pipeline import MixtureConfig
 
 PathLike = Union[str, os.PathLike]
 
@@ -603,9 +601,6 @@ def _summary(report: Mapping[str, Any], out: Path) -> str:
 def mixture(out: PathLike, weight: float = 1.0) -> MixtureConfig:
     """The training ``MixtureConfig`` of a folder written by :func:`write_conversations` (paths from the
     folder itself, so it may have been moved; the images folder is the one recorded in ``data.json``)."""
-    from segllm_jax.data.pipeline import ConversationFile, MixtureConfig  # grain: only when training
-    from segllm_jax.data.registers import RegisterSpec
-
     out = Path(out)
     if not (out / DATA_FILE).is_file():
         raise InputError(f"{out} is not a make-conversations folder (it has no {DATA_FILE}); write it with "

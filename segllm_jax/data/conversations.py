@@ -22,8 +22,12 @@ import logging
 import os
 import re
 from dataclasses import dataclass
-from typing import Any, Sequence, Union
+from pathlib import Path
+from typing import Any, Mapping, Sequence, Union
 
+import numpy as np
+
+from segllm_jax import preprocess
 from segllm_jax.errors import InputError
 from segllm_jax.tokenizer import Round
 
@@ -258,3 +262,24 @@ def _check_single_image(conversation: ParsedConversation) -> None:
                          "SegLLM conversations are about one image.")
     if rounds[0].image is None:
         raise InputError(f"conversation {conversation.conv_id!r}: round 1 must open with [IMAGE256:...].")
+
+
+def read_rgb(source: Path | bytes) -> np.ndarray:
+    """uint8 ``[H, W, 3]`` of a dataset image (file or its bytes), without EXIF rotation (annotations
+    index the stored grid)."""
+    return np.asarray(preprocess.load_image(source, exif_transpose=False))
+
+
+@dataclass(frozen=True, eq=False)
+class EmbeddedConversation:
+    """A conversation entry that carries its image and masks (a TFDS record): building it reads no
+    image file and no annotation register; its placeholders' mask ids are keys of ``masks``."""
+
+    entry: dict[str, Any]  # the conversation JSON entry (§D1)
+    image: bytes  # the encoded image file
+    masks: Mapping[str, np.ndarray]  # mask id -> boolean [H, W] at the image's resolution
+
+    def mask(self, mask_id: str) -> np.ndarray:
+        if mask_id not in self.masks:
+            raise InputError(f"mask id {mask_id!r} is not in the record of conversation {self.entry.get('id')!r}.")
+        return self.masks[mask_id]

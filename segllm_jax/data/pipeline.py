@@ -5,7 +5,7 @@ Structure (all host-side NumPy; nothing here imports JAX):
 * :class:`ConversationSource` — a grain ``RandomAccessDataSource`` over every (file, index) of the
   mixture's conversation files. A split of a prepared TFDS dataset (``ConversationFile.tfds_split``,
   read by ``segllm_jax.data.tfds_sources``) is one such file; its entries are
-  :class:`EmbeddedConversation` records that carry their image and masks.
+  :class:`~segllm_jax.data.conversations.EmbeddedConversation` records that carry their image and masks.
 * :class:`BatchPlan` — the original's ``MultiDatasetBatchSampler`` (architecture.md §T13): every step picks ONE
   conversation file (weights uniform by default, seeded per epoch) and draws the whole global batch
   (``batch_size × shard_count``) from it; host ``shard_index`` takes its slice. Steps per epoch =
@@ -38,11 +38,11 @@ import grain
 import numpy as np
 from PIL import Image
 
-from segllm_jax.data.conversations import INFERENCE_DATASET, MaskRef, ParsedConversation, parse_conversation
-from segllm_jax.data.registers import (AnnotationRegistry, RegisterSpec, load_json, read_register_specs,
-                                       resolve_image_path)
+from segllm_jax.data.conversations import (INFERENCE_DATASET, EmbeddedConversation, MaskRef, ParsedConversation,
+                                           parse_conversation, read_rgb)
+from segllm_jax.data.mixture import ConversationFile, MixtureConfig  # noqa: F401  (ConversationFile re-exported)
+from segllm_jax.data.registers import AnnotationRegistry, load_json, resolve_image_path
 from segllm_jax.errors import ConfigError, InputError
-from segllm_jax import preprocess
 from segllm_jax.preprocess import (CLIP_IMAGE_SIZE, HIPIE_IMAGE_SIZE, clip_image, hipie_image, hipie_mask,
                                    masked_crop)
 from segllm_jax.tokenizer import (DEFAULT_NUM_IMAGE_TOKENS, ConversationEncoder, EncodedConversation,
@@ -53,47 +53,6 @@ log = logging.getLogger(__name__)
 
 #: Conversation length the original trained with (``model_max_length``, §T13).
 DEFAULT_MAX_LENGTH = 2048
-
-
-# ----------------------------------------------------------------------------------------------
-# Mixture config
-
-
-@dataclasses.dataclass(frozen=True)
-class ConversationFile:
-    path: str  # relative to MixtureConfig.conversations_root; with tfds_split, a TFDS dataset folder
-    weight: float = 1.0  # the original used 1 for every file
-    # Set: ``path`` is a prepared TFDS dataset (the folder holding dataset_info.json) and this split
-    # of it is one file of the mixture; its records hold their images and masks (no register needed).
-    tfds_split: str | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class MixtureConfig:
-    """What the original's conversation and annotation yaml files (plus folder flags) said."""
-
-    conversations: tuple[ConversationFile, ...]
-    registers: tuple[RegisterSpec, ...]
-    images_root: str
-    annotations_root: str
-    conversations_root: str = "."
-    limit_rounds: int | None = 6  # ``--limit_rounds 6`` of every released training script
-    max_per_file: int | None = None  # the original's ``--load_data``: first k conversations per file
-    is_eval: bool = False  # read ``<dataset>_eval`` registers where present
-
-    @classmethod
-    def from_yaml(cls, conversation_yaml: PathLike, annotation_yaml: PathLike, **folders: Any) -> MixtureConfig:
-        """From the original's ``scripts/{conversation,annotation}_configs`` files; ``folders`` are the
-        remaining fields (``images_root``, ``annotations_root``, ``conversations_root``, ...)."""
-        import yaml  # a transformers dependency; only needed for the original's config files
-
-        with open(conversation_yaml, encoding="utf-8") as f:
-            entries = (yaml.safe_load(f) or {}).get("datasets")
-        if not isinstance(entries, list) or not all(isinstance(e, Mapping) and "name" in e for e in entries):
-            raise ConfigError(f"{conversation_yaml} must hold 'datasets:' entries with a name.")
-        files = tuple(ConversationFile(str(e["name"]), float(e.get("weight", 1.0)), e.get("tfds_split"))
-                      for e in entries)
-        return cls(conversations=files, registers=tuple(read_register_specs(annotation_yaml)), **folders)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -238,27 +197,6 @@ def _epoch_plan(plan: BatchPlan, epoch: int) -> tuple[np.ndarray, np.ndarray]:
 
 # ----------------------------------------------------------------------------------------------
 # Examples
-
-
-def read_rgb(source: Path | bytes) -> np.ndarray:
-    """uint8 ``[H, W, 3]`` of a dataset image (file or its bytes), without EXIF rotation (annotations
-    index the stored grid)."""
-    return np.asarray(preprocess.load_image(source, exif_transpose=False))
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class EmbeddedConversation:
-    """A conversation entry that carries its image and masks (a TFDS record): building it reads no
-    image file and no annotation register; its placeholders' mask ids are keys of ``masks``."""
-
-    entry: dict[str, Any]  # the conversation JSON entry (§D1)
-    image: bytes  # the encoded image file
-    masks: Mapping[str, np.ndarray]  # mask id -> boolean [H, W] at the image's resolution
-
-    def mask(self, mask_id: str) -> np.ndarray:
-        if mask_id not in self.masks:
-            raise InputError(f"mask id {mask_id!r} is not in the record of conversation {self.entry.get('id')!r}.")
-        return self.masks[mask_id]
 
 
 def _extent(mask: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
@@ -535,7 +473,7 @@ class Pipeline:
                     clip_size: int = CLIP_IMAGE_SIZE, frame: int = HIPIE_IMAGE_SIZE,
                     max_length: int = DEFAULT_MAX_LENGTH, read_threads: int = 2,
                     num_image_tokens: int = DEFAULT_NUM_IMAGE_TOKENS) -> Pipeline:
-        source = ConversationSource([Path(config.conversations_root) / c.path for c in config.conversations],
+        source = ConversationSource(config.paths,
                                     config.max_per_file, [c.tfds_split for c in config.conversations])
         weights = tuple(c.weight for c in config.conversations)
         plan = BatchPlan(source.file_lengths, batch_size, weights, shard_index, shard_count, seed)

@@ -4,7 +4,7 @@ Why: a TFDS split is one random-access file set with its schema and split sizes 
 how large datasets (RefCOCO prepared by TFDS's public ``ref_coco`` builder) already exist on many
 machines, and a single artefact is easier to ship than an image folder + JSON + register.
 
-Two layouts are read, each record turned into a :class:`~segllm_jax.data.pipeline.EmbeddedConversation`
+Two layouts are read, each record turned into a :class:`~segllm_jax.data.conversations.EmbeddedConversation`
 (conversation JSON entry + image bytes + the masks it names), so the example builder, the batch plan
 and the skip accounting are those of JSON files, and one TFDS split is one "file" of a mixture:
 
@@ -40,7 +40,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from segllm_jax.data import mrshapes
-from segllm_jax.data.pipeline import EmbeddedConversation
+from segllm_jax.data.conversations import EmbeddedConversation
 from segllm_jax.errors import ConfigError, InputError
 
 PathLike = Union[str, os.PathLike]

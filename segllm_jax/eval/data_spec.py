@@ -11,18 +11,18 @@ import json
 from pathlib import Path
 
 from segllm_jax.data.conversations import read_conversations
+from segllm_jax.data.mixture import ConversationFile, MixtureConfig
 from segllm_jax.data.registers import RegisterSpec
 from segllm_jax.errors import InputError
 
 
 @dataclasses.dataclass(frozen=True)
-class EvalData:
-    """Conversation JSON files plus where their images and annotation registers are."""
+class EvalData(MixtureConfig):
+    """The mixture ``--data`` names: conversation files, their annotation registers and images folder
+    (evaluation reads the ``<dataset>_eval`` registers where present)."""
 
-    conversations: tuple[str, ...]
-    registers: tuple[RegisterSpec, ...]
-    images_root: str
     annotations_root: str = "."
+    is_eval: bool = True
 
     @classmethod
     def parse(cls, spec: str) -> "EvalData":
@@ -41,11 +41,12 @@ class EvalData:
                 raise InputError(f"--data {spec!r}: {folder} has no split {split!r} (it has: "
                                  f"{', '.join(found) or 'none'}).")
             register = root / "annotations" / f"mrshapes_{split}.json"
-            return cls((str(root / "conversations" / f"mrshapes_{split}.json"),),
+            return cls((ConversationFile(str(root / "conversations" / f"mrshapes_{split}.json")),),
                        (RegisterSpec("mrshapes", str(register)),), str(root / "images"))
         try:
             d = json.loads(Path(spec).read_text())
-            return cls(tuple(d["conversations"]), tuple(RegisterSpec(**r) for r in d["registers"]),
+            return cls(tuple(ConversationFile(str(c)) for c in d["conversations"]),
+                       tuple(RegisterSpec(**r) for r in d["registers"]),
                        d["images_root"], d.get("annotations_root", "."))
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise InputError(f"--data {spec!r}: expected mrshapes:DIR:SPLIT or a JSON file with conversations, "
@@ -53,7 +54,7 @@ class EvalData:
 
     def check(self) -> "EvalData":
         """Every named file and folder exists (cheap; before a model is loaded)."""
-        for path in (*self.conversations, *(r.path for r in self.registers)):
+        for path in (*self.paths, *(r.path for r in self.registers)):
             if not Path(path).is_file():
                 raise InputError(f"--data: {path}: no such file.")
         if not Path(self.images_root).is_dir():
@@ -61,7 +62,7 @@ class EvalData:
         return self
 
 
-def read_entries(path: str, limit: int | None) -> list[dict]:
+def read_entries(path: str | Path, limit: int | None) -> list[dict]:
     """The first ``limit`` conversations of a file; an unreadable file is one sentence."""
     try:
         return read_conversations(path)[:limit]

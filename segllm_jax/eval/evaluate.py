@@ -126,7 +126,7 @@ def evaluate(loaded: Loaded, data: EvalData, mode: Mode = "autoregressive", *, a
                              AnnotationRegistry(data.registers, data.annotations_root), Path(data.images_root),
                              limit_rounds, cfg.context_length, cfg.vision.image_size, cfg.hipie_image_size,
                              is_eval=True)
-    entries = [e for path in data.conversations for e in read_entries(path, limit)]
+    entries = [e for path in data.paths for e in read_entries(path, limit)]
     gate = 0.0 if ablate_memory else cfg.eval_reference_gate
     metrics = RoundMetrics()
     for n, entry in enumerate(tqdm(entries, desc=f"eval ({mode})", unit="conv", disable=not progress)):

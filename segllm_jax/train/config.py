@@ -20,7 +20,8 @@ import math
 from typing import Literal
 
 from segllm_jax.config import SegLLMConfig
-from segllm_jax.data.pipeline import ConversationFile, MixtureConfig
+from segllm_jax.data.mixture import MixtureConfig
+from segllm_jax.data.mrshapes_prepare import MRShapesData
 from segllm_jax.errors import ConfigError
 
 RematPolicy = Literal["none", "full", "dots", "dots_no_batch"]
@@ -76,13 +77,12 @@ class TrainConfig:
     data: MixtureConfig
     tokenizer_dir: str  # an HF tokenizer folder with SegLLM's added tokens
     init_checkpoint: str | None = None  # segllm-jax checkpoint folder; None = random init (seed)
+    prepare_data: MRShapesData | None = None  # data the train command writes first (idempotent); None: it exists
     # batch and length
     batch_size: int = 8  # global conversations per step (2 per device x 4 GPUs in the original)
     steps: int = 1000
     pad_multiple: int = 64  # sequence length is padded to a multiple of this (fewer recompilations)
     ref_pad_multiple: int = 8  # references and <seg> prompts are padded to multiples of this
-    clip_size: int = 224  # CLIP input side of the data pipeline
-    frame: int = 1024  # HIPIE frame side of the data pipeline
     worker_count: int = 0  # grain worker processes
     # optimisation (architecture.md §T13)
     learning_rate: float = 2e-6
@@ -126,10 +126,6 @@ class TrainConfig:
             raise ConfigError(f"remat={self.remat!r}; use 'none', 'full', 'dots' or 'dots_no_batch'.")
         if len(self.mesh_shape) != 3:
             raise ConfigError(f"mesh_shape {self.mesh_shape} must be (data, fsdp, tensor).")
-        if self.clip_size != self.model.vision.image_size or self.frame != self.model.hipie_image_size:
-            raise ConfigError(f"the data pipeline makes {self.clip_size}px CLIP and {self.frame}px HIPIE images but "
-                              f"the model takes {self.model.vision.image_size} and {self.model.hipie_image_size}; "
-                              "set clip_size/frame to match.")
         if self.hipie_prompts is not None and (self.hipie_prompts < 1 or self.hipie_prompts % self.batch_size):
             raise ConfigError(f"hipie_prompts={self.hipie_prompts} must be a positive multiple of batch_size "
                               f"({self.batch_size}), so every host sends the same number of prompts.")
@@ -145,6 +141,16 @@ class TrainConfig:
                               "run; set lora=LoraConfig(...) too (a full fine-tune trains float32 weights).")
 
     @property
+    def clip_size(self) -> int:
+        """CLIP input side of the data pipeline: the model's vision tower's."""
+        return self.model.vision.image_size
+
+    @property
+    def frame(self) -> int:
+        """HIPIE frame side of the data pipeline: the model's."""
+        return self.model.hipie_image_size
+
+    @property
     def warmup_steps(self) -> int:
         """HF's ``get_cosine_schedule_with_warmup``: ``ceil(steps * warmup_ratio)``."""
         return math.ceil(self.steps * self.warmup_ratio)
@@ -156,7 +162,7 @@ class TrainConfig:
 def tiny_cpu(data: MixtureConfig, tokenizer_dir: str, vocab_size: int, **overrides) -> TrainConfig:
     """A model that trains in seconds on a laptop CPU: tiny widths, 32 px CLIP, 64 px HIPIE frame."""
     base = dict(model=SegLLMConfig.tiny(vocab_size=vocab_size), data=data, tokenizer_dir=tokenizer_dir,
-                batch_size=2, steps=8, pad_multiple=128, clip_size=32, frame=64, learning_rate=1e-3,
+                batch_size=2, steps=8, pad_multiple=128, learning_rate=1e-3,
                 warmup_ratio=0.0, compute_dtype="float32", remat="none", mesh_shape=(1, 1, 1),
                 checkpoint_every=4, keep_checkpoints=2, use_hipie_loss=False, tensorboard=False)
     return TrainConfig(**{**base, **overrides})
@@ -173,69 +179,9 @@ def mrshapes_cpu(data: MixtureConfig, tokenizer_dir: str, vocab_size: int, **ove
     ``hipie_loss.target_ranking_loss``), which the from-scratch model needs to tell shapes apart."""
     model = SegLLMConfig.tiny_mrshapes(vocab_size)
     base = dict(model=model, data=data, tokenizer_dir=tokenizer_dir, batch_size=8, steps=1900,
-                pad_multiple=256, ref_pad_multiple=48, clip_size=model.vision.image_size,
-                frame=model.hipie_image_size, learning_rate=1e-3, warmup_ratio=0.03, compute_dtype="float32",
+                pad_multiple=256, ref_pad_multiple=48, learning_rate=1e-3, warmup_ratio=0.03, compute_dtype="float32",
                 remat="none", mesh_shape=(1, 1, 1), mask_points=1024, freeze_pretrained=False,
                 class_loss_weight=10.0, ranking_loss_weight=5.0, use_hipie_loss=True, checkpoint_every=500,
                 keep_checkpoints=2,
                 tensorboard=True)
     return TrainConfig(**{**base, **overrides})
-
-
-def prepare_tiny_mrshapes(root: str, n_scenes: int = 8, seed: int = 0, max_rounds: int = 3, eval_scenes: int = 0,
-                          grounding_rounds: int = 6) -> tuple[MixtureConfig, str, int]:
-    """MR-Shapes scenes + grounding conversations + a word-level tokenizer under ``root`` (idempotent).
-
-    Writes the ``train`` split (``n_scenes``), the stage-1 grounding conversations on the same scenes
-    (``grounding_rounds`` each, :mod:`segllm_jax.data.mrshapes_grounding`) and, with ``eval_scenes > 0``,
-    ``val`` and ``test`` splits of that size (same seed; a split is part of every scene's seed, so splits
-    never share a scene). The tokenizer is trained on the text the LLM reads as text: the system prompt,
-    the role names and the questions (no placeholder payloads). Returns ``(mixture, tokenizer_dir,
-    vocab_size)`` for the benchmark's conversations; :func:`grounding_mixture` gives stage 1's. A folder
-    prepared with other arguments is refused, not mixed.
-    """
-    import json
-    from pathlib import Path
-
-    from segllm_jax.data import mrshapes
-    from segllm_jax.data.conversations import parse_placeholders
-    from segllm_jax.data.mrshapes_grounding import write_grounding
-    from segllm_jax.data.tiny_tokenizer import train_tokenizer
-    from segllm_jax.tokenizer import ASSISTANT_ROLE, SYSTEM_PROMPT, USER_ROLE, SegTokenizer
-
-    out = Path(root)
-    done = out / "READY.json"
-    request = {"n_scenes": n_scenes, "seed": seed, "max_rounds": max_rounds, "eval_scenes": eval_scenes,
-               "grounding_rounds": grounding_rounds, "tokenizer": "word-level"}
-    if not done.exists():
-        files = [mrshapes.write_split(out, "train", n_scenes, seed, max_rounds=max_rounds).conversations,
-                 write_grounding(out, n_scenes, seed, grounding_rounds)]
-        if eval_scenes:
-            for split in ("val", "test"):
-                mrshapes.write_split(out, split, eval_scenes, seed, max_rounds=max_rounds)
-        texts = [f"{SYSTEM_PROMPT} {USER_ROLE}: {ASSISTANT_ROLE}:", mrshapes.vocabulary_text()]
-        for path in files:
-            for entry in mrshapes.read_conversations(path):
-                texts += [parse_placeholders(turn["value"])[1] for turn in entry["conversations"]]
-        train_tokenizer(texts, out / "tokenizer")
-        vocab = SegTokenizer.from_pretrained(out / "tokenizer").vocab_size
-        done.write_text(json.dumps({**request, "vocab": vocab}))
-    ready = json.loads(done.read_text())
-    made = {k: ready.get(k) for k in request}
-    if made != request:
-        raise ConfigError(f"{out} holds MR-Shapes prepared with {made}, not {request}; "
-                          "remove the folder or choose another one.")
-    return mrshapes_mixture(out, "mrshapes_train.json"), str(out / "tokenizer"), ready["vocab"]
-
-
-def mrshapes_mixture(root, conversations: str) -> MixtureConfig:
-    """A mixture of one conversation file of a prepared MR-Shapes folder (train images and register)."""
-    from pathlib import Path
-
-    from segllm_jax.data.registers import RegisterSpec
-
-    out = Path(root)
-    return MixtureConfig(conversations=(ConversationFile(conversations),),
-                         registers=(RegisterSpec("mrshapes", "mrshapes_train.json"),),
-                         images_root=str(out / "images"), annotations_root=str(out / "annotations"),
-                         conversations_root=str(out / "conversations"))

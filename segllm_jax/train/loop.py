@@ -185,6 +185,8 @@ def train(config: TrainConfig, workdir: str | Path) -> list[dict[str, Any]]:
     cfg = config
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    if cfg.prepare_data is not None:  # the config describes its data; the command writes it (idempotent)
+        cfg.prepare_data.prepare()
     initialize_distributed()
     primary = jax.process_index() == 0
     if primary:

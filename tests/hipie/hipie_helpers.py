@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from flax import nnx
 
-from segllm_jax.models.hipie.config import HipieConfig
+from segllm_jax.config import HipieConfig
 from segllm_jax.models.hipie.model import Hipie
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from segllm_jax.models.hipie.config import HipieConfig
+from segllm_jax.config import HipieConfig
 from segllm_jax.models.hipie.image_side import HipieImageSide
 
 from .conftest import GOLDEN_256, build_abstract, compare, convert_subtree, normalized_image_nhwc

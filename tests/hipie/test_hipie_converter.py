@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from segllm_jax.config import HipieConfig
 from segllm_jax.errors import ConversionError
-from segllm_jax.models.hipie.config import HipieConfig
 from segllm_jax.models.hipie.heads import make_iou_head
 from segllm_jax.models.hipie.model import Hipie
 from segllm_jax_convert.engine import convert, flat_targets

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from segllm_jax.models.hipie.config import HipieConfig
+from segllm_jax.config import HipieConfig
 from segllm_jax.models.hipie.model import Hipie, image_features_jit, predict, segment_jit
 from segllm_jax_convert.engine import flat_targets, load_arrays
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from segllm_jax.models.hipie.config import HipieConfig
+from segllm_jax.config import HipieConfig
 from segllm_jax.models.hipie.encoder import (encoder_reference_points, level_masks, nearest_resize_mask,
                                              valid_ratios)
 from segllm_jax.models.hipie.fusion import VLFusion

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from segllm_jax.models.hipie.config import HipieConfig
+from segllm_jax.config import HipieConfig
 from segllm_jax.models.hipie.postprocess import (batched_nms, box_cxcywh_to_xyxy, class_logits, nms, select_target,
                                                  topk_desc)
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from segllm_jax.models.hipie.config import HipieConfig
+from segllm_jax.config import HipieConfig
 from segllm_jax.models.hipie.resnet import BasicStem, BottleneckBlock, ResNet
 from .conftest import GOLDEN_256, build_abstract, build_random, compare, convert_subtree, normalized_image_nhwc
 

@@ -13,9 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from segllm_jax.data.mrshapes_prepare import prepare_tiny_mrshapes
 from segllm_jax.errors import ConfigError
 from segllm_jax.train import step as S
-from segllm_jax.train.config import mrshapes_cpu, prepare_tiny_mrshapes
+from segllm_jax.train.config import mrshapes_cpu
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -37,6 +38,18 @@ def test_prepared_folder_with_other_arguments_is_refused(tmp_path):
     assert len(json.loads((tmp_path / "conversations" / "mrshapes_test.json").read_text())) == 2
     with pytest.raises(ConfigError, match="n_scenes"):
         prepare_tiny_mrshapes(str(tmp_path), n_scenes=5, eval_scenes=2)
+
+
+def test_a_config_describes_its_data_and_the_train_command_writes_it(tmp_path, monkeypatch):
+    """Loading a config generates nothing; preparing its ``prepare_data`` (what ``train`` does first) writes
+    the tokenizer the config's model was sized for."""
+    from segllm_jax.train.loop import load_config
+
+    monkeypatch.setenv("SEGLLM_TINY_DATA", str(tmp_path / "data"))
+    config = load_config(REPO / "configs" / "tiny_train.py")
+    assert not (tmp_path / "data").exists()
+    assert config.prepare_data.prepare() == config.model.llm.vocab_size
+    assert Path(config.tokenizer_dir).is_dir() and (tmp_path / "data" / "READY.json").is_file()
 
 
 def _train(config: str, workdir: Path, env: dict) -> list[dict]:

@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from segllm_jax.models.hipie.config import HipieConfig
+from segllm_jax.config import HipieConfig
 from segllm_jax.models.hipie.model import Hipie
 from segllm_jax.models.hipie.training import DNLabelEncoder
 from segllm_jax.train.criterion import CriterionConfig, segllm_targets

@@ -67,10 +67,9 @@ def converted(tmp_path_factory):
 def train_config(init: Path, mesh_shape=(2, 2, 2)) -> TrainConfig:
     from segllm.tiny_release import tiny_config
 
-    model = tiny_config()
-    return TrainConfig(model=model, data=MixtureConfig((), (), "", ""), tokenizer_dir="", init_checkpoint=str(init),
-                       clip_size=model.vision.image_size, frame=model.hipie_image_size, compute_dtype="float32",
-                       remat="none", mesh_shape=mesh_shape, use_hipie_loss=True)
+    return TrainConfig(model=tiny_config(), data=MixtureConfig((), (), "", ""), tokenizer_dir="",
+                       init_checkpoint=str(init), compute_dtype="float32", remat="none", mesh_shape=mesh_shape,
+                       use_hipie_loss=True)
 
 
 def stored_training_params(folder: Path, like: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -16,11 +16,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from segllm_jax.data.mrshapes_prepare import prepare_tiny_mrshapes
 from segllm_jax.train import loop
 from segllm_jax.train import batching as B
 from segllm_jax.train import step as S
 from segllm_jax.train.checkpointing import Checkpointer
-from segllm_jax.train.config import prepare_tiny_mrshapes, tiny_cpu
+from segllm_jax.train.config import tiny_cpu
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS, EVERY = 8, 2

@@ -17,7 +17,8 @@ from segllm_jax.tokenizer import SegTokenizer
 from segllm_jax.train import batching as B
 from segllm_jax.train import lora as L
 from segllm_jax.train import step as S
-from segllm_jax.train.config import LoraConfig, prepare_tiny_mrshapes, tiny_cpu
+from segllm_jax.data.mrshapes_prepare import prepare_tiny_mrshapes
+from segllm_jax.train.config import LoraConfig, tiny_cpu
 from segllm_jax.train.loop import make_pipeline
 
 

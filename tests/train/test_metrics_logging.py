@@ -10,11 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from segllm_jax.data.mrshapes_prepare import prepare_tiny_mrshapes
 from segllm_jax.tokenizer import SegTokenizer
 from segllm_jax.train import loop
 from segllm_jax.train import batching as B
 from segllm_jax.train import step as S
-from segllm_jax.train.config import prepare_tiny_mrshapes, tiny_cpu
+from segllm_jax.train.config import tiny_cpu
 
 
 @pytest.fixture(scope="module")

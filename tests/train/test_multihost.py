@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from segllm_jax.train.config import prepare_tiny_mrshapes
+from segllm_jax.data.mrshapes_prepare import prepare_tiny_mrshapes
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 3

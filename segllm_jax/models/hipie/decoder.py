@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from segllm_jax.models.hipie.config import HipieConfig
+from segllm_jax.config import HipieConfig
 from segllm_jax.models.hipie.deformable_attention import MSDeformAttn
 from segllm_jax.models.hipie.heads import MLP, inverse_sigmoid
 from segllm_jax.models.hipie.position import sine_box_embedding

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from segllm_jax.models.hipie.config import HipieConfig
+from segllm_jax.config import HipieConfig
 from segllm_jax.models.hipie.conv import Conv2d, GroupNorm
 from segllm_jax.models.hipie.deformable_attention import MSDeformAttn
 from segllm_jax.models.layers import LayerNorm, Linear

@@ -28,8 +28,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from segllm_jax.config import HipieConfig
 from segllm_jax.errors import InputError
-from segllm_jax.models.hipie.config import HipieConfig
 from segllm_jax.models.hipie.encoder import (DeformableEncoder, SpatialShapes, flatten_levels, input_projections,
                                              level_masks, level_start_index, valid_ratios)
 from segllm_jax.models.hipie.fusion import VLFusion

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from segllm_jax.models.hipie.config import HipieConfig
+from segllm_jax.config import HipieConfig
 from segllm_jax.models.hipie.decoder import HipieDecoder
 from segllm_jax.models.hipie.heads import MLP, make_bbox_embed, make_class_embed, make_iou_head
 from segllm_jax.models.hipie.image_side import EncoderOutput, HipieImageSide, LevelInputs, normalize_pixels

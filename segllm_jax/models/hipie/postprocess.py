@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from segllm_jax.models.hipie.config import HipieConfig
+from segllm_jax.config import HipieConfig
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from segllm_jax.models.hipie.config import HipieConfig
+from segllm_jax.config import HipieConfig
 from segllm_jax.models.layers import Embed, LayerNorm, Linear
 
 SpatialShapes = tuple[tuple[int, int], ...]

@@ -17,7 +17,7 @@ from typing import NamedTuple
 import jax
 from flax import nnx
 
-from segllm_jax.models.hipie.config import HipieConfig
+from segllm_jax.config import HipieConfig
 from segllm_jax.models.hipie.conv import ConvFrozenBN, max_pool_3x3_s2
 
 

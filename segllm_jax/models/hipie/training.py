@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from segllm_jax.models.hipie.config import HipieConfig
+from segllm_jax.config import HipieConfig
 from segllm_jax.models.hipie.heads import inverse_sigmoid
 from segllm_jax.models.hipie.image_side import LevelInputs
 from segllm_jax.models.hipie.mask_head import aligned_bilinear, dynamic_mask_logits, split_memory_levels
