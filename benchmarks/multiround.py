@@ -87,7 +87,7 @@ def main() -> None:
           f"peak memory {_peak_memory_mb():.0f} MB")
     print("| round | incremental ms | recompute ms | recompute / incremental |")
     print("|---|---|---|---|")
-    for r, (a, b) in enumerate(zip(results["incremental"], results["recompute"]), start=1):
+    for r, (a, b) in enumerate(zip(results["incremental"], results["recompute"], strict=True), start=1):
         print(f"| {r} | {a:.1f} | {b:.1f} | {b / a:.2f}x |")
 
 

@@ -110,7 +110,7 @@ class SegTokenizer:
                 hf = LlamaTokenizer.from_pretrained(
                     folder, local_files_only=True, legacy=False, add_bos_token=True, add_eos_token=False
                 )
-        except Exception as err:  # noqa: BLE001 - transformers/tokenizers report a broken file with many types
+        except Exception as err:  # transformers/tokenizers report a broken file with many types
             detail = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
             raise TokenizerError(f"Cannot load the tokenizer in {folder} ({detail}); the tokenizer files are "
                                  "damaged, copy them again from the source checkpoint.") from err
@@ -255,7 +255,7 @@ def _ensure_added_tokens(hf_tokenizer) -> None:
         raise TokenizerError(f"The tokenizer has only some of SegLLM's added tokens; missing {missing}.")
     ids = [int(hf_tokenizer.convert_tokens_to_ids(tok)) for tok in SEGLLM_ADDED_TOKENS]
     if ids != list(range(ids[0], ids[0] + len(ids))):
-        listing = ", ".join(f"{tok}={i}" for tok, i in zip(SEGLLM_ADDED_TOKENS, ids))
+        listing = ", ".join(f"{tok}={i}" for tok, i in zip(SEGLLM_ADDED_TOKENS, ids, strict=True))
         raise TokenizerError(
             f"SegLLM's added tokens must have consecutive ids in the order of docs/architecture.md §D2; got {listing}."
         )

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+from tokenizer_fixture import LLAVA_TOKENIZER_CONFIG, make_llama_tokenizer_dir
 from tokenizers import normalizers
 from transformers import LlamaTokenizer
 
@@ -20,7 +21,6 @@ from segllm_jax.tokenizer import (
     parse_references,
     rounds_that_fit,
 )
-from tokenizer_fixture import LLAVA_TOKENIZER_CONFIG, make_llama_tokenizer_dir
 
 N_IMAGE = 4  # image placeholders per image in most tests; one test uses the real 256
 
@@ -182,7 +182,7 @@ def test_layout_positions(encoder, tokenizer):
     assert conv.rounds[0].start == 0 and conv.rounds[-1].end == conv.num_tokens
     np.testing.assert_array_equal(ids[conv.seg_positions], tokenizer.seg_id)
     assert np.count_nonzero(ids == tokenizer.seg_id) == len(rounds)
-    for one, layout in zip(rounds, conv.rounds):
+    for one, layout in zip(rounds, conv.rounds, strict=True):
         image = layout.image_positions
         assert image.size == (N_IMAGE if one.has_image else 0)
         np.testing.assert_array_equal(np.diff(image), 1)

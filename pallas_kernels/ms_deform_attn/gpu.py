@@ -94,7 +94,7 @@ def _specs(seq: int, head_dim: int, block_q: int, levels: int, points: int) -> t
 
 def _samples(loc_ref, aw_ref, spatial_shapes: SpatialShapes, starts: tuple[int, ...], points: int, acc_dtype):
     """Yields ``(j, level, aw, fx, fy, corners)`` for every (level, point), unrolled."""
-    for level, ((height, width), start) in enumerate(zip(spatial_shapes, starts)):
+    for level, ((height, width), start) in enumerate(zip(spatial_shapes, starts, strict=True)):
         for point in range(points):
             j = level * points + point
             loc_x = loc_ref[:, 2 * j].astype(acc_dtype)  # [block_q]

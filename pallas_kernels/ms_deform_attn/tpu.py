@@ -151,7 +151,7 @@ def visit_table(loc: jax.Array, tiling: Tiling) -> jax.Array:
     batch, heads, q_padded, _ = loc.shape
     big = jnp.iinfo(jnp.int32).max
     entries = []
-    for level, ((height, width), start) in enumerate(zip(tiling.spatial_shapes, tiling.starts)):
+    for level, ((height, width), start) in enumerate(zip(tiling.spatial_shapes, tiling.starts, strict=True)):
         j = level * tiling.points
         xy = loc[..., 2 * j : 2 * (j + tiling.points)].astype(jnp.float32)  # [B, H, Qp, 2P]
         _, _, corners = level_corners(xy[..., 0::2], xy[..., 1::2], height, width, start)
@@ -191,7 +191,7 @@ def _visit(table, b, h, i, j, tiling: Tiling, heads: int) -> tuple[Any, Any]:
     total = sum(count for _, count in segments)
     jj = jnp.clip(j, 0, jnp.maximum(total - 1, 0))  # stay on the last visit
     tile, offset = segments[0][0] + jj, 0
-    for (first, _), (_, prev_count) in zip(segments[1:], segments[:-1]):
+    for (first, _), (_, prev_count) in zip(segments[1:], segments[:-1], strict=True):
         offset = offset + prev_count
         tile = jnp.where(jj >= offset, first + jj - offset, tile)
     return tile, j < total

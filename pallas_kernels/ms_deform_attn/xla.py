@@ -140,8 +140,8 @@ def _blocked_bwd(spatial_shapes, level_start_index, budget_bytes, residuals, gra
     def block(start, size, carry):
         grad_value, grad_loc, grad_aw = carry
         loc, aw = _rows_of(sampling_locations, start, size), _rows_of(attention_weights, start, size)
-        weight, pull_back, index = jax.vjp(lambda l, a: _weight_and_index(l, a, spatial_shapes, level_start_index),
-                                           loc, aw, has_aux=True)  # [B, H, q, K] each
+        weight, pull_back, index = jax.vjp(  # [B, H, q, K] each
+            lambda loc, aw: _weight_and_index(loc, aw, spatial_shapes, level_start_index), loc, aw, has_aux=True)
         dout = _rows_of(grad_out, start, size).transpose(0, 2, 1, 3).astype(acc_dtype)  # [B, H, q, Dh]
         rows = gather_rows(value, index)  # [B, H, q, K, Dh]
         grad_weight = jnp.einsum("bhqkd,bhqd->bhqk", rows, dout, preferred_element_type=acc_dtype)

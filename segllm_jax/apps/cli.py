@@ -106,7 +106,7 @@ def existing_path(text: str) -> str:
 class Parser(argparse.ArgumentParser):
     """argparse, but a mistake is one line (no usage block) and exit code 2, like every other error."""
 
-    def error(self, message: str):  # noqa: D401 - argparse's hook
+    def error(self, message: str):  # argparse's hook
         self.exit(2, f"{self.prog}: {message}; see {self.prog} --help.\n")
 
 
@@ -499,7 +499,8 @@ def build_parser() -> argparse.ArgumentParser:
                                "command)")
     p.add_argument("--out", default="demo_out")
     p.add_argument("--seed", type=non_negative_int(), default=7, help="MR-Shapes seed of the test scene")
-    p.add_argument("--checkpoint", default=None, help="checkpoint folder (default: the shipped checkpoints/tiny_mrshapes)")
+    p.add_argument("--checkpoint", default=None,
+                   help="checkpoint folder (default: the shipped checkpoints/tiny_mrshapes)")
     return parser
 
 

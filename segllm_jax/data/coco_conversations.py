@@ -49,8 +49,16 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from segllm_jax.data.mixture import ConversationFile, MixtureConfig
-from segllm_jax.data.referring import (EXPRESSION, REFERRING_RELATIONS, Conversation, ConversationRules, Query,
-                                       conversation_to_json, generate_conversation, question_type)
+from segllm_jax.data.referring import (
+    EXPRESSION,
+    REFERRING_RELATIONS,
+    Conversation,
+    ConversationRules,
+    Query,
+    conversation_to_json,
+    generate_conversation,
+    question_type,
+)
 from segllm_jax.data.registers import RegisterSpec, load_json, resolve_image_path, segmentation_to_mask
 from segllm_jax.data.rle import register_text, rle_encode_compressed
 from segllm_jax.errors import InputError

@@ -245,7 +245,7 @@ def _reference_pairs(placeholders: Sequence[Placeholder], conv_id: Any) -> tuple
         raise InputError(f"conversation {conv_id!r}: reference placeholders must be MASK-ENCODE/BOX-ENCODE "
                          f"pairs (after an optional leading IMAGE256), got {kinds}.")
     refs = []
-    for mask, box in zip(placeholders[::2], placeholders[1::2]):
+    for mask, box in zip(placeholders[::2], placeholders[1::2], strict=True):
         if mask.payload != box.payload:
             raise InputError(f"conversation {conv_id!r}: MASK-ENCODE {mask.payload!r} and BOX-ENCODE "
                              f"{box.payload!r} of one reference must name the same mask.")

@@ -38,15 +38,26 @@ import grain
 import numpy as np
 from PIL import Image
 
-from segllm_jax.data.conversations import (INFERENCE_DATASET, EmbeddedConversation, MaskRef, ParsedConversation,
-                                           parse_conversation, read_rgb)
+from segllm_jax.data.conversations import (
+    INFERENCE_DATASET,
+    EmbeddedConversation,
+    MaskRef,
+    ParsedConversation,
+    parse_conversation,
+    read_rgb,
+)
 from segllm_jax.data.mixture import ConversationFile, MixtureConfig  # noqa: F401  (ConversationFile re-exported)
 from segllm_jax.data.registers import AnnotationRegistry, load_json, resolve_image_path
 from segllm_jax.errors import ConfigError, InputError
-from segllm_jax.preprocess import (CLIP_IMAGE_SIZE, HIPIE_IMAGE_SIZE, clip_image, hipie_image, hipie_mask,
-                                   masked_crop)
-from segllm_jax.tokenizer import (DEFAULT_NUM_IMAGE_TOKENS, ConversationEncoder, EncodedConversation,
-                                  RoundLayout, SegTokenizer, rounds_that_fit)
+from segllm_jax.preprocess import CLIP_IMAGE_SIZE, HIPIE_IMAGE_SIZE, clip_image, hipie_image, hipie_mask, masked_crop
+from segllm_jax.tokenizer import (
+    DEFAULT_NUM_IMAGE_TOKENS,
+    ConversationEncoder,
+    EncodedConversation,
+    RoundLayout,
+    SegTokenizer,
+    rounds_that_fit,
+)
 
 PathLike = Union[str, os.PathLike]
 log = logging.getLogger(__name__)
@@ -76,7 +87,7 @@ class ConversationSource:
         if len(splits) != len(self.paths):
             raise ConfigError(f"{len(splits)} TFDS splits for {len(self.paths)} conversation files.")
         self._tables = {i: self._open_tfds(path, split)
-                        for i, (path, split) in enumerate(zip(self.paths, splits)) if split is not None}
+                        for i, (path, split) in enumerate(zip(self.paths, splits, strict=True)) if split is not None}
         self._entries: list[Sequence[Any]] | None = None
         self.file_lengths = tuple(len(entries) for entries in self._all_entries())
         self.offsets = tuple(int(x) for x in np.concatenate([[0], np.cumsum(self.file_lengths)[:-1]]))
@@ -518,7 +529,7 @@ def encoded_conversation(example: Mapping[str, Any]) -> EncodedConversation:
     ends = [int(e) for e in example["round_ends"]]
     image = example["image_positions"]
     layouts = []
-    for k, (start, end) in enumerate(zip([0, *ends[:-1]], ends)):
+    for k, (start, end) in enumerate(zip([0, *ends[:-1]], ends, strict=True)):
         in_round = example["ref_rounds"] == k
         layouts.append(RoundLayout(
             start=start, end=end,
@@ -540,7 +551,7 @@ def collate_inputs(examples: Sequence[Mapping[str, Any]]) -> tuple[list[EncodedC
     references = []
     for example in examples:
         per_round: list[list[Any]] = [[] for _ in example["round_ends"]]
-        for k, crop, box in zip(example["ref_rounds"], example["ref_crops"], example["ref_boxes"]):
+        for k, crop, box in zip(example["ref_rounds"], example["ref_crops"], example["ref_boxes"], strict=True):
             per_round[int(k)].append(Reference(crop=crop, box=box))
         references.append(per_round)
     clip_images = np.stack([example["clip_image"] for example in examples])

@@ -96,7 +96,7 @@ def _evaluate_one(loaded: Loaded, example: dict, entry: dict, mode: Mode, gate: 
         updated = []
         for k in range(len(rounds)):
             row = []
-            for mask_id, gt_ref in zip(ref_ids[k], references[0][k]):
+            for mask_id, gt_ref in zip(ref_ids[k], references[0][k], strict=True):
                 j = target_ids.index(mask_id) if mask_id in target_ids else k
                 row.append(predicted[j] if j < k else gt_ref)
             updated.append(row)
@@ -144,8 +144,10 @@ def evaluate(loaded: Loaded, data: EvalData, mode: Mode = "autoregressive", *, a
             best_query.add_conversation(list(best), list(gt_masks))
         if by_type is not None:
             rounds = parse_conversation(entry, limit_rounds).rounds
-            for r, pred, gt, box in zip(rounds, pred_masks, gt_masks, boxes):
-                by_type.setdefault(question_type(r.question, r.target.task_type), RoundMetrics()).update(0, pred, gt, box)
+            # rounds past the context length were cut (no prediction): zip stops at the last predicted one
+            for r, pred, gt, box in zip(rounds, pred_masks, gt_masks, boxes, strict=False):
+                kind = question_type(r.question, r.target.task_type)
+                by_type.setdefault(kind, RoundMetrics()).update(0, pred, gt, box)
     return metrics
 
 

@@ -302,7 +302,8 @@ def state_shardings(structure: ModelStructure, cfg: TrainConfig, mesh: Mesh) -> 
         for k in (k for k in lora_lib.adapted_kernels(structure.keys) if k in frozen):
             q = jax.eval_shape(lambda x: lora_lib.quantize_kernel(x, cfg.base_weights_qtype),
                                jax.ShapeDtypeStruct(shapes[k].shape, jnp.float32))
-            scale = replicated if axes[k] is None else NamedSharding(mesh, logical_to_spec(axes[k], q.scale.shape, mesh))
+            scale = (replicated if axes[k] is None
+                     else NamedSharding(mesh, logical_to_spec(axes[k], q.scale.shape, mesh)))
             frozen[k] = q.replace(qvalue=frozen[k], scale=scale)
     return TrainState(step=replicated, params=trainable,
                       frozen=frozen,

@@ -59,8 +59,8 @@ def _records(batches) -> list[tuple[int, list[int]]]:
 
 def _assert_same_batches(left, right) -> None:
     assert _records(left) == _records(right)
-    for a, b in zip(left, right):
-        for x, y in zip(a["examples"], b["examples"]):
+    for a, b in zip(left, right, strict=True):
+        for x, y in zip(a["examples"], b["examples"], strict=True):
             assert x.keys() == y.keys()
             for key in x:
                 np.testing.assert_array_equal(np.asarray(x[key]), np.asarray(y[key]), err_msg=key)
@@ -93,7 +93,7 @@ def test_example_contents_follow_the_spec(data):
     reference = ConversationEncoder(tokenizer).encode(parse_conversation(entry).tokenizer_rounds())
     rebuilt = p.encoded_conversation(example)
     np.testing.assert_array_equal(rebuilt.input_ids, reference.input_ids)
-    for mine, theirs in zip(rebuilt.rounds, reference.rounds):
+    for mine, theirs in zip(rebuilt.rounds, reference.rounds, strict=True):
         assert (mine.start, mine.end, mine.seg_position) == (theirs.start, theirs.end, theirs.seg_position)
         np.testing.assert_array_equal(mine.mask_encode_positions, theirs.mask_encode_positions)
         np.testing.assert_array_equal(mine.image_positions, theirs.image_positions)
@@ -177,7 +177,7 @@ def test_plan_hosts_are_disjoint():
 def test_pipeline_batches_come_from_one_file_and_hosts_split_them(data):
     hosts = [list(_pipeline(data, batch_size=1, shard_index=h, shard_count=2)) for h in range(2)]
     assert len(hosts[0]) == len(hosts[1]) == 2 * (N_SCENES // 2)
-    for b0, b1 in zip(*hosts):
+    for b0, b1 in zip(*hosts, strict=True):
         assert b0["file_index"] == b1["file_index"]
         assert {e["conv_id"] for e in b0["examples"]}.isdisjoint(e["conv_id"] for e in b1["examples"])
     whole = list(_pipeline(data, batch_size=2))
@@ -186,7 +186,7 @@ def test_pipeline_batches_come_from_one_file_and_hosts_split_them(data):
         assert {int(e["file_index"]) for e in batch["examples"]} == {batch["file_index"]}
         assert {int(e["conv_id"][-6:]) // 4 for e in batch["examples"]} == {batch["file_index"]}  # a: 0-3, b: 4-7
     # the two hosts' slices are exactly the single-host global batch
-    assert [r0 + r1 for (_, r0), (_, r1) in zip(_records(hosts[0]), _records(hosts[1]))] == \
+    assert [r0 + r1 for (_, r0), (_, r1) in zip(_records(hosts[0]), _records(hosts[1]), strict=True)] == \
         [r for _, r in _records(whole)]
 
 

@@ -23,8 +23,7 @@ from segllm_jax.data import mrshapes
 from segllm_jax.data import pipeline as p
 from segllm_jax.data.conversations import parse_conversation
 from segllm_jax.data.registers import RegisterSpec
-from segllm_jax.data.tfds_sources import (MRShapesConversations, RefCocoConversations, open_conversations,
-                                          write_mrshapes)
+from segllm_jax.data.tfds_sources import MRShapesConversations, RefCocoConversations, open_conversations, write_mrshapes
 from segllm_jax.errors import ConfigError, InputError
 from segllm_jax.preprocess import hipie_mask
 from segllm_jax.tokenizer import SegTokenizer
@@ -170,7 +169,7 @@ def test_tfds_and_json_give_identical_training_examples(shapes):
     json_examples, tfds_examples = _examples(from_json), _examples(from_tfds)
     assert len(json_examples) == len(tfds_examples) == 2 * SIZES["train"]
     assert sorted(e["conv_id"] for e in json_examples) == sorted([f"mrshapes_train_{i:06d}" for i in range(4)] * 2)
-    for x, y in zip(json_examples, tfds_examples):
+    for x, y in zip(json_examples, tfds_examples, strict=True):
         assert x.keys() == y.keys() and x["target_masks"].any()
         for key in x:
             np.testing.assert_array_equal(np.asarray(x[key]), np.asarray(y[key]), err_msg=key)
