@@ -1,6 +1,6 @@
 """Training/eval input pipeline: conversation files -> batches of model-ready NumPy examples (grain).
 
-Structure (all host-side NumPy; nothing here imports JAX):
+Structure (all host-side NumPy; JAX is used for nothing but the pytree of an Example):
 
 * :class:`ConversationSource` — a grain ``RandomAccessDataSource`` over every (file, index) of the
   mixture's conversation files. A split of a prepared TFDS dataset (``ConversationFile.tfds_split``,
@@ -10,8 +10,8 @@ Structure (all host-side NumPy; nothing here imports JAX):
   conversation file (weights uniform by default, seeded per epoch) and draws the whole global batch
   (``batch_size × shard_count``) from it; host ``shard_index`` takes its slice. Steps per epoch =
   total conversations // global batch, as in the original.
-* :class:`ExampleBuilder` — one JSON entry -> one example dict (token ids/labels, CLIP image, HIPIE
-  image, reference crops/boxes of §D6, GT masks per ``<seg>`` in the 1024 frame).
+* :class:`ExampleBuilder` — one JSON entry -> one :class:`~segllm_jax.data.example.Example` (token
+  ids/labels, CLIP image, HIPIE image, reference crops/boxes of §D6, GT masks per ``<seg>`` in the 1024 frame).
 * :class:`BatchLoader` — grain map from a global step to that host's batch; a conversation whose
   image/annotation is missing or corrupt is replaced by another draw from the same file and counted.
 * :class:`Pipeline` — the grain dataset (optionally with worker processes) and a checkpointable
@@ -46,6 +46,7 @@ from segllm_jax.data.conversations import (
     parse_conversation,
     read_rgb,
 )
+from segllm_jax.data.example import Example
 from segllm_jax.data.mixture import ConversationFile, MixtureConfig  # noqa: F401  (ConversationFile re-exported)
 from segllm_jax.data.registers import AnnotationRegistry, load_json, resolve_image_path
 from segllm_jax.errors import ConfigError, InputError
@@ -54,7 +55,6 @@ from segllm_jax.tokenizer import (
     DEFAULT_NUM_IMAGE_TOKENS,
     ConversationEncoder,
     EncodedConversation,
-    RoundLayout,
     SegTokenizer,
     rounds_that_fit,
 )
@@ -251,7 +251,7 @@ class _Masks:
 
 @dataclasses.dataclass
 class ExampleBuilder:
-    """One conversation JSON entry -> one example dict of NumPy arrays (see :meth:`build`)."""
+    """One conversation JSON entry -> one :class:`~segllm_jax.data.example.Example` (see :meth:`build`)."""
 
     encoder: ConversationEncoder
     registry: AnnotationRegistry
@@ -270,17 +270,8 @@ class ExampleBuilder:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state, _tokenizer_lock=threading.Lock())
 
-    def build(self, entry: Any) -> dict[str, Any]:
-        """Example keys (T tokens, N rounds = ``<seg>``s, R references, P image tokens, C = clip_size,
-        S = frame):
-
-        ``input_ids``/``labels`` int32 [T]; ``round_ends`` int32 [N]; ``image_positions`` int32 [P];
-        ``seg_positions`` int32 [N]; ``ref_mask_positions``/``ref_box_positions``/``ref_rounds`` int32 [R];
-        ``clip_image`` float32 [C, C, 3]; ``hipie_image`` uint8 [S, S, 3]; ``hipie_size`` int32 [2]
-        (resized h, w before padding); ``ref_crops`` float32 [R, C, C, 3]; ``ref_boxes`` float32 [R, 4]
-        (``[r0, c0, r1, c1] / S``); ``target_masks`` bool [N, S, S]; ``aux_masks`` bool [N, S, S]
-        (the round's supervised reference, zeros if none); ``has_aux`` bool [N]; ``conv_id`` str.
-        :class:`BatchLoader` adds ``file_index`` and ``record_index`` (int32 scalars).
+    def build(self, entry: Any) -> Example:
+        """The :class:`~segllm_jax.data.example.Example` of ``entry`` (C = ``clip_size``, S = ``frame``).
 
         ``entry`` is a JSON entry (image file and registers) or an :class:`EmbeddedConversation`.
         """
@@ -294,25 +285,25 @@ class ExampleBuilder:
         crops, boxes = self._references(pixels, masks, [ref for _, ref in refs])
         targets, aux, has_aux = self._decode_masks(rounds, masks)
         layouts = encoded.rounds
-        return {
-            "input_ids": encoded.input_ids,
-            "labels": encoded.labels,
-            "round_ends": np.asarray([r.end for r in layouts], np.int32),
-            "image_positions": np.concatenate([r.image_positions for r in layouts]).astype(np.int32),
-            "seg_positions": encoded.seg_positions,
-            "ref_mask_positions": np.concatenate([r.mask_encode_positions for r in layouts]).astype(np.int32),
-            "ref_box_positions": np.concatenate([r.box_encode_positions for r in layouts]).astype(np.int32),
-            "ref_rounds": np.asarray([k for k, _ in refs], np.int32),
-            "clip_image": clip_image(pixels, self.clip_size),
-            "hipie_image": hipie,
-            "hipie_size": np.asarray(resized_hw, np.int32),
-            "ref_crops": crops,
-            "ref_boxes": boxes,
-            "target_masks": targets,
-            "aux_masks": aux,
-            "has_aux": has_aux,
-            "conv_id": str(conversation.conv_id or ""),
-        }
+        return Example(
+            input_ids=encoded.input_ids,
+            labels=encoded.labels,
+            round_ends=np.asarray([r.end for r in layouts], np.int32),
+            image_positions=np.concatenate([r.image_positions for r in layouts]).astype(np.int32),
+            seg_positions=encoded.seg_positions,
+            ref_mask_positions=np.concatenate([r.mask_encode_positions for r in layouts]).astype(np.int32),
+            ref_box_positions=np.concatenate([r.box_encode_positions for r in layouts]).astype(np.int32),
+            ref_rounds=np.asarray([k for k, _ in refs], np.int32),
+            clip_image=clip_image(pixels, self.clip_size),
+            hipie_image=hipie,
+            hipie_size=np.asarray(resized_hw, np.int32),
+            ref_crops=crops,
+            ref_boxes=boxes,
+            target_masks=targets,
+            aux_masks=aux,
+            has_aux=has_aux,
+            conv_id=str(conversation.conv_id or ""),
+        )
 
     def _image_and_masks(self, conversation: ParsedConversation,
                          embedded: EmbeddedConversation | None) -> tuple[np.ndarray, _Masks]:
@@ -417,15 +408,13 @@ class BatchLoader:
         return {"examples": examples, "epoch": epoch, "step": step, "file_index": file_index,
                 "skipped": skipped}
 
-    def _try(self, file_index: int, record: int) -> tuple[dict[str, Any] | None, str]:
+    def _try(self, file_index: int, record: int) -> tuple[Example | None, str]:
         where = f"{self.source.file_name(file_index)}[{record}]"
         try:
             example = self.builder.build(self.source.entry(file_index, record))
         except Exception as err:  # noqa: BLE001 - see class docstring
             return None, f"{where}: {type(err).__name__}: {err}"
-        example["file_index"] = np.int32(file_index)
-        example["record_index"] = np.int32(record)
-        return example, ""
+        return dataclasses.replace(example, file_index=file_index, record_index=record), ""
 
 
 class PipelineIterator:
@@ -518,42 +507,3 @@ def _allow_grain_flags() -> None:
 
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
-
-
-# ----------------------------------------------------------------------------------------------
-# Into the model's batch format
-
-
-def encoded_conversation(example: Mapping[str, Any]) -> EncodedConversation:
-    """Rebuild the tokenizer's per-round layout from an example's flat position arrays."""
-    ends = [int(e) for e in example["round_ends"]]
-    image = example["image_positions"]
-    layouts = []
-    for k, (start, end) in enumerate(zip([0, *ends[:-1]], ends, strict=True)):
-        in_round = example["ref_rounds"] == k
-        layouts.append(RoundLayout(
-            start=start, end=end,
-            image_positions=image[(image >= start) & (image < end)],
-            mask_encode_positions=example["ref_mask_positions"][in_round],
-            box_encode_positions=example["ref_box_positions"][in_round],
-            seg_position=int(example["seg_positions"][k])))
-    return EncodedConversation(example["input_ids"], example["labels"], tuple(layouts))
-
-
-def collate_inputs(examples: Sequence[Mapping[str, Any]]) -> tuple[list[EncodedConversation], np.ndarray,
-                                                                   list[int], list[list[list[Any]]]]:
-    """Arguments ``(conversations, clip_images, image_of_row, references)`` of ``segllm_jax.batch.collate``.
-
-    The masks and HIPIE images are not part of ``ConversationBatch`` yet; stack them from the examples.
-    """
-    from segllm_jax.batch import Reference  # JAX import; only the training process calls this
-
-    references = []
-    for example in examples:
-        per_round: list[list[Any]] = [[] for _ in example["round_ends"]]
-        for k, crop, box in zip(example["ref_rounds"], example["ref_crops"], example["ref_boxes"], strict=True):
-            per_round[int(k)].append(Reference(crop=crop, box=box))
-        references.append(per_round)
-    clip_images = np.stack([example["clip_image"] for example in examples])
-    return [encoded_conversation(e) for e in examples], clip_images, list(range(len(examples))), references
-

@@ -227,7 +227,7 @@ def train(config: TrainConfig, workdir: str | Path) -> list[dict[str, Any]]:
     try:
         for step in range(start, cfg.steps):
             host = next(iterator)
-            conv_ids = [str(e["conv_id"]) for e in host["examples"]]
+            conv_ids = [e.conv_id for e in host["examples"]]
             rows_per_host = cfg.batch_size // jax.process_count()
             batch = batching.make_train_batch(host["examples"], cfg, step,
                                                     row_offset=jax.process_index() * rows_per_host)

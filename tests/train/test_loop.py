@@ -135,7 +135,7 @@ def test_nan_loss_stops_naming_step_and_conversations(env, tmp_path, monkeypatch
 
     def poisoned(examples, c, step, **kwargs):
         batch = real(examples, c, step, **kwargs)
-        seen.append([str(e["conv_id"]) for e in examples])
+        seen.append([str(e.conv_id) for e in examples])
         if len(seen) == 3:  # step 2: NaN pixels -> NaN image features -> NaN loss
             batch = dataclasses.replace(batch, conv=dataclasses.replace(
                 batch.conv, clip_images=jnp.full_like(batch.conv.clip_images, jnp.nan)))

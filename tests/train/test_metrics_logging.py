@@ -59,7 +59,7 @@ def test_train_batch_knows_each_prompts_round(data):
     cfg = tiny_cpu(mixture, tokenizer_dir, vocab, batch_size=4, max_rounds=1)
     host = next(iter(loop.make_pipeline(cfg, SegTokenizer.from_pretrained(tokenizer_dir), num_epochs=1)))
     batch = B.make_train_batch(host["examples"], cfg, step=3)
-    counts = [int(e["seg_positions"].size) for e in host["examples"]]
+    counts = [int(e.seg_positions.size) for e in host["examples"]]
     assert max(counts) > cfg.max_rounds  # the selection really drops rounds
     starts = np.cumsum([0, *counts[:-1]])
     index, rounds = np.asarray(batch.hipie_index), np.asarray(batch.hipie_round)

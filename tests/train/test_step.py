@@ -191,7 +191,7 @@ def test_fixed_prompt_count(setup, count):
     cfg, tokenizer, _ = setup
     cfg = dataclasses.replace(cfg, batch_size=2, use_hipie_loss=True, max_rounds=6, hipie_prompts=count)
     host = next(iter(make_pipeline(cfg, tokenizer, num_epochs=1)))
-    available = sum(int(e["seg_positions"].size) for e in host["examples"])
+    available = sum(int(e.seg_positions.size) for e in host["examples"])
     assert 2 < available < 8  # the two cases below really are a subset and a padding
     batch = B.make_train_batch(host["examples"], cfg, 3)
     index = np.asarray(batch.hipie_index)
