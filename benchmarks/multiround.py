@@ -24,8 +24,9 @@ import numpy as np
 from segllm_jax import checkpoint
 from segllm_jax.config import SegLLMConfig
 from segllm_jax.data.tiny_tokenizer import train_tokenizer
+from segllm_jax.prompt import SYSTEM_PROMPT
 from segllm_jax.session import MultiRoundSession
-from segllm_jax.tokenizer import SYSTEM_PROMPT, SegTokenizer
+from segllm_jax.tokenizer import SegTokenizer
 
 QUESTIONS = ["Segment the person on the left.", "Segment the object {ref} is holding.",
              "Segment the largest animal.", "Segment what is next to {ref}.", "Segment the red car.",

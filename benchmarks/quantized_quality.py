@@ -81,8 +81,8 @@ def golden_logits(loaded, golden, image: Path = IMAGE) -> np.ndarray:
     batch path of ``segllm_jax.batch``), its references fed the golden crops and boxes (the same for every
     model, so only the LLM / CLIP weights differ)."""
     from segllm_jax import batch as batching
+    from segllm_jax.prompt import ConversationEncoder, EncodedConversation
     from segllm_jax.session import ImageContext, next_round
-    from segllm_jax.tokenizer import ConversationEncoder, EncodedConversation
 
     cfg = loaded.model.cfg
     encoder = ConversationEncoder(loaded.tokenizer, cfg.num_image_tokens)

@@ -20,7 +20,7 @@ from segllm_jax import preprocess
 from segllm_jax.errors import InputError
 from segllm_jax.models.llama import LlamaOutput
 from segllm_jax.models.segllm import SegLLM
-from segllm_jax.tokenizer import IGNORE_INDEX, EncodedConversation
+from segllm_jax.prompt import IGNORE_INDEX, EncodedConversation
 
 LENGTH_BUCKET = 64  # sequences are padded to a multiple of this: few shapes, few compilations
 
@@ -52,7 +52,7 @@ class Reference:
 class ConversationBatch:
     input_ids: jax.Array  # [B, T] int32, right-padded
     token_mask: jax.Array  # [B, T] bool
-    labels: jax.Array  # [B, T] int32, -100 = ignored (padding too)
+    labels: jax.Array  # [B, T] int32, IGNORE_INDEX = ignored (padding too)
     clip_images: jax.Array  # [I, H, W, 3] CLIP-preprocessed images
     image_slot_rows: jax.Array  # [B * P] row of each image <video> slot
     image_slot_cols: jax.Array  # [B * P] its column

@@ -33,14 +33,8 @@ from segllm_jax.models.hipie.model import image_features_jit, predict
 from segllm_jax.models.llama import KVCache
 from segllm_jax.models.segllm import SegLLM
 from segllm_jax.outputs import atomic_save_image
-from segllm_jax.tokenizer import (
-    ConversationEncoder,
-    EncodedConversation,
-    Round,
-    SegTokenizer,
-    check_fits,
-    parse_references,
-)
+from segllm_jax.prompt import ConversationEncoder, EncodedConversation, Round, check_fits, parse_references
+from segllm_jax.tokenizer import SegTokenizer
 
 Mode = Literal["incremental", "recompute"]
 

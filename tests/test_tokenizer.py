@@ -1,4 +1,4 @@
-"""segllm_jax.tokenizer against a real 32000-piece LLaMA-style SentencePiece model (offline)."""
+"""segllm_jax.tokenizer and segllm_jax.prompt against a real 32000-piece LLaMA-style SentencePiece model (offline)."""
 
 from __future__ import annotations
 
@@ -11,16 +11,8 @@ from tokenizers import normalizers
 from transformers import LlamaTokenizer
 
 from segllm_jax.errors import InputError, TokenizerError
-from segllm_jax.tokenizer import (
-    IGNORE_INDEX,
-    SEGLLM_ADDED_TOKENS,
-    ConversationEncoder,
-    Round,
-    SegTokenizer,
-    check_fits,
-    parse_references,
-    rounds_that_fit,
-)
+from segllm_jax.prompt import IGNORE_INDEX, ConversationEncoder, Round, check_fits, parse_references, rounds_that_fit
+from segllm_jax.tokenizer import SEGLLM_ADDED_TOKENS, SegTokenizer
 
 N_IMAGE = 4  # image placeholders per image in most tests; one test uses the real 256
 

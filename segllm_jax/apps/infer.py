@@ -30,8 +30,8 @@ from segllm_jax.errors import SegLLMError
 from segllm_jax.manifest import RESULTS, read_manifest
 from segllm_jax.models.hipie.model import image_features_jit, predict
 from segllm_jax.outputs import atomic_write_text, make_output_folder
+from segllm_jax.prompt import ConversationEncoder, EncodedConversation
 from segllm_jax.session import ImageContext, RoundResult, next_round, round_result, save_round
-from segllm_jax.tokenizer import ConversationEncoder, EncodedConversation
 
 log = logging.getLogger(__name__)
 

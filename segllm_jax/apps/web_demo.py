@@ -49,8 +49,8 @@ from PIL import Image
 from segllm_jax.apps.web_sessions import DEFAULT_IDLE_TIMEOUT_S, DEFAULT_MAX_SESSIONS, SessionStore, UserSession
 from segllm_jax.checkpoint import Loaded
 from segllm_jax.errors import InputError, SegLLMError
+from segllm_jax.prompt import parse_references
 from segllm_jax.session import MultiRoundSession, RoundResult
-from segllm_jax.tokenizer import parse_references
 
 if TYPE_CHECKING:  # pragma: no cover
     import gradio as gr

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from segllm_jax.tokenizer import EncodedConversation, RoundLayout
+from segllm_jax.prompt import EncodedConversation, RoundLayout
 
 
 # A JAX pytree so that grain's worker processes (``Pipeline(worker_count > 0)``) hand its arrays over in

@@ -35,8 +35,8 @@ from segllm_jax import batch as batching
 from segllm_jax.checkpoint import Loaded
 from segllm_jax.data.conversations import parse_conversation
 from segllm_jax.data.example import Example, collate_inputs
+from segllm_jax.data.example_builder import ExampleBuilder
 from segllm_jax.data.mrshapes import question_type
-from segllm_jax.data.pipeline import ExampleBuilder
 from segllm_jax.data.registers import AnnotationRegistry
 from segllm_jax.errors import InputError, SegLLMError
 from segllm_jax.eval.charts import line_chart
@@ -44,7 +44,7 @@ from segllm_jax.eval.data_spec import EvalData, read_entries
 from segllm_jax.eval.metrics import RoundMetrics
 from segllm_jax.models.hipie.model import Hipie, image_features_jit, predict, segment_jit, selected_mask_jit
 from segllm_jax.outputs import atomic_write_text, make_output_folder
-from segllm_jax.tokenizer import ConversationEncoder
+from segllm_jax.prompt import ConversationEncoder
 
 Mode = Literal["teacher", "autoregressive"]
 

@@ -34,8 +34,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from segllm_jax.batch import forward
 from segllm_jax.config import SegLLMConfig
 from segllm_jax.models.segllm import SegLLM
+from segllm_jax.prompt import IGNORE_INDEX
 from segllm_jax.sharding import logical_to_spec
-from segllm_jax.tokenizer import IGNORE_INDEX
 from segllm_jax.train import lora as lora_lib
 from segllm_jax.train.batching import TrainBatch
 from segllm_jax.train.config import TrainConfig

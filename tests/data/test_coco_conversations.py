@@ -16,15 +16,8 @@ import pytest
 
 from segllm_jax.apps import cli
 from segllm_jax.data import mrshapes
-from segllm_jax.data.coco_conversations import (
-    CocoLayout,
-    CocoOptions,
-    Instance,
-    image_conversations,
-    mixture,
-    read_coco,
-    write_conversations,
-)
+from segllm_jax.data.coco import CocoLayout, Instance, read_coco
+from segllm_jax.data.coco_conversations import CocoOptions, image_conversations, mixture, write_conversations
 from segllm_jax.data.conversations import parse_conversation
 from segllm_jax.data.referring import EXPRESSION, depends_on_reference, resolve
 from segllm_jax.data.registers import JsonMaskRegister

@@ -22,7 +22,8 @@ from segllm_jax.data.example import Example, collate_inputs, encoded_conversatio
 from segllm_jax.data.registers import RegisterSpec
 from segllm_jax.errors import ConfigError, InputError
 from segllm_jax.preprocess import clip_image, hipie_image, hipie_mask, masked_crop
-from segllm_jax.tokenizer import ConversationEncoder, SegTokenizer
+from segllm_jax.prompt import ConversationEncoder
+from segllm_jax.tokenizer import SegTokenizer
 
 SEED = 3
 N_SCENES = 8

@@ -10,7 +10,7 @@ import pytest
 import segllm_jax.eval.evaluate as evaluate_module
 from segllm_jax.apps.cli import main
 from segllm_jax.data import mrshapes
-from segllm_jax.data.pipeline import ExampleBuilder
+from segllm_jax.data.example_builder import ExampleBuilder
 from segllm_jax.eval.evaluate import EvalData, evaluate
 
 
@@ -84,7 +84,7 @@ def test_best_query_is_the_decoders_best_overlapping_query(tiny, split, tmp_path
     from segllm_jax.data.example import collate_inputs
     from segllm_jax.data.registers import AnnotationRegistry
     from segllm_jax.models.hipie.model import image_features_jit, segment_jit, selected_mask_jit
-    from segllm_jax.tokenizer import ConversationEncoder
+    from segllm_jax.prompt import ConversationEncoder
 
     root, loaded = tiny
     cfg, hipie = loaded.config, loaded.model.segmentator
