@@ -185,15 +185,9 @@ def _scatter_add_rows(grad_value: jax.Array, index: jax.Array, contrib: jax.Arra
 _blocked.defvjp(_blocked_fwd, _blocked_bwd)
 
 
-def ms_deform_attn_xla(
-    value: jax.Array,  # [B, S, H, Dh]
-    spatial_shapes: SpatialShapes,
-    level_start_index: Sequence[int],
-    sampling_locations: jax.Array,  # [B, Q, H, L, P, 2]
-    attention_weights: jax.Array,  # [B, Q, H, L, P]
-    *,
-    block_bytes: int | None = None,
-) -> jax.Array:  # [B, Q, H * Dh]
+def ms_deform_attn_xla(value: jax.Array, spatial_shapes: SpatialShapes, level_start_index: Sequence[int],
+                       sampling_locations: jax.Array, attention_weights: jax.Array, *,
+                       block_bytes: int | None = None) -> jax.Array:
     """MSDA in query blocks whose gathered rows fit ``block_bytes`` (forward and backward;
     default :func:`default_block_bytes`).
 
