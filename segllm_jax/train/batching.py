@@ -1,5 +1,5 @@
-"""The typed batch boundary of training: pipeline :class:`~segllm_jax.data.example.Example` s in, a
-:class:`TrainBatch` on the mesh out.
+"""The typed batch boundary of training: pipeline examples (:class:`~segllm_jax.data.example.Example`) in,
+a :class:`TrainBatch` on the mesh out.
 
 * :func:`make_train_batch` (host): collate one host's examples into a ``ConversationBatch``, pick the
   prompts HIPIE trains on, pad everything to bucketed shapes (``ConversationBatch.pad``).
