@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-slow browser clean
+.PHONY: demo lint test test-slow browser clean
 
 # Re-install only when pyproject.toml changes (stamps live inside the venv).
 $(VENV)/.installed: pyproject.toml
@@ -30,11 +30,17 @@ browser:
 	  (apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium chromium-driver) || \
 	  echo "chromium unavailable: the browser test will skip"
 
-test: $(VENV)/.installed-test browser
+# ruff (rules in pyproject.toml [tool.ruff]) and the import layering (pyproject.toml [tool.importlinter]);
+# `make test` runs it first.
+lint: $(VENV)/.installed-test
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
+
+test: $(VENV)/.installed-test lint browser
 	$(PY) -m pytest -m "not slow" -n 2 --dist loadfile -q $(PYTEST_ARGS)
 
 test-slow: $(VENV)/.installed-test
 	$(PY) -m pytest -m slow -q $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) demo_out .pytest_cache
+	rm -rf $(VENV) demo_out .pytest_cache .ruff_cache .import_linter_cache .grimp_cache

@@ -61,8 +61,7 @@ def _stages(model: Hipie):
 
     @nnx.jit
     def mask_head(m, memory, controller_params, ref, sel_query, image_size_probe):
-        from segllm_jax.models.hipie.mask_head import (aligned_bilinear, binarize, dynamic_mask_logits,
-                                                       upsample_to_image)
+        from segllm_jax.models.hipie.mask_head import aligned_bilinear, binarize, dynamic_mask_logits, upsample_to_image
 
         feats = m.mask_head(split_memory_levels(memory, _SHAPES))
         idx = sel_query[:, None, None]
@@ -84,7 +83,7 @@ def _memory_bytes(jitted, *args) -> int | None:
     try:
         ma = jitted.lower(*args).compile().memory_analysis()
         return int(ma.output_size_in_bytes + ma.temp_size_in_bytes)
-    except Exception:  # not every backend / version reports it
+    except Exception:  # noqa: BLE001 - not every backend / version reports it
         return None
 
 
@@ -132,7 +131,8 @@ def main() -> None:
         index = jnp.zeros((n,), jnp.int32)
         sel = jnp.full((n,), model.cfg.num_bg_queries, jnp.int32)
         if a.compile_only:
-            rows.append((n, None, _stage_memory(model, image, prompts, index, sel, size_probe, (backbone, encoder, decoder, mask_head)), None))
+            stages = (backbone, encoder, decoder, mask_head)
+            rows.append((n, None, _stage_memory(model, image, prompts, index, sel, size_probe, stages), None))
             _print_table(rows[-1:], header=len(rows) == 1)
             continue
         t_bb, levels = _time(backbone, (model, image), a.runs, a.warmup)
@@ -174,7 +174,7 @@ def _print_table(rows, header: bool = True) -> None:
     for n, times, mem, peak in rows:
         times = times or [float("nan")] * len(names)  # --compile-only
         total = sum(times)
-        for name, t, m in zip(names, times, mem):
+        for name, t, m in zip(names, times, mem, strict=True):
             ms = f"{m / 2**20:.0f}" if m is not None else "n/a"
             print(f"| {n} | {name} | {t:.4f} | {100 * t / total:.1f}% | {ms} |")
         print(f"| {n} | **total** | {total:.4f} | 100% | device peak: "

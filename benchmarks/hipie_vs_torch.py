@@ -183,10 +183,11 @@ def jax_worker(batch: int, size: int, backward: bool, runs: int, save: str | Non
 
         return nnx.grad(loss, argnums=(0, 1))(m, x)
 
-    if backward:
-        fn = lambda: jax.block_until_ready(forward_backward(model, inputs["x"], inputs["pos"], inputs["cot"]))
-    else:
-        fn = lambda: jax.block_until_ready(forward(model, inputs["x"], inputs["pos"]))
+    def fn():
+        if backward:
+            return jax.block_until_ready(forward_backward(model, inputs["x"], inputs["pos"], inputs["cot"]))
+        return jax.block_until_ready(forward(model, inputs["x"], inputs["pos"]))
+
     before = _rss_mb()
     seconds = _median_s(fn, runs)
     if save and not backward:
@@ -319,9 +320,12 @@ def _row(batch: int, pass_: str, ours: dict, peer: dict) -> str:
         return format(r[key], fmt) if key in r else f"failed ({r['error']})"
 
     ratio_t = f"{ours['seconds'] / peer['seconds']:.2f}x" if "seconds" in ours and "seconds" in peer else "—"
-    ratio_m = f"{ours['peak_rss_mb'] / peer['peak_rss_mb']:.2f}x" if "peak_rss_mb" in ours and "peak_rss_mb" in peer else "—"
-    mem = lambda r: (f"{r['peak_rss_mb']:.0f} ({r['rss_before_mb']:.0f})" if "peak_rss_mb" in r
-                     else f"failed ({r['error']})")
+    ratio_m = (f"{ours['peak_rss_mb'] / peer['peak_rss_mb']:.2f}x" if "peak_rss_mb" in ours and "peak_rss_mb" in peer
+               else "—")
+
+    def mem(r: dict) -> str:
+        return f"{r['peak_rss_mb']:.0f} ({r['rss_before_mb']:.0f})" if "peak_rss_mb" in r else f"failed ({r['error']})"
+
     return (f"| {batch} | {pass_} | {cell(ours, 'seconds', '.3f')} | {cell(peer, 'seconds', '.3f')} | {ratio_t} | "
             f"{mem(ours)} | {mem(peer)} | {ratio_m} |")
 

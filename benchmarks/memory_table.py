@@ -43,7 +43,7 @@ MESHES = (
 
 
 def per_device_bytes(structure: S.ModelStructure, mesh_shape: tuple[int, int, int]) -> dict[str, float]:
-    mesh = types.SimpleNamespace(shape=dict(zip(MESH_AXES, mesh_shape)))
+    mesh = types.SimpleNamespace(shape=dict(zip(MESH_AXES, mesh_shape, strict=True)))
     out = {"params": 0.0, "grads": 0.0, "adam": 0.0}
     abstract = structure.abstract()
     for key, axes in structure.logical_axes().items():
@@ -108,7 +108,7 @@ def inference_rows(cfg: SegLLMConfig) -> list[dict]:
         model = nnx.eval_shape(make)
         llm_graph, llm_state = nnx.split(model.llm)
 
-        def llm_round(state, embeds, mask, cache):
+        def llm_round(state, embeds, mask, cache, llm_graph=llm_graph):  # this iteration's graph
             out = nnx.merge(llm_graph, state)(embeds, mask, cache=cache)
             return out.logits[:, -1], out.cache
 
@@ -130,8 +130,8 @@ def print_inference_table(cfg: SegLLMConfig) -> None:
     for r in rows:
         total = r["params"] + r["kv"] + activations
         fits = ", ".join(f"{c} GB" for c in CARDS_GB if total < c * 1e9) or "none"
-        print(f"| {r['qtype']} | {r['params'] / gib:.2f} GiB | {r['llm_params'] / gib:.2f} GiB | {r['kv'] / gib:.2f} GiB "
-              f"| {r['temp'] / gib:.2f} GiB | **{total / gib:.2f} GiB** | {fits} |")
+        print(f"| {r['qtype']} | {r['params'] / gib:.2f} GiB | {r['llm_params'] / gib:.2f} GiB "
+              f"| {r['kv'] / gib:.2f} GiB | {r['temp'] / gib:.2f} GiB | **{total / gib:.2f} GiB** | {fits} |")
 
 
 def main() -> None:

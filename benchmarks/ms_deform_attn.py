@@ -83,9 +83,8 @@ def make_inputs(size: Size, levels: tuple[tuple[int, int], ...], seed: int = 0, 
     queries = seq if size.queries is None else size.queries
     if size.queries is None:
         # Encoder: each query is a pixel of some level; its reference point is that pixel's centre.
-        ref = np.concatenate(
-            [np.stack(np.meshgrid((np.arange(w) + 0.5) / w, (np.arange(h) + 0.5) / h), -1).reshape(-1, 2) for h, w in levels]
-        )
+        centres = [np.meshgrid((np.arange(w) + 0.5) / w, (np.arange(h) + 0.5) / h) for h, w in levels]
+        ref = np.concatenate([np.stack(xy, -1).reshape(-1, 2) for xy in centres])
     else:
         ref = rng.uniform(0.05, 0.95, (queries, 2))
     wh = np.array([[w, h] for h, w in levels], np.float32)  # [L, 2]
@@ -147,10 +146,10 @@ def jax_fns(impl: str, levels, value, loc, aw, dtype: str = "float32"):
     starts = starts_of(levels)
     # locations stay float32 (they address pixels of up to 128-wide maps)
     args = [jnp.asarray(value, dtype), jnp.asarray(loc), jnp.asarray(aw, dtype)]
-    fwd = jax.jit(lambda v, l, a: ms_deform_attn(v, levels, starts, l, a, impl=impl))
+    fwd = jax.jit(lambda v, loc, a: ms_deform_attn(v, levels, starts, loc, a, impl=impl))
     cot = jnp.ones((loc.shape[0], loc.shape[1], HEADS * HEAD_DIM), dtype)
     bwd = jax.jit(
-        jax.grad(lambda v, l, a: jnp.vdot(ms_deform_attn(v, levels, starts, l, a, impl=impl), cot),
+        jax.grad(lambda v, loc, a: jnp.vdot(ms_deform_attn(v, levels, starts, loc, a, impl=impl), cot),
                  argnums=(0, 1, 2))
     )
     return (lambda: fwd(*args)), (lambda: bwd(*args)), jax.block_until_ready
@@ -170,8 +169,8 @@ def torch_fns(levels, value, loc, aw, dtype: str = "float32", device: str = "cpu
     tv, tl, ta = (torch.from_numpy(x).to(device=device, dtype=tdtype) for x in (value, loc, aw))
     sync = (lambda out: torch.cuda.synchronize()) if device.startswith("cuda") else (lambda out: out)
 
-    def run(v, l, a):
-        return peer(v, shapes, shapes_list, starts, l, a, im2col_step=64)
+    def run(v, loc, a):
+        return peer(v, shapes, shapes_list, starts, loc, a, im2col_step=64)
 
     def fwd():
         with torch.no_grad():
@@ -204,7 +203,7 @@ def measure(size: Size, levels, impls: list[str], dtype: str, passes: tuple[str,
             fns = torch_fns(levels, value, loc, aw, dtype, torch_device)
         else:
             fns = jax_fns(impl, levels, value, loc, aw, dtype)
-        for name, fn in zip(passes, fns[:2]):
+        for name, fn in zip(passes, fns[:2], strict=False):  # --forward-only: the first pass only
             ms = median_ms(fn, fns[2], warmup, iters)
             if impl == "xla":
                 baseline[name] = ms
@@ -269,7 +268,8 @@ def main() -> None:
     roof = roofline_gbps(args.warmup, args.iters)
     threads = len(os.sched_getaffinity(0))
     print(f"backend={jax.default_backend()} device={jax.devices()[0].device_kind} levels={levels} "
-          f"H={HEADS} Dh={HEAD_DIM} P={POINTS} dtype={'/'.join(args.dtype)} cpus={threads} roofline(copy)={roof:.1f} GB/s"
+          f"H={HEADS} Dh={HEAD_DIM} P={POINTS} dtype={'/'.join(args.dtype)} cpus={threads} "
+          f"roofline(copy)={roof:.1f} GB/s"
           + (f" nominal={args.peak_gbps:.0f} GB/s" if args.peak_gbps else ""))
     passes = ("fwd",) if args.forward_only else ("fwd", "fwd+bwd")
     rows = []

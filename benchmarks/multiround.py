@@ -24,8 +24,9 @@ import numpy as np
 from segllm_jax import checkpoint
 from segllm_jax.config import SegLLMConfig
 from segllm_jax.data.tiny_tokenizer import train_tokenizer
+from segllm_jax.prompt import SYSTEM_PROMPT
 from segllm_jax.session import MultiRoundSession
-from segllm_jax.tokenizer import SYSTEM_PROMPT, SegTokenizer
+from segllm_jax.tokenizer import SegTokenizer
 
 QUESTIONS = ["Segment the person on the left.", "Segment the object {ref} is holding.",
              "Segment the largest animal.", "Segment what is next to {ref}.", "Segment the red car.",
@@ -87,7 +88,7 @@ def main() -> None:
           f"peak memory {_peak_memory_mb():.0f} MB")
     print("| round | incremental ms | recompute ms | recompute / incremental |")
     print("|---|---|---|---|")
-    for r, (a, b) in enumerate(zip(results["incremental"], results["recompute"]), start=1):
+    for r, (a, b) in enumerate(zip(results["incremental"], results["recompute"], strict=True), start=1):
         print(f"| {r} | {a:.1f} | {b:.1f} | {b / a:.2f}x |")
 
 

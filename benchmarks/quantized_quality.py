@@ -46,7 +46,7 @@ VARIANTS = (
 def golden_checkpoint(work: Path, seed: int = 0) -> tuple[Path, np.lib.npyio.NpzFile]:
     """The golden SegLLM of ``seed`` converted under ``work``, and its golden arrays (the test fixtures' recipe)."""
     sys.path.insert(0, str(REPO / "tests"))
-    from segllm.conftest import golden_segllm_dir, write_release_folder  # noqa: E402
+    from segllm.conftest import golden_segllm_dir, write_release_folder
 
     from segllm_jax_convert.convert import convert_checkpoint
 
@@ -81,8 +81,8 @@ def golden_logits(loaded, golden, image: Path = IMAGE) -> np.ndarray:
     batch path of ``segllm_jax.batch``), its references fed the golden crops and boxes (the same for every
     model, so only the LLM / CLIP weights differ)."""
     from segllm_jax import batch as batching
+    from segllm_jax.prompt import ConversationEncoder, EncodedConversation
     from segllm_jax.session import ImageContext, next_round
-    from segllm_jax.tokenizer import ConversationEncoder, EncodedConversation
 
     cfg = loaded.model.cfg
     encoder = ConversationEncoder(loaded.tokenizer, cfg.num_image_tokens)
@@ -136,7 +136,7 @@ def measure(directory: Path, golden, variants=VARIANTS, *, sessions: bool = True
         kl = kl_per_token(float_logits, golden_logits(loaded, golden))
         row = dict(name=name, kl_mean=float(kl.mean()), kl_max=float(kl.max()), tokens=kl.size)
         if sessions:
-            pairs = list(zip(run_session(loaded, texts).rounds, float_session.rounds))
+            pairs = list(zip(run_session(loaded, texts).rounds, float_session.rounds, strict=True))
             row["ious"] = [iou(r.mask_frame, f.mask_frame) for r, f in pairs]
             row["scores"] = [(round(r.score, 4), round(f.score, 4)) for r, f in pairs]
         rows.append(row)

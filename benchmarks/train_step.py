@@ -41,8 +41,8 @@ from segllm_jax.config import HipieConfig, LlamaConfig, SegLLMConfig, VisionConf
 from segllm_jax.data.mrshapes_prepare import prepare_tiny_mrshapes
 from segllm_jax.sharding import make_mesh
 from segllm_jax.tokenizer import SegTokenizer
-from segllm_jax.train import loop
 from segllm_jax.train import batching as B
+from segllm_jax.train import loop
 from segllm_jax.train import step as S
 from segllm_jax.train.config import TrainConfig, tiny_cpu
 

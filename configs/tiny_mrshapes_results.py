@@ -30,9 +30,9 @@ from pathlib import Path
 
 import jax
 
+from segllm_jax.apps.demo import run_demo
 from segllm_jax.checkpoint import load
 from segllm_jax.data import mrshapes
-from segllm_jax.apps.demo import run_demo
 from segllm_jax.eval.evaluate import EvalData, evaluate
 
 CI_CONVERSATIONS = 20
@@ -68,8 +68,8 @@ def results(run: Path, fresh_seed: int, fresh_scenes: int) -> dict:
     }
     with tempfile.TemporaryDirectory() as tmp:
         mrshapes.write_split(tmp, "test", fresh_scenes, fresh_seed, max_rounds=6)
-        out["fresh_seed"] = {"seed": fresh_seed, "scenes": fresh_scenes,
-                             "metrics": {"autoregressive": _autoregressive(loaded, EvalData.parse(f"mrshapes:{tmp}:test"))}}
+        fresh = _autoregressive(loaded, EvalData.parse(f"mrshapes:{tmp}:test"))
+        out["fresh_seed"] = {"seed": fresh_seed, "scenes": fresh_scenes, "metrics": {"autoregressive": fresh}}
         mrshapes.write_split(Path(tmp) / "ci", "test", CI_CONVERSATIONS, 0, max_rounds=6)
         ci = evaluate(loaded, EvalData.parse(f"mrshapes:{tmp}/ci:test"), "autoregressive").summary()
         out["ci_subset"] = {"conversations": CI_CONVERSATIONS, "seed": 0, "max_rounds": 6, "autoregressive": ci}

@@ -20,8 +20,7 @@ from segllm_jax import preprocess
 from segllm_jax.errors import InputError
 from segllm_jax.models.llama import LlamaOutput
 from segllm_jax.models.segllm import SegLLM
-from segllm_jax.tokenizer import IGNORE_INDEX, EncodedConversation
-
+from segllm_jax.prompt import IGNORE_INDEX, EncodedConversation
 
 LENGTH_BUCKET = 64  # sequences are padded to a multiple of this: few shapes, few compilations
 
@@ -53,7 +52,7 @@ class Reference:
 class ConversationBatch:
     input_ids: jax.Array  # [B, T] int32, right-padded
     token_mask: jax.Array  # [B, T] bool
-    labels: jax.Array  # [B, T] int32, -100 = ignored (padding too)
+    labels: jax.Array  # [B, T] int32, IGNORE_INDEX = ignored (padding too)
     clip_images: jax.Array  # [I, H, W, 3] CLIP-preprocessed images
     image_slot_rows: jax.Array  # [B * P] row of each image <video> slot
     image_slot_cols: jax.Array  # [B * P] its column
@@ -113,12 +112,12 @@ def collate(conversations: Sequence[EncodedConversation], clip_images: np.ndarra
     img_rows, img_cols, img_image, img_patch = [], [], [], []
     ref_rows, ref_mcols, ref_bcols, crops, boxes = [], [], [], [], []
     seg_rows, seg_cols = [], []
-    for row, (conv, image, refs) in enumerate(zip(conversations, image_of_row, references)):
+    for row, (conv, image, refs) in enumerate(zip(conversations, image_of_row, references, strict=True)):
         n = conv.num_tokens
         ids[row, :n], labels[row, :n], mask[row, :n] = conv.input_ids, conv.labels, True
         if len(refs) != len(conv.rounds):
             raise InputError(f"conversation {row} has {len(conv.rounds)} rounds but references for {len(refs)}.")
-        for layout, round_refs in zip(conv.rounds, refs):
+        for layout, round_refs in zip(conv.rounds, refs, strict=True):
             p = layout.image_positions
             img_rows.append(np.full(p.size, row))
             img_cols.append(p)
@@ -127,7 +126,8 @@ def collate(conversations: Sequence[EncodedConversation], clip_images: np.ndarra
             if len(round_refs) != layout.mask_encode_positions.size:
                 raise InputError(f"conversation {row}: a round has {layout.mask_encode_positions.size} reference "
                                  f"slots but {len(round_refs)} references were given.")
-            for ref, mcol, bcol in zip(round_refs, layout.mask_encode_positions, layout.box_encode_positions):
+            slots = zip(round_refs, layout.mask_encode_positions, layout.box_encode_positions, strict=True)
+            for ref, mcol, bcol in slots:
                 ref_rows.append(row)
                 ref_mcols.append(mcol)
                 ref_bcols.append(bcol)

@@ -177,7 +177,7 @@ def _stored(folder: Path) -> dict[str, Any]:
     try:
         with ocp.PyTreeCheckpointer() as ckptr:
             return flatten_tree(ckptr.metadata(folder).item_metadata.tree)
-    except Exception as e:  # noqa: BLE001 - orbax reports damage with many exception types
+    except Exception as e:  # orbax reports damage with many exception types
         raise _damaged(folder, e) from e
 
 
@@ -206,7 +206,7 @@ def restore_arrays(directory: str | Path, module: nnx.Module) -> nnx.Module:
         with ocp.PyTreeCheckpointer() as ckptr:
             restored = flatten_tree(ckptr.restore(params_dir, args=ocp.args.PyTreeRestore(
                 item=target, restore_args=jax.tree.map(lambda s: ocp.RestoreArgs(restore_type=np.ndarray), target))))
-    except Exception as e:  # noqa: BLE001 - a truncated data file surfaces only here (OUT_OF_RANGE, ...)
+    except Exception as e:  # a truncated data file surfaces only here (OUT_OF_RANGE, ...)
         raise _damaged(params_dir, e) from e
     for path, var in flat:
         var.set_value(jnp.asarray(restored["/".join(map(str, path))], dtype=var.get_value().dtype))
@@ -229,7 +229,7 @@ def restore_sharded(directory: str | Path, targets: Mapping[str, jax.ShapeDtypeS
     try:
         with ocp.PyTreeCheckpointer() as ckptr:
             return flatten_tree(ckptr.restore(folder, args=ocp.args.PyTreeRestore(item=tree, restore_args=args)))
-    except Exception as e:  # noqa: BLE001 - see restore_arrays
+    except Exception as e:  # see restore_arrays
         raise _damaged(folder, e) from e
 
 

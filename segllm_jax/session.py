@@ -33,8 +33,8 @@ from segllm_jax.models.hipie.model import image_features_jit, predict
 from segllm_jax.models.llama import KVCache
 from segllm_jax.models.segllm import SegLLM
 from segllm_jax.outputs import atomic_save_image
-from segllm_jax.tokenizer import (ConversationEncoder, EncodedConversation, Round, SegTokenizer, check_fits,
-                                  parse_references)
+from segllm_jax.prompt import ConversationEncoder, EncodedConversation, Round, check_fits, parse_references
+from segllm_jax.tokenizer import SegTokenizer
 
 Mode = Literal["incremental", "recompute"]
 
@@ -157,7 +157,8 @@ class MultiRoundSession:
         if not isinstance(model, SegLLM):
             raise InputError(f"MultiRoundSession needs a SegLLM checkpoint, got {type(model).__name__}.")
         if tokenizer is None:
-            raise InputError("This checkpoint has no tokenizer files; pass tokenizer=SegTokenizer.from_pretrained(...).")
+            raise InputError("This checkpoint has no tokenizer files; "
+                             "pass tokenizer=SegTokenizer.from_pretrained(...).")
         if mode not in ("incremental", "recompute"):
             raise InputError(f"mode must be 'incremental' or 'recompute', not {mode!r}.")
         self.model, self.tokenizer, self.mode = model, tokenizer, mode

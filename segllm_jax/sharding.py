@@ -64,7 +64,7 @@ def make_mesh(shape: Mapping[str, int] | Sequence[int], devices: Sequence[jax.De
     if -1 in sizes:
         sizes[sizes.index(-1)] = len(devices) // known
     if int(np.prod(sizes)) != len(devices):
-        raise ConfigError(f"mesh shape {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, "
+        raise ConfigError(f"mesh shape {dict(zip(MESH_AXES, sizes, strict=True))} needs {int(np.prod(sizes))} devices, "
                           f"{len(devices)} are available.")
     return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
 
@@ -74,7 +74,7 @@ def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh
     """The PartitionSpec of one array from its logical axis names."""
     used: set[str] = set()
     spec: list[Any] = []
-    for name, size in zip(axes, shape):
+    for name, size in zip(axes, shape, strict=False):  # dimensions without a name stay replicated
         if name is None:
             spec.append(None)
             continue

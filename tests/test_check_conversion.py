@@ -1,9 +1,8 @@
 """`segllm-jax check-conversion` passes a right conversion and fails a wrong one."""
 
-import numpy as np
 import pytest
-
 from hf_fixtures import save_hf, tiny_clip_vision_hf, tiny_llama_hf
+
 from segllm_jax import checkpoint
 from segllm_jax.apps.cli import main
 from segllm_jax_convert.convert import convert_checkpoint

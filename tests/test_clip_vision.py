@@ -1,12 +1,12 @@
 """CLIP vision tower and projector parity with transformers / torch (through the real converter)."""
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-import jax.numpy as jnp
 from flax import nnx
-
 from hf_fixtures import save_hf, tiny_clip_vision_hf
+
 from segllm_jax import checkpoint
 from segllm_jax.config import ProjectorConfig
 from segllm_jax.models.projector import MlpProjector

@@ -6,9 +6,9 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from hf_fixtures import save_hf, tiny_llama_hf
 from safetensors.torch import save_file
 
-from hf_fixtures import save_hf, tiny_llama_hf
 from segllm_jax import checkpoint
 from segllm_jax.apps.cli import main
 from segllm_jax.errors import CheckpointError, ConversionError

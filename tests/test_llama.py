@@ -1,17 +1,17 @@
 """LLaMA parity with transformers (through the real converter) and KV-cache exactness."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-import jax
-import jax.numpy as jnp
-
+from flax import nnx
 from hf_fixtures import save_hf, tiny_llama_hf
+
 from segllm_jax import checkpoint
 from segllm_jax.config import LlamaConfig
 from segllm_jax.models.llama import KVCache, Llama
 from segllm_jax_convert.convert import convert_checkpoint
-from flax import nnx
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,9 @@
 """The package list in pyproject.toml is explicit (because of the converter's package-dir mapping):
 every Python package folder of the product must be in it, or a plain `pip install` would lose it."""
 
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -26,7 +26,7 @@ def _check_specs(module, mesh):
     state = nnx.state(module, nnx.Param)
     shardings = sharding.state_shardings(state, mesh)
     total = per_device = 0
-    for (path, var), (_, s) in zip(nnx.to_flat_state(state), nnx.to_flat_state(shardings)):
+    for (path, var), (_, s) in zip(nnx.to_flat_state(state), nnx.to_flat_state(shardings), strict=True):
         shape = var.get_value().shape
         assert isinstance(s, NamedSharding), path
         spec = s.spec

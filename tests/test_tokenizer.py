@@ -1,4 +1,4 @@
-"""segllm_jax.tokenizer against a real 32000-piece LLaMA-style SentencePiece model (offline)."""
+"""segllm_jax.tokenizer and segllm_jax.prompt against a real 32000-piece LLaMA-style SentencePiece model (offline)."""
 
 from __future__ import annotations
 
@@ -6,21 +6,13 @@ import json
 
 import numpy as np
 import pytest
+from tokenizer_fixture import LLAVA_TOKENIZER_CONFIG, make_llama_tokenizer_dir
 from tokenizers import normalizers
 from transformers import LlamaTokenizer
 
 from segllm_jax.errors import InputError, TokenizerError
-from segllm_jax.tokenizer import (
-    IGNORE_INDEX,
-    SEGLLM_ADDED_TOKENS,
-    ConversationEncoder,
-    Round,
-    SegTokenizer,
-    check_fits,
-    parse_references,
-    rounds_that_fit,
-)
-from tokenizer_fixture import LLAVA_TOKENIZER_CONFIG, make_llama_tokenizer_dir
+from segllm_jax.prompt import IGNORE_INDEX, ConversationEncoder, Round, check_fits, parse_references, rounds_that_fit
+from segllm_jax.tokenizer import SEGLLM_ADDED_TOKENS, SegTokenizer
 
 N_IMAGE = 4  # image placeholders per image in most tests; one test uses the real 256
 
@@ -182,7 +174,7 @@ def test_layout_positions(encoder, tokenizer):
     assert conv.rounds[0].start == 0 and conv.rounds[-1].end == conv.num_tokens
     np.testing.assert_array_equal(ids[conv.seg_positions], tokenizer.seg_id)
     assert np.count_nonzero(ids == tokenizer.seg_id) == len(rounds)
-    for one, layout in zip(rounds, conv.rounds):
+    for one, layout in zip(rounds, conv.rounds, strict=True):
         image = layout.image_positions
         assert image.size == (N_IMAGE if one.has_image else 0)
         np.testing.assert_array_equal(np.diff(image), 1)

@@ -134,11 +134,13 @@ def _batch_folding_kernel(impl: str, entry: str, spatial_shapes: SpatialShapes, 
 
     @call.def_vmap
     def _fold(axis_size: int, in_batched: list[bool], *arrays: jax.Array) -> tuple[Any, Any]:
-        arrays = tuple(
-            a if batched else jnp.broadcast_to(a, (axis_size, *a.shape)) for a, batched in zip(arrays, in_batched)
-        )
+        arrays = tuple(a if batched else jnp.broadcast_to(a, (axis_size, *a.shape))
+                       for a, batched in zip(arrays, in_batched, strict=True))
         out = call(*(a.reshape(axis_size * a.shape[1], *a.shape[2:]) for a in arrays))
-        unfold = lambda o: o.reshape(axis_size, o.shape[0] // axis_size, *o.shape[1:])
+
+        def unfold(o: jax.Array) -> jax.Array:
+            return o.reshape(axis_size, o.shape[0] // axis_size, *o.shape[1:])
+
         return jax.tree.map(unfold, out), jax.tree.map(lambda _: True, out)
 
     return call
@@ -193,9 +195,9 @@ def ms_deform_attn(
       sampling_locations: ``[B, Q, H, L, P, 2]``.
       attention_weights: ``[B, Q, H, L, P]``.
       impl: ``"xla"`` (pure JAX in query blocks, bounded memory), ``"xla_dense"`` (the
-        all-queries-at-once reference, for tests and before/after benchmarks), ``"pallas"`` (kernel for this backend; on CPU the GPU
-        kernel in interpret mode), ``"pallas_gpu"`` / ``"pallas_tpu"`` (a specific kernel,
-        interpret mode off-device), or ``"auto"`` (pallas on GPU/TPU, xla elsewhere).
+        all-queries-at-once reference, for tests and before/after benchmarks), ``"pallas"`` (kernel for
+        this backend; on CPU the GPU kernel in interpret mode), ``"pallas_gpu"`` / ``"pallas_tpu"`` (a
+        specific kernel, interpret mode off-device), or ``"auto"`` (pallas on GPU/TPU, xla elsewhere).
     """
     shapes = _normalise_spatial_shapes(spatial_shapes)
     starts = _check_level_start_index(level_start_index, shapes)

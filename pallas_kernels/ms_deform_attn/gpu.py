@@ -38,6 +38,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.ms_deform_attn.kernel_common import Sizes, kernel_jit
 from pallas_kernels.ms_deform_attn.reference import (
     SpatialShapes,
     compute_dtype,
@@ -66,14 +67,10 @@ def _pad_axis(x: jax.Array, axis: int, size: int) -> jax.Array:
     return jnp.pad(x, pad)
 
 
-def _prepare(
-    value: jax.Array,  # [B, S, H, Dh]
-    sampling_locations: jax.Array,  # [B, Q, H, L, P, 2]
-    attention_weights: jax.Array,  # [B, Q, H, L, P]
-    block_q: int,
-) -> tuple[jax.Array, jax.Array, jax.Array, int, int]:
+def _prepare(value: jax.Array, sampling_locations: jax.Array, attention_weights: jax.Array,
+             block_q: int) -> tuple[jax.Array, jax.Array, jax.Array, int, int]:
     """Pads to Triton-friendly sizes and flattens (L, P[, 2]) into one axis."""
-    batch, num_queries, heads, levels, points, _ = sampling_locations.shape
+    batch, _, heads, _, num_queries, levels, points = Sizes.of(value, sampling_locations)
     q_pad = pl.cdiv(num_queries, block_q) * block_q
     p_pad = _next_pow2(points)
     value = _pad_axis(value, 3, _next_pow2(value.shape[3]))
@@ -94,7 +91,7 @@ def _specs(seq: int, head_dim: int, block_q: int, levels: int, points: int) -> t
 
 def _samples(loc_ref, aw_ref, spatial_shapes: SpatialShapes, starts: tuple[int, ...], points: int, acc_dtype):
     """Yields ``(j, level, aw, fx, fy, corners)`` for every (level, point), unrolled."""
-    for level, ((height, width), start) in enumerate(zip(spatial_shapes, starts)):
+    for level, ((height, width), start) in enumerate(zip(spatial_shapes, starts, strict=True)):
         for point in range(points):
             j = level * points + point
             loc_x = loc_ref[:, 2 * j].astype(acc_dtype)  # [block_q]
@@ -158,18 +155,12 @@ def _backward_kernel(
         grad_loc_ref[:, 2 * j + 1] = grad_y.astype(grad_loc_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2), static_argnames=("block_q",))
-def forward(
-    value: jax.Array,  # [B, S, H, Dh]
-    spatial_shapes: SpatialShapes,
-    level_start_index: tuple[int, ...],
-    sampling_locations: jax.Array,  # [B, Q, H, L, P, 2]
-    attention_weights: jax.Array,  # [B, Q, H, L, P]
-    *,
-    block_q: int = DEFAULT_BLOCK_Q,
-) -> jax.Array:  # [B, Q, H, Dh]
-    batch, seq, heads, head_dim = value.shape
-    num_queries, levels = sampling_locations.shape[1], sampling_locations.shape[3]
+@kernel_jit("block_q")
+def forward(value: jax.Array, spatial_shapes: SpatialShapes, level_start_index: tuple[int, ...],
+            sampling_locations: jax.Array, attention_weights: jax.Array, *,
+            block_q: int = DEFAULT_BLOCK_Q) -> jax.Array:
+    """MSDA forward (operands and result as in ``kernel_common``)."""
+    batch, seq, heads, head_dim, num_queries, levels, _ = Sizes.of(value, sampling_locations)
     value_p, loc, aw, q_pad, p_pad = _prepare(value, sampling_locations, attention_weights, block_q)
     value_spec, loc_spec, aw_spec, row_spec = _specs(seq, value_p.shape[3], block_q, levels, p_pad)
     kernel = functools.partial(
@@ -188,19 +179,12 @@ def forward(
     return out[:, :num_queries, :, :head_dim]
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2), static_argnames=("block_q",))
-def backward(
-    value: jax.Array,  # [B, S, H, Dh]
-    spatial_shapes: SpatialShapes,
-    level_start_index: tuple[int, ...],
-    sampling_locations: jax.Array,  # [B, Q, H, L, P, 2]
-    attention_weights: jax.Array,  # [B, Q, H, L, P]
-    grad_out: jax.Array,  # [B, Q, H, Dh]
-    *,
-    block_q: int = DEFAULT_BLOCK_Q,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    batch, seq, heads, head_dim = value.shape
-    num_queries, levels, points = sampling_locations.shape[1], sampling_locations.shape[3], sampling_locations.shape[4]
+@kernel_jit("block_q")
+def backward(value: jax.Array, spatial_shapes: SpatialShapes, level_start_index: tuple[int, ...],
+             sampling_locations: jax.Array, attention_weights: jax.Array, grad_out: jax.Array, *,
+             block_q: int = DEFAULT_BLOCK_Q) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """MSDA backward: the gradients of value, sampling_locations and attention_weights (``kernel_common``)."""
+    batch, seq, heads, head_dim, num_queries, levels, points = Sizes.of(value, sampling_locations)
     value_p, loc, aw, q_pad, p_pad = _prepare(value, sampling_locations, attention_weights, block_q)
     dh_pad = value_p.shape[3]
     grad_out = _pad_axis(_pad_axis(grad_out, 3, dh_pad), 1, q_pad)  # [B, Qp, H, Dhp]

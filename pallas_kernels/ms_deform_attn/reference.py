@@ -83,7 +83,7 @@ def bilinear_corners(
     loc = sampling_locations.astype(compute_dtype(sampling_locations.dtype))
     indices = []
     weights = []
-    for level, ((height, width), start) in enumerate(zip(spatial_shapes, level_start_index)):
+    for level, ((height, width), start) in enumerate(zip(spatial_shapes, level_start_index, strict=True)):
         _, _, corners = level_corners(loc[..., level, :, 0], loc[..., level, :, 1], height, width, int(start))
         indices.append(jnp.stack([c[0] for c in corners], axis=-1))  # [..., P, 4]
         weights.append(jnp.stack([c[1] for c in corners], axis=-1))  # [..., P, 4]

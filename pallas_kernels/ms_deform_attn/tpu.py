@@ -62,6 +62,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels.ms_deform_attn.kernel_common import Sizes, kernel_jit
 from pallas_kernels.ms_deform_attn.reference import (
     SpatialShapes,
     level_corners,
@@ -111,15 +112,10 @@ class Tiling:
                       _round_up(num_queries, block_q) // block_q, _round_up(seq, block_s) // block_s)
 
 
-def _prepare(
-    value: jax.Array,  # [B, S, H, Dh]
-    sampling_locations: jax.Array,  # [B, Q, H, L, P, 2]
-    attention_weights: jax.Array,  # [B, Q, H, L, P]
-    tiling: Tiling,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
+def _prepare(value: jax.Array, sampling_locations: jax.Array, attention_weights: jax.Array,
+             tiling: Tiling) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Head-major 2-D tiles, Q and S padded to whole blocks (padded queries weigh 0 and sample nothing)."""
-    batch, num_queries, heads, levels, points, _ = sampling_locations.shape
-    seq = value.shape[1]
+    batch, seq, heads, _, num_queries, levels, points = Sizes.of(value, sampling_locations)
     # TPUs have no float64: such inputs are computed in float32.
     value, sampling_locations, attention_weights = (
         x.astype(jnp.float32) if x.dtype == jnp.float64 else x for x in (value, sampling_locations, attention_weights)
@@ -151,7 +147,7 @@ def visit_table(loc: jax.Array, tiling: Tiling) -> jax.Array:
     batch, heads, q_padded, _ = loc.shape
     big = jnp.iinfo(jnp.int32).max
     entries = []
-    for level, ((height, width), start) in enumerate(zip(tiling.spatial_shapes, tiling.starts)):
+    for level, ((height, width), start) in enumerate(zip(tiling.spatial_shapes, tiling.starts, strict=True)):
         j = level * tiling.points
         xy = loc[..., 2 * j : 2 * (j + tiling.points)].astype(jnp.float32)  # [B, H, Qp, 2P]
         _, _, corners = level_corners(xy[..., 0::2], xy[..., 1::2], height, width, start)
@@ -191,7 +187,7 @@ def _visit(table, b, h, i, j, tiling: Tiling, heads: int) -> tuple[Any, Any]:
     total = sum(count for _, count in segments)
     jj = jnp.clip(j, 0, jnp.maximum(total - 1, 0))  # stay on the last visit
     tile, offset = segments[0][0] + jj, 0
-    for (first, _), (_, prev_count) in zip(segments[1:], segments[:-1]):
+    for (first, _), (_, prev_count) in zip(segments[1:], segments[:-1], strict=True):
         offset = offset + prev_count
         tile = jnp.where(jj >= offset, first + jj - offset, tile)
     return tile, j < total
@@ -342,19 +338,12 @@ def _params(*semantics: str) -> pltpu.CompilerParams:
     return pltpu.CompilerParams(dimension_semantics=semantics)
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2), static_argnames=("block_q", "block_s"))
-def forward(
-    value: jax.Array,  # [B, S, H, Dh]
-    spatial_shapes: SpatialShapes,
-    level_start_index: tuple[int, ...],
-    sampling_locations: jax.Array,  # [B, Q, H, L, P, 2]
-    attention_weights: jax.Array,  # [B, Q, H, L, P]
-    *,
-    block_q: int = DEFAULT_BLOCK_Q,
-    block_s: int = DEFAULT_BLOCK_S,
-) -> jax.Array:  # [B, Q, H, Dh]
-    batch, seq, heads, head_dim = value.shape
-    num_queries, points = sampling_locations.shape[1], sampling_locations.shape[4]
+@kernel_jit("block_q", "block_s")
+def forward(value: jax.Array, spatial_shapes: SpatialShapes, level_start_index: tuple[int, ...],
+            sampling_locations: jax.Array, attention_weights: jax.Array, *,
+            block_q: int = DEFAULT_BLOCK_Q, block_s: int = DEFAULT_BLOCK_S) -> jax.Array:
+    """MSDA forward (operands and result as in ``kernel_common``)."""
+    batch, seq, heads, head_dim, num_queries, _, points = Sizes.of(value, sampling_locations)
     tiling = Tiling.make(spatial_shapes, level_start_index, num_queries, seq, points, block_q, block_s)
     acc_dtype = jnp.float32  # TPUs have no float64; the interpreter mirrors that
     value_t, loc, aw = _prepare(value, sampling_locations, attention_weights, tiling)
@@ -376,20 +365,12 @@ def forward(
     return out[:, :, :num_queries].transpose(0, 2, 1, 3).astype(value.dtype)
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2), static_argnames=("block_q", "block_s"))
-def backward(
-    value: jax.Array,  # [B, S, H, Dh]
-    spatial_shapes: SpatialShapes,
-    level_start_index: tuple[int, ...],
-    sampling_locations: jax.Array,  # [B, Q, H, L, P, 2]
-    attention_weights: jax.Array,  # [B, Q, H, L, P]
-    grad_out: jax.Array,  # [B, Q, H, Dh]
-    *,
-    block_q: int = DEFAULT_BLOCK_Q,
-    block_s: int = DEFAULT_BLOCK_S,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    batch, seq, heads, head_dim = value.shape
-    num_queries, levels, points = sampling_locations.shape[1], sampling_locations.shape[3], sampling_locations.shape[4]
+@kernel_jit("block_q", "block_s")
+def backward(value: jax.Array, spatial_shapes: SpatialShapes, level_start_index: tuple[int, ...],
+             sampling_locations: jax.Array, attention_weights: jax.Array, grad_out: jax.Array, *,
+             block_q: int = DEFAULT_BLOCK_Q, block_s: int = DEFAULT_BLOCK_S) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """MSDA backward: the gradients of value, sampling_locations and attention_weights (``kernel_common``)."""
+    batch, seq, heads, head_dim, num_queries, levels, points = Sizes.of(value, sampling_locations)
     tiling = Tiling.make(spatial_shapes, level_start_index, num_queries, seq, points, block_q, block_s)
     value_t, loc, aw = _prepare(value, sampling_locations, attention_weights, tiling)
     q_padded = loc.shape[2]

@@ -140,8 +140,8 @@ def _blocked_bwd(spatial_shapes, level_start_index, budget_bytes, residuals, gra
     def block(start, size, carry):
         grad_value, grad_loc, grad_aw = carry
         loc, aw = _rows_of(sampling_locations, start, size), _rows_of(attention_weights, start, size)
-        weight, pull_back, index = jax.vjp(lambda l, a: _weight_and_index(l, a, spatial_shapes, level_start_index),
-                                           loc, aw, has_aux=True)  # [B, H, q, K] each
+        weight, pull_back, index = jax.vjp(  # [B, H, q, K] each
+            lambda loc, aw: _weight_and_index(loc, aw, spatial_shapes, level_start_index), loc, aw, has_aux=True)
         dout = _rows_of(grad_out, start, size).transpose(0, 2, 1, 3).astype(acc_dtype)  # [B, H, q, Dh]
         rows = gather_rows(value, index)  # [B, H, q, K, Dh]
         grad_weight = jnp.einsum("bhqkd,bhqd->bhqk", rows, dout, preferred_element_type=acc_dtype)
@@ -185,15 +185,9 @@ def _scatter_add_rows(grad_value: jax.Array, index: jax.Array, contrib: jax.Arra
 _blocked.defvjp(_blocked_fwd, _blocked_bwd)
 
 
-def ms_deform_attn_xla(
-    value: jax.Array,  # [B, S, H, Dh]
-    spatial_shapes: SpatialShapes,
-    level_start_index: Sequence[int],
-    sampling_locations: jax.Array,  # [B, Q, H, L, P, 2]
-    attention_weights: jax.Array,  # [B, Q, H, L, P]
-    *,
-    block_bytes: int | None = None,
-) -> jax.Array:  # [B, Q, H * Dh]
+def ms_deform_attn_xla(value: jax.Array, spatial_shapes: SpatialShapes, level_start_index: Sequence[int],
+                       sampling_locations: jax.Array, attention_weights: jax.Array, *,
+                       block_bytes: int | None = None) -> jax.Array:
     """MSDA in query blocks whose gathered rows fit ``block_bytes`` (forward and backward;
     default :func:`default_block_bytes`).
 

@@ -4,7 +4,7 @@ The error policy, applied to every subcommand:
 
 * a user mistake is one sentence on stderr, ``segllm-jax <command>: ...``, and exit code 2; nothing
   the user owns is changed and no partial output is left under a final name. ``--debug`` shows the
-  traceback instead. Argument mistakes are caught by the parser (types below) and cheap input
+  traceback instead. Argument mistakes are caught by the parser (types in :mod:`.cli_args`) and cheap input
   checks (files, folders, ports, checkpoint folders, manifests) run before any model loads;
 * batch commands (``infer``, ``eval``, ``chat --script``) record a failing item (with its id) and
   go on; their exit code is 1 when any item failed, 0 otherwise;
@@ -15,14 +15,24 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
-import socket
 import sys
 import warnings
 from pathlib import Path
 from typing import Callable
 
+from segllm_jax.apps.cli_args import (
+    PORT,
+    Parser,
+    check_port_is_free,
+    check_segllm_checkpoint,
+    existing_file,
+    existing_path,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    read_script,
+)
 from segllm_jax.errors import InputError, SegLLMError
 
 # Set before any hub library is imported: every model, tokenizer and config is read from local folders.
@@ -46,107 +56,6 @@ def go_offline() -> None:
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
     except ImportError:  # pragma: no cover - PIL is a dependency
         pass
-
-
-# ---- argument types: mistakes are caught while parsing, before anything loads --------------------
-
-
-def _number(kind: type, low: float | None, high: float | None, what: str,
-            above_low: bool = False) -> Callable[[str], int | float]:
-    """An argparse type: a finite ``kind`` number in [low, high] (or (low, high] with ``above_low``)."""
-
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
-        if isinstance(value, float) and not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
-        too_low = low is not None and (value <= low if above_low else value < low)
-        if too_low or (high is not None and value > high):
-            lower = f"above {low:g}" if above_low else f"at least {low:g}"
-            bounds = f"{lower} and at most {high:g}" if high is not None else lower
-            raise argparse.ArgumentTypeError(f"must be {bounds}, not {text}")
-        return value
-
-    parse.__name__ = what
-    return parse
-
-
-def positive_int(high: int | None = None) -> Callable[[str], int]:
-    return _number(int, 1, high, "a whole number")
-
-
-def non_negative_int(high: int | None = None) -> Callable[[str], int]:
-    return _number(int, 0, high, "a whole number")
-
-
-def positive_float(high: float | None = None) -> Callable[[str], float]:
-    return _number(float, 0, high, "a number", above_low=True)
-
-
-PORT = _number(int, 1, 65535, "a port number")
-
-
-def existing_file(text: str) -> str:
-    path = Path(text)
-    if not path.exists():
-        raise argparse.ArgumentTypeError(f"{text}: no such file")
-    if not path.is_file():
-        raise argparse.ArgumentTypeError(f"{text} is a folder, not a file")
-    return text
-
-
-def existing_path(text: str) -> str:
-    if not Path(text).exists():
-        raise argparse.ArgumentTypeError(f"{text}: no such file or folder")
-    return text
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse, but a mistake is one line (no usage block) and exit code 2, like every other error."""
-
-    def error(self, message: str):  # noqa: D401 - argparse's hook
-        self.exit(2, f"{self.prog}: {message}; see {self.prog} --help.\n")
-
-
-# ---- edge checks shared by the commands ------------------------------------------------------------
-
-
-def _segllm_checkpoint(directory: str) -> None:
-    """The folder must hold a loadable SegLLM (config, params, tokenizer) before JAX is imported."""
-    from segllm_jax import checkpoint_folder
-
-    checkpoint_folder.inspect(directory, kinds=("segllm",), tokenizer=True)
-
-
-def _port_is_free(host: str, port: int) -> None:
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except socket.gaierror:
-        raise InputError(f"--host {host} is not an address of this machine; use 127.0.0.1 or 0.0.0.0.") from None
-    family, kind, proto, _, address = infos[0]
-    with socket.socket(family, kind, proto) as probe:
-        try:
-            probe.bind(address)
-        except OSError as e:
-            raise InputError(f"cannot listen on {host}:{port} ({e.strerror}); pick another --port.") from None
-
-
-def _read_script(path: str) -> list[str]:
-    """The script's lines, decoded strictly: a bad byte is reported with its line, before anything is written."""
-    try:
-        data = Path(path).read_bytes()
-    except OSError as e:
-        raise InputError(f"cannot read the script {path}: {e.strerror}.") from None
-    try:
-        return data.decode("utf-8").splitlines()
-    except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        raise InputError(f"the script {path} is not UTF-8 text (line {line}); save it as UTF-8.") from None
-
-
-# ---- the commands --------------------------------------------------------------------------------
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -226,10 +135,10 @@ def _chat(args: argparse.Namespace) -> int:
 
     if args.script and not args.image:
         raise InputError("--script needs --image (the picture the script's questions are about).")
-    _segllm_checkpoint(args.checkpoint)
+    check_segllm_checkpoint(args.checkpoint)
     if args.image:
         preprocess.load_image(args.image)  # a bad picture is refused before the model loads
-    lines = _read_script(args.script) if args.script else None
+    lines = read_script(args.script) if args.script else None
     check_output_folder(args.out)
 
     import io
@@ -251,24 +160,22 @@ def _infer(args: argparse.Namespace) -> int:
     from segllm_jax.manifest import read_manifest
     from segllm_jax.outputs import check_output_folder
 
-    _segllm_checkpoint(args.checkpoint)
+    check_segllm_checkpoint(args.checkpoint)
     read_manifest(args.manifest)  # every line checked before the model loads
     check_output_folder(args.out)
     from segllm_jax.apps.infer import run_infer
 
     results = run_infer(_load(args), args.manifest, args.out, batch_size=args.batch_size)
     failed = [r for r in results if r["error"]]
-    for r in failed:
-        print(f"{r['id']}: {r['error']}", file=sys.stderr)
-    print(f"{len(results) - len(failed)}/{len(results)} conversations done -> {Path(args.out) / 'results.json'}")
-    return 1 if failed else 0
+    return _batch_end(failed, f"{len(results) - len(failed)}/{len(results)} conversations done -> "
+                              f"{Path(args.out) / 'results.json'}")
 
 
 def _eval(args: argparse.Namespace) -> int:
     from segllm_jax.eval.data_spec import EvalData
     from segllm_jax.outputs import check_output_folder
 
-    _segllm_checkpoint(args.checkpoint)
+    check_segllm_checkpoint(args.checkpoint)
     EvalData.parse(args.data).check()  # files and folders exist before the model loads
     check_output_folder(args.out)
     from segllm_jax.checkpoint import load
@@ -279,9 +186,15 @@ def _eval(args: argparse.Namespace) -> int:
                                  ablate_memory=args.ablate_memory, limit=args.limit, best_query=args.best_query)
     for name, metrics in results.items():
         print(f"### {name}\n\n{metrics.markdown()}\n")
+    return _batch_end(failures, f"written: {Path(args.out) / 'metrics.json'}, metrics.md, iou_per_round.png")
+
+
+def _batch_end(failures: list[dict], summary: str) -> int:
+    """A batch command's last words: every failed item on stderr (``ID: error``), then ``summary``; the exit
+    code is 1 when an item failed (the error policy above)."""
     for failure in failures:
         print(f"{failure['id']}: {failure['error']}", file=sys.stderr)
-    print(f"written: {Path(args.out) / 'metrics.json'}, metrics.md, iou_per_round.png")
+    print(summary)
     return 1 if failures else 0
 
 
@@ -321,7 +234,7 @@ def _demo(args: argparse.Namespace) -> int:
     from segllm_jax.outputs import check_output_folder
 
     if args.checkpoint is not None:
-        _segllm_checkpoint(args.checkpoint)
+        check_segllm_checkpoint(args.checkpoint)
     check_output_folder(args.out)
     from segllm_jax.apps.demo import run_demo
 
@@ -330,8 +243,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    _port_is_free(args.host, args.port)  # before minutes of model loading, not after
-    _segllm_checkpoint(args.checkpoint)
+    check_port_is_free(args.host, args.port)  # before minutes of model loading, not after
+    check_segllm_checkpoint(args.checkpoint)
     from segllm_jax.apps.web_demo import require_gradio, serve
 
     require_gradio()
@@ -499,7 +412,8 @@ def build_parser() -> argparse.ArgumentParser:
                                "command)")
     p.add_argument("--out", default="demo_out")
     p.add_argument("--seed", type=non_negative_int(), default=7, help="MR-Shapes seed of the test scene")
-    p.add_argument("--checkpoint", default=None, help="checkpoint folder (default: the shipped checkpoints/tiny_mrshapes)")
+    p.add_argument("--checkpoint", default=None,
+                   help="checkpoint folder (default: the shipped checkpoints/tiny_mrshapes)")
     return parser
 
 

@@ -47,7 +47,7 @@ def contact_sheet(scene_image: np.ndarray, overlays: list[Image.Image], captions
     w, h = tiles[0].size
     sheet = Image.new("RGB", (w * len(tiles), h + 28), "white")
     draw = ImageDraw.Draw(sheet)
-    for i, (tile, caption) in enumerate(zip(tiles, ["scene"] + captions)):
+    for i, (tile, caption) in enumerate(zip(tiles, ["scene"] + captions, strict=True)):
         sheet.paste(tile, (i * w, 28))
         draw.text((i * w + 4, 8), caption, fill="black")
     return sheet

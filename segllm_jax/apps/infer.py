@@ -27,11 +27,11 @@ from tqdm.auto import tqdm
 from segllm_jax import batch as batching
 from segllm_jax.checkpoint import Loaded
 from segllm_jax.errors import SegLLMError
-from segllm_jax.models.hipie.model import image_features_jit, predict
 from segllm_jax.manifest import RESULTS, read_manifest
+from segllm_jax.models.hipie.model import image_features_jit, predict
 from segllm_jax.outputs import atomic_write_text, make_output_folder
+from segllm_jax.prompt import ConversationEncoder, EncodedConversation
 from segllm_jax.session import ImageContext, RoundResult, next_round, round_result, save_round
-from segllm_jax.tokenizer import ConversationEncoder, EncodedConversation
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ def run_infer(loaded: Loaded, manifest: str | Path, out: str | Path, batch_size:
                 conv.ctx = ImageContext.prepare(conv.image, loaded.config)
             except SegLLMError as e:
                 conv.error = str(e)
-            except Exception as e:  # noqa: BLE001 - one odd file must not end a long batch job
+            except Exception as e:  # one odd file must not end a long batch job
                 log.warning("infer: %s: unexpected error preparing %s", conv.id, conv.image, exc_info=True)
                 conv.error = f"{conv.image} could not be prepared (unexpected {type(e).__name__}: {str(e)[:160]})."
         usable = [c for c in group if c.ctx]

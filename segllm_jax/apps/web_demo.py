@@ -49,8 +49,8 @@ from PIL import Image
 from segllm_jax.apps.web_sessions import DEFAULT_IDLE_TIMEOUT_S, DEFAULT_MAX_SESSIONS, SessionStore, UserSession
 from segllm_jax.checkpoint import Loaded
 from segllm_jax.errors import InputError, SegLLMError
+from segllm_jax.prompt import parse_references
 from segllm_jax.session import MultiRoundSession, RoundResult
-from segllm_jax.tokenizer import parse_references
 
 if TYPE_CHECKING:  # pragma: no cover
     import gradio as gr
@@ -196,7 +196,9 @@ def build_app(loaded: Loaded, *, examples: Sequence[str | Path] | str | None = "
 
     def outputs_for(user: UserSession | None, overlay: str | None = None, status: str = ""):
         n = len(user.session.rounds) if user is not None else 0
-        gallery = ([(path, f"round {r.index}: {r.text}") for path, r in zip(user.overlays, user.session.rounds)]
+        # the gallery never raises: a round whose overlay could not be written is left out
+        gallery = ([(path, f"round {r.index}: {r.text}")
+                    for path, r in zip(user.overlays, user.session.rounds, strict=False)]
                    if user is not None else [])
         refs = gr.update(choices=[(str(k), k) for k in range(1, n + 1)], value=[])
         files = list(user.mask_files) if user is not None and user.mask_files else None

@@ -9,7 +9,7 @@ entries whose turns alternate human/gpt. Multimodal content sits in bracket plac
 * ``[MASK-DECODE:...]`` is the whole gpt turn (one ``<seg>``), in one of three payload forms.
 
 The original replaced brackets in place and tokenized the resulting string; the port builds the
-prompt structurally (``segllm_jax.tokenizer.ConversationEncoder``), so a turn is accepted only if it
+prompt structurally (``segllm_jax.prompt.ConversationEncoder``), so a turn is accepted only if it
 has the structure that makes both identical: placeholders before the question, encode placeholders
 in (mask, box) pairs of one mask, and a gpt turn that is exactly one MASK-DECODE. Anything else raises
 :class:`InputError`, which the input pipeline counts and skips.
@@ -29,7 +29,7 @@ import numpy as np
 
 from segllm_jax import preprocess
 from segllm_jax.errors import InputError
-from segllm_jax.tokenizer import Round
+from segllm_jax.prompt import Round
 
 PathLike = Union[str, os.PathLike]
 log = logging.getLogger(__name__)
@@ -245,7 +245,7 @@ def _reference_pairs(placeholders: Sequence[Placeholder], conv_id: Any) -> tuple
         raise InputError(f"conversation {conv_id!r}: reference placeholders must be MASK-ENCODE/BOX-ENCODE "
                          f"pairs (after an optional leading IMAGE256), got {kinds}.")
     refs = []
-    for mask, box in zip(placeholders[::2], placeholders[1::2]):
+    for mask, box in zip(placeholders[::2], placeholders[1::2], strict=True):
         if mask.payload != box.payload:
             raise InputError(f"conversation {conv_id!r}: MASK-ENCODE {mask.payload!r} and BOX-ENCODE "
                              f"{box.payload!r} of one reference must name the same mask.")

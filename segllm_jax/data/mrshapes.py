@@ -76,7 +76,7 @@ from segllm_jax.data.referring import (  # noqa: F401  (re-exported: MR-Shapes' 
     referring_options,
     resolve,
 )
-from segllm_jax.data.rle import register_text, rle_decode, rle_encode  # noqa: F401  (re-exported)
+from segllm_jax.data.rle import register_text, rle_decode, rle_encode
 from segllm_jax.errors import InputError
 
 DATASET_NAME = "mrshapes"
@@ -179,7 +179,7 @@ def _polygon(kind: str, r: float, angle: float) -> np.ndarray:
 def _inside_polygon(px: np.ndarray, py: np.ndarray, vertices: np.ndarray) -> np.ndarray:
     """Even-odd rule: a point is inside if a ray to +x crosses the boundary an odd number of times."""
     inside = np.zeros(px.shape, bool)
-    for (x1, y1), (x2, y2) in zip(vertices, np.roll(vertices, -1, axis=0)):
+    for (x1, y1), (x2, y2) in zip(vertices, np.roll(vertices, -1, axis=0), strict=True):
         if y1 == y2:
             continue  # a horizontal edge is never crossed by a horizontal ray
         crosses = (y1 > py) != (y2 > py)

@@ -24,7 +24,7 @@ TRAIN_CONVERSATIONS = "mrshapes_train.json"  # the benchmark's training conversa
 
 def _template_text() -> str:
     """The words of the conversation template the LLM reads as text: the system prompt and the role names."""
-    from segllm_jax.tokenizer import ASSISTANT_ROLE, SYSTEM_PROMPT, USER_ROLE
+    from segllm_jax.prompt import ASSISTANT_ROLE, SYSTEM_PROMPT, USER_ROLE
 
     return f"{SYSTEM_PROMPT} {USER_ROLE}: {ASSISTANT_ROLE}:"
 

@@ -1,6 +1,6 @@
 """Training/eval input pipeline: conversation files -> batches of model-ready NumPy examples (grain).
 
-Structure (all host-side NumPy; nothing here imports JAX):
+Structure (all host-side NumPy; JAX is used for nothing but the pytree of an Example):
 
 * :class:`ConversationSource` — a grain ``RandomAccessDataSource`` over every (file, index) of the
   mixture's conversation files. A split of a prepared TFDS dataset (``ConversationFile.tfds_split``,
@@ -10,8 +10,9 @@ Structure (all host-side NumPy; nothing here imports JAX):
   conversation file (weights uniform by default, seeded per epoch) and draws the whole global batch
   (``batch_size × shard_count``) from it; host ``shard_index`` takes its slice. Steps per epoch =
   total conversations // global batch, as in the original.
-* :class:`ExampleBuilder` — one JSON entry -> one example dict (token ids/labels, CLIP image, HIPIE
-  image, reference crops/boxes of §D6, GT masks per ``<seg>`` in the 1024 frame).
+* :class:`~segllm_jax.data.example_builder.ExampleBuilder` (its own module) — one JSON entry -> one
+  :class:`~segllm_jax.data.example.Example` (token ids/labels, CLIP image, HIPIE image, reference crops/boxes
+  of §D6, GT masks per ``<seg>`` in the 1024 frame).
 * :class:`BatchLoader` — grain map from a global step to that host's batch; a conversation whose
   image/annotation is missing or corrupt is replaced by another draw from the same file and counted.
 * :class:`Pipeline` — the grain dataset (optionally with worker processes) and a checkpointable
@@ -30,30 +31,23 @@ import dataclasses
 import functools
 import logging
 import os
-import threading
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence, Union
+from typing import Any, Mapping, Sequence, Union
 
 import grain
 import numpy as np
-from PIL import Image
 
-from segllm_jax.data.conversations import (INFERENCE_DATASET, EmbeddedConversation, MaskRef, ParsedConversation,
-                                           parse_conversation, read_rgb)
+from segllm_jax.data.example import Example
+from segllm_jax.data.example_builder import DEFAULT_MAX_LENGTH, ExampleBuilder
 from segllm_jax.data.mixture import ConversationFile, MixtureConfig  # noqa: F401  (ConversationFile re-exported)
-from segllm_jax.data.registers import AnnotationRegistry, load_json, resolve_image_path
+from segllm_jax.data.registers import AnnotationRegistry, load_json
 from segllm_jax.errors import ConfigError, InputError
-from segllm_jax.preprocess import (CLIP_IMAGE_SIZE, HIPIE_IMAGE_SIZE, clip_image, hipie_image, hipie_mask,
-                                   masked_crop)
-from segllm_jax.tokenizer import (DEFAULT_NUM_IMAGE_TOKENS, ConversationEncoder, EncodedConversation,
-                                  RoundLayout, SegTokenizer, rounds_that_fit)
+from segllm_jax.preprocess import CLIP_IMAGE_SIZE, HIPIE_IMAGE_SIZE
+from segllm_jax.prompt import DEFAULT_NUM_IMAGE_TOKENS, ConversationEncoder
+from segllm_jax.tokenizer import SegTokenizer
 
 PathLike = Union[str, os.PathLike]
 log = logging.getLogger(__name__)
-
-#: Conversation length the original trained with (``model_max_length``, §T13).
-DEFAULT_MAX_LENGTH = 2048
-
 
 # ----------------------------------------------------------------------------------------------
 # Source
@@ -76,7 +70,7 @@ class ConversationSource:
         if len(splits) != len(self.paths):
             raise ConfigError(f"{len(splits)} TFDS splits for {len(self.paths)} conversation files.")
         self._tables = {i: self._open_tfds(path, split)
-                        for i, (path, split) in enumerate(zip(self.paths, splits)) if split is not None}
+                        for i, (path, split) in enumerate(zip(self.paths, splits, strict=True)) if split is not None}
         self._entries: list[Sequence[Any]] | None = None
         self.file_lengths = tuple(len(entries) for entries in self._all_entries())
         self.offsets = tuple(int(x) for x in np.concatenate([[0], np.cumsum(self.file_lengths)[:-1]]))
@@ -196,183 +190,6 @@ def _epoch_plan(plan: BatchPlan, epoch: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Examples
-
-
-def _extent(mask: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
-    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
-    if rows.size == 0:
-        raise InputError(f"{what} is empty.")
-    return rows, cols
-
-
-class _Masks:
-    """Masks of one conversation's image, each looked up once: original resolution and HIPIE frame.
-
-    ``lookup(dataset, mask_id)`` reads a register (JSON layout) or the record itself (TFDS layout).
-    """
-
-    def __init__(self, lookup: Callable[[str, str], np.ndarray], image_hw: tuple[int, int], frame: int) -> None:
-        self._lookup, self._hw, self._frame = lookup, image_hw, frame
-        self._raw: dict[tuple[str, str], np.ndarray] = {}
-        self._framed: dict[tuple[str, str], np.ndarray] = {}
-
-    def raw(self, dataset: str, mask_id: str) -> np.ndarray:
-        key = (dataset, mask_id)
-        if key not in self._raw:
-            if dataset == INFERENCE_DATASET:  # §D1: dummy all-ones target, no lookup
-                self._raw[key] = np.ones(self._hw, bool)
-            else:
-                mask = self._lookup(dataset, mask_id)
-                if mask.shape != self._hw:  # registers check this too; a record's masks only here
-                    raise InputError(f"mask {mask_id!r} of {dataset} is {mask.shape[0]}x{mask.shape[1]} but the "
-                                     f"image is {self._hw[0]}x{self._hw[1]}.")
-                self._raw[key] = mask
-        return self._raw[key]
-
-    def framed(self, dataset: str, mask_id: str) -> np.ndarray:
-        """Boolean mask in the 1024 resized-and-padded frame (§D5)."""
-        key = (dataset, mask_id)
-        if key not in self._framed:
-            self._framed[key] = hipie_mask(self.raw(dataset, mask_id), self._frame) > 0
-        return self._framed[key]
-
-
-@dataclasses.dataclass
-class ExampleBuilder:
-    """One conversation JSON entry -> one example dict of NumPy arrays (see :meth:`build`)."""
-
-    encoder: ConversationEncoder
-    registry: AnnotationRegistry
-    images_root: Path
-    limit_rounds: int | None = 6
-    max_length: int = DEFAULT_MAX_LENGTH
-    clip_size: int = CLIP_IMAGE_SIZE
-    frame: int = HIPIE_IMAGE_SIZE
-    is_eval: bool = False
-    # grain reads with several threads; one HF fast tokenizer is not guaranteed to be thread-safe
-    _tokenizer_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, init=False, repr=False)
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k != "_tokenizer_lock"}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state, _tokenizer_lock=threading.Lock())
-
-    def build(self, entry: Any) -> dict[str, Any]:
-        """Example keys (T tokens, N rounds = ``<seg>``s, R references, P image tokens, C = clip_size,
-        S = frame):
-
-        ``input_ids``/``labels`` int32 [T]; ``round_ends`` int32 [N]; ``image_positions`` int32 [P];
-        ``seg_positions`` int32 [N]; ``ref_mask_positions``/``ref_box_positions``/``ref_rounds`` int32 [R];
-        ``clip_image`` float32 [C, C, 3]; ``hipie_image`` uint8 [S, S, 3]; ``hipie_size`` int32 [2]
-        (resized h, w before padding); ``ref_crops`` float32 [R, C, C, 3]; ``ref_boxes`` float32 [R, 4]
-        (``[r0, c0, r1, c1] / S``); ``target_masks`` bool [N, S, S]; ``aux_masks`` bool [N, S, S]
-        (the round's supervised reference, zeros if none); ``has_aux`` bool [N]; ``conv_id`` str.
-        :class:`BatchLoader` adds ``file_index`` and ``record_index`` (int32 scalars).
-
-        ``entry`` is a JSON entry (image file and registers) or an :class:`EmbeddedConversation`.
-        """
-        embedded = entry if isinstance(entry, EmbeddedConversation) else None
-        conversation = parse_conversation(entry if embedded is None else embedded.entry, self.limit_rounds)
-        encoded = self._encode(conversation)
-        rounds = conversation.rounds[: len(encoded.rounds)]
-        pixels, masks = self._image_and_masks(conversation, embedded)
-        hipie, resized_hw = hipie_image(Image.fromarray(pixels), self.frame)
-        refs = [(k, ref) for k, r in enumerate(rounds) for ref in r.references]
-        crops, boxes = self._references(pixels, masks, [ref for _, ref in refs])
-        targets, aux, has_aux = self._decode_masks(rounds, masks)
-        layouts = encoded.rounds
-        return {
-            "input_ids": encoded.input_ids,
-            "labels": encoded.labels,
-            "round_ends": np.asarray([r.end for r in layouts], np.int32),
-            "image_positions": np.concatenate([r.image_positions for r in layouts]).astype(np.int32),
-            "seg_positions": encoded.seg_positions,
-            "ref_mask_positions": np.concatenate([r.mask_encode_positions for r in layouts]).astype(np.int32),
-            "ref_box_positions": np.concatenate([r.box_encode_positions for r in layouts]).astype(np.int32),
-            "ref_rounds": np.asarray([k for k, _ in refs], np.int32),
-            "clip_image": clip_image(pixels, self.clip_size),
-            "hipie_image": hipie,
-            "hipie_size": np.asarray(resized_hw, np.int32),
-            "ref_crops": crops,
-            "ref_boxes": boxes,
-            "target_masks": targets,
-            "aux_masks": aux,
-            "has_aux": has_aux,
-            "conv_id": str(conversation.conv_id or ""),
-        }
-
-    def _image_and_masks(self, conversation: ParsedConversation,
-                         embedded: EmbeddedConversation | None) -> tuple[np.ndarray, _Masks]:
-        """Pixels and masks from the record itself, or from the image file and the registers."""
-        if embedded is not None:
-            pixels = read_rgb(embedded.image)
-            return pixels, _Masks(lambda dataset, mask_id: embedded.mask(mask_id), pixels.shape[:2], self.frame)
-        pixels = read_rgb(resolve_image_path(self.images_root, conversation.image))
-
-        def registered(dataset: str, mask_id: str) -> np.ndarray:
-            return self.registry.mask(dataset, mask_id, conversation.image, pixels.shape[:2], is_eval=self.is_eval)
-
-        return pixels, _Masks(registered, pixels.shape[:2], self.frame)
-
-    def _encode(self, conversation: ParsedConversation) -> EncodedConversation:
-        """Token ids, cut after the last round that fits ``max_length`` (the original truncated at
-        2048 tokens mid-round, losing ``<seg>`` tokens it then failed to count)."""
-        with self._tokenizer_lock:
-            encoded = self.encoder.encode(conversation.tokenizer_rounds())
-        fit = rounds_that_fit(encoded, self.max_length)
-        if fit == 0:
-            raise InputError(f"round 1 of conversation {conversation.conv_id!r} alone exceeds "
-                             f"{self.max_length} tokens.")
-        end = encoded.rounds[fit - 1].end
-        return EncodedConversation(encoded.input_ids[:end], encoded.labels[:end], encoded.rounds[:fit])
-
-    def _references(self, pixels: np.ndarray, masks: _Masks,
-                    refs: Sequence[MaskRef]) -> tuple[np.ndarray, np.ndarray]:
-        """Mask-encode crops and box-encode boxes as in training (§D6).
-
-        Crop: image AND mask, cut to the mask's box at original resolution (exclusive ends), pasted
-        top-left into a zero square, CLIP-preprocessed. Box: extents of the mask in the HIPIE frame
-        with inclusive max, ``[r0, c0, r1, c1] / frame``. INFERENCE references get the original's
-        dummies: the unmasked image and a zero box.
-        """
-        crops = np.zeros((len(refs), self.clip_size, self.clip_size, 3), np.float32)
-        boxes = np.zeros((len(refs), 4), np.float32)
-        for i, ref in enumerate(refs):
-            if ref.dataset == INFERENCE_DATASET:
-                crops[i] = clip_image(pixels, self.clip_size)
-                continue
-            what = f"reference mask {ref.mask_id!r} of {ref.dataset}"
-            rows, cols = _extent(masks.raw(ref.dataset, ref.mask_id), what)
-            box = (int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1)
-            crops[i] = clip_image(masked_crop(pixels, masks.raw(ref.dataset, ref.mask_id), box), self.clip_size)
-            rows, cols = _extent(masks.framed(ref.dataset, ref.mask_id), what + " in the HIPIE frame")
-            boxes[i] = np.asarray([rows[0], cols[0], rows[-1], cols[-1]], np.float32) / self.frame
-        return crops, boxes
-
-    def _decode_masks(self, rounds: Sequence[Any], masks: _Masks) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Per ``<seg>``: target mask and the supervised reference (``aux``) in the HIPIE frame (§D5, §T1).
-
-        An empty target (e.g. an instance that vanishes when resized) cannot be supervised and makes
-        the example corrupt. Unlike the original, a reference id ``0`` counts as a reference (its
-        ``if ref_mask_id:`` dropped it).
-        """
-        n = len(rounds)
-        targets = np.zeros((n, self.frame, self.frame), bool)
-        aux = np.zeros((n, self.frame, self.frame), bool)
-        has_aux = np.zeros(n, bool)
-        for k, r in enumerate(rounds):
-            dataset = r.target.dataset
-            targets[k] = masks.framed(dataset, r.target.target_id)
-            _extent(targets[k], f"target mask {r.target.target_id!r} of {dataset}")
-            ref_id = r.target.supervised_ref_id
-            if ref_id not in (None, "", "'", "none") and dataset != INFERENCE_DATASET:
-                aux[k], has_aux[k] = masks.framed(dataset, ref_id), True
-        return targets, aux, has_aux
-
-
-# ----------------------------------------------------------------------------------------------
 # Batches
 
 
@@ -406,15 +223,13 @@ class BatchLoader:
         return {"examples": examples, "epoch": epoch, "step": step, "file_index": file_index,
                 "skipped": skipped}
 
-    def _try(self, file_index: int, record: int) -> tuple[dict[str, Any] | None, str]:
+    def _try(self, file_index: int, record: int) -> tuple[Example | None, str]:
         where = f"{self.source.file_name(file_index)}[{record}]"
         try:
             example = self.builder.build(self.source.entry(file_index, record))
         except Exception as err:  # noqa: BLE001 - see class docstring
             return None, f"{where}: {type(err).__name__}: {err}"
-        example["file_index"] = np.int32(file_index)
-        example["record_index"] = np.int32(record)
-        return example, ""
+        return dataclasses.replace(example, file_index=file_index, record_index=record), ""
 
 
 class PipelineIterator:
@@ -507,42 +322,3 @@ def _allow_grain_flags() -> None:
 
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
-
-
-# ----------------------------------------------------------------------------------------------
-# Into the model's batch format
-
-
-def encoded_conversation(example: Mapping[str, Any]) -> EncodedConversation:
-    """Rebuild the tokenizer's per-round layout from an example's flat position arrays."""
-    ends = [int(e) for e in example["round_ends"]]
-    image = example["image_positions"]
-    layouts = []
-    for k, (start, end) in enumerate(zip([0, *ends[:-1]], ends)):
-        in_round = example["ref_rounds"] == k
-        layouts.append(RoundLayout(
-            start=start, end=end,
-            image_positions=image[(image >= start) & (image < end)],
-            mask_encode_positions=example["ref_mask_positions"][in_round],
-            box_encode_positions=example["ref_box_positions"][in_round],
-            seg_position=int(example["seg_positions"][k])))
-    return EncodedConversation(example["input_ids"], example["labels"], tuple(layouts))
-
-
-def collate_inputs(examples: Sequence[Mapping[str, Any]]) -> tuple[list[EncodedConversation], np.ndarray,
-                                                                   list[int], list[list[list[Any]]]]:
-    """Arguments ``(conversations, clip_images, image_of_row, references)`` of ``segllm_jax.batch.collate``.
-
-    The masks and HIPIE images are not part of ``ConversationBatch`` yet; stack them from the examples.
-    """
-    from segllm_jax.batch import Reference  # JAX import; only the training process calls this
-
-    references = []
-    for example in examples:
-        per_round: list[list[Any]] = [[] for _ in example["round_ends"]]
-        for k, crop, box in zip(example["ref_rounds"], example["ref_crops"], example["ref_boxes"]):
-            per_round[int(k)].append(Reference(crop=crop, box=box))
-        references.append(per_round)
-    clip_images = np.stack([example["clip_image"] for example in examples])
-    return [encoded_conversation(e) for e in examples], clip_images, list(range(len(examples))), references
-

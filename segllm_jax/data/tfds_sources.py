@@ -209,10 +209,11 @@ class MRShapesConversations(_TfdsConversations):
         if not 0 <= index < len(self):
             raise IndexError(f"{self.name} has {len(self)} conversations, not {index + 1}.")
         record = self.source[index]
-        turns = zip(record["conversations"]["from"], record["conversations"]["value"])
+        turns = zip(record["conversations"]["from"], record["conversations"]["value"], strict=True)
         entry = {"id": _text(record["id"]), "task": _text(record["task"]),
                  "conversations": [{"from": _text(f), "value": _text(v)} for f, v in turns]}
-        masks = {_text(m): _binary(mask) for m, mask in zip(record["masks"]["id"], record["masks"]["mask"])}
+        masks = {_text(m): _binary(mask)
+                 for m, mask in zip(record["masks"]["id"], record["masks"]["mask"], strict=True)}
         return EmbeddedConversation(entry=entry, image=record["image"], masks=masks)
 
 

@@ -39,7 +39,7 @@ def line_chart(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], pa
         draw.text((to_px(x, lo)[0] - 3, h - pad + 5), f"{x:g}", fill="black")
     for i, (name, (xs, ys)) in enumerate(series.items()):
         color = COLORS[i % len(COLORS)]
-        pts = [to_px(float(x), float(y)) for x, y in zip(xs, ys)]
+        pts = [to_px(float(x), float(y)) for x, y in zip(xs, ys, strict=True)]
         if len(pts) > 1:
             draw.line(pts, fill=color, width=2)
         if markers:
@@ -57,9 +57,9 @@ def training_curves(metrics_jsonl: str | Path, out_dir: str | Path, window: int 
     rows = [json.loads(line) for line in Path(metrics_jsonl).read_text().splitlines() if line.strip()]
     out = Path(out_dir)
     paths = []
+    iou_keys = ("hipie/iou_train",) + tuple(f"hipie/iou_round{k}" for k in range(1, 7))
     for name, keys, title in (("loss.png", ("loss", "loss_lm", "loss_hipie"), "training loss"),
-                              ("iou_train.png", ("hipie/iou_train",) + tuple(f"hipie/iou_round{k}" for k in range(1, 7)),
-                               "IoU of matched predictions on training batches")):
+                              ("iou_train.png", iou_keys, "IoU of matched predictions on training batches")):
         series = {}
         for key in keys:
             steps = np.asarray([r["step"] for r in rows if key in r], float)

@@ -37,7 +37,8 @@ class EvalData(MixtureConfig):
                 raise InputError(f"--data {spec!r}: {folder}: no such folder; write it with "
                                  "`segllm-jax make-mrshapes --out DIR`.")
             if not (root / "conversations" / f"mrshapes_{split}.json").is_file():
-                found = sorted(f.stem.removeprefix("mrshapes_") for f in (root / "conversations").glob("mrshapes_*.json"))
+                files = (root / "conversations").glob("mrshapes_*.json")
+                found = sorted(f.stem.removeprefix("mrshapes_") for f in files)
                 raise InputError(f"--data {spec!r}: {folder} has no split {split!r} (it has: "
                                  f"{', '.join(found) or 'none'}).")
             register = root / "annotations" / f"mrshapes_{split}.json"

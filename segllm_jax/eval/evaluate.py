@@ -34,8 +34,9 @@ from tqdm.auto import tqdm
 from segllm_jax import batch as batching
 from segllm_jax.checkpoint import Loaded
 from segllm_jax.data.conversations import parse_conversation
+from segllm_jax.data.example import Example, collate_inputs
+from segllm_jax.data.example_builder import ExampleBuilder
 from segllm_jax.data.mrshapes import question_type
-from segllm_jax.data.pipeline import ExampleBuilder, collate_inputs
 from segllm_jax.data.registers import AnnotationRegistry
 from segllm_jax.errors import InputError, SegLLMError
 from segllm_jax.eval.charts import line_chart
@@ -43,7 +44,7 @@ from segllm_jax.eval.data_spec import EvalData, read_entries
 from segllm_jax.eval.metrics import RoundMetrics
 from segllm_jax.models.hipie.model import Hipie, image_features_jit, predict, segment_jit, selected_mask_jit
 from segllm_jax.outputs import atomic_write_text, make_output_folder
-from segllm_jax.tokenizer import ConversationEncoder
+from segllm_jax.prompt import ConversationEncoder
 
 Mode = Literal["teacher", "autoregressive"]
 
@@ -73,11 +74,11 @@ def best_query_masks(hipie: Hipie, levels, prompts: jax.Array, gt_masks: np.ndar
     return np.asarray(selected_mask_jit(hipie, out, jnp.asarray(best, jnp.int32))[1])
 
 
-def _evaluate_one(loaded: Loaded, example: dict, entry: dict, mode: Mode, gate: float, limit_rounds: int | None,
+def _evaluate_one(loaded: Loaded, example: Example, entry: dict, mode: Mode, gate: float, limit_rounds: int | None,
                   best_query: bool = False):
     cfg = loaded.config
     convs, clip, image_of_row, references = collate_inputs([example])
-    levels = image_features_jit(loaded.model.segmentator, jnp.asarray(example["hipie_image"])[None])
+    levels = image_features_jit(loaded.model.segmentator, jnp.asarray(example.hipie_image)[None])
     rounds = parse_conversation(entry, limit_rounds).rounds[: len(convs[0].rounds)]
     target_ids = [r.target.target_id for r in rounds]
     ref_ids = [[ref.mask_id for ref in r.references] for r in rounds]
@@ -90,18 +91,18 @@ def _evaluate_one(loaded: Loaded, example: dict, entry: dict, mode: Mode, gate: 
         if mode == "teacher":
             break
         # Jacobi step: later references to round j's target now use round j's prediction
-        predicted = [batching.Reference.of_prediction(example["hipie_image"], pred.masks[j], pred.boxes_xyxy[j],
+        predicted = [batching.Reference.of_prediction(example.hipie_image, pred.masks[j], pred.boxes_xyxy[j],
                                                       cfg.hipie_image_size, cfg.vision.image_size)
                      for j in range(len(rounds))]
         updated = []
         for k in range(len(rounds)):
             row = []
-            for mask_id, gt_ref in zip(ref_ids[k], references[0][k]):
+            for mask_id, gt_ref in zip(ref_ids[k], references[0][k], strict=True):
                 j = target_ids.index(mask_id) if mask_id in target_ids else k
                 row.append(predicted[j] if j < k else gt_ref)
             updated.append(row)
         references = [updated]
-    gt = example["target_masks"][: len(rounds)]
+    gt = example.target_masks[: len(rounds)]
     best = best_query_masks(loaded.model.segmentator, levels, prompts, gt) if best_query else None
     return pred.masks, gt, pred.boxes_xyxy, best
 
@@ -144,8 +145,10 @@ def evaluate(loaded: Loaded, data: EvalData, mode: Mode = "autoregressive", *, a
             best_query.add_conversation(list(best), list(gt_masks))
         if by_type is not None:
             rounds = parse_conversation(entry, limit_rounds).rounds
-            for r, pred, gt, box in zip(rounds, pred_masks, gt_masks, boxes):
-                by_type.setdefault(question_type(r.question, r.target.task_type), RoundMetrics()).update(0, pred, gt, box)
+            # rounds past the context length were cut (no prediction): zip stops at the last predicted one
+            for r, pred, gt, box in zip(rounds, pred_masks, gt_masks, boxes, strict=False):
+                kind = question_type(r.question, r.target.task_type)
+                by_type.setdefault(kind, RoundMetrics()).update(0, pred, gt, box)
     return metrics
 
 

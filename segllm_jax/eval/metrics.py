@@ -110,7 +110,7 @@ class RoundMetrics:
         if len(pred_masks) != n or (pred_boxes is not None and len(pred_boxes) != n):
             raise InputError("a conversation needs as many predicted masks (and boxes) as GT masks.")
         boxes = pred_boxes if pred_boxes is not None else [None] * n
-        for r, (pred, gt, box) in enumerate(zip(pred_masks, gt_masks, boxes)):
+        for r, (pred, gt, box) in enumerate(zip(pred_masks, gt_masks, boxes, strict=True)):
             self.update(r, pred, gt, box)
 
     def merge(self, other: RoundMetrics) -> RoundMetrics:

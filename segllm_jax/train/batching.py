@@ -1,4 +1,5 @@
-"""The typed batch boundary of training: pipeline examples in, a :class:`TrainBatch` on the mesh out.
+"""The typed batch boundary of training: pipeline examples (:class:`~segllm_jax.data.example.Example`) in,
+a :class:`TrainBatch` on the mesh out.
 
 * :func:`make_train_batch` (host): collate one host's examples into a ``ConversationBatch``, pick the
   prompts HIPIE trains on, pad everything to bucketed shapes (``ConversationBatch.pad``).
@@ -9,7 +10,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +18,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from segllm_jax.batch import ConversationBatch, collate, pad_axis
+from segllm_jax.data.example import Example, collate_inputs
 from segllm_jax.errors import ConfigError
 from segllm_jax.sharding import logical_to_spec
 from segllm_jax.train.config import TrainConfig
@@ -46,7 +48,7 @@ def _round_up(n: int, k: int) -> int:
     return max(k, -(-n // k) * k)
 
 
-def make_train_batch(examples: Sequence[Mapping[str, Any]], cfg: TrainConfig, step: int, *,
+def make_train_batch(examples: Sequence[Example], cfg: TrainConfig, step: int, *,
                      row_offset: int = 0,
                      with_hipie: bool | None = None) -> TrainBatch:
     """Host side: collate pipeline examples, pick the HIPIE prompts, pad to bucketed shapes.
@@ -54,8 +56,6 @@ def make_train_batch(examples: Sequence[Mapping[str, Any]], cfg: TrainConfig, st
     The prompt choice of a conversation is seeded by ``(seed, step, global row)``: independent of how
     the global batch is split over hosts (``row_offset`` = this host's first global row) and of resumes.
     """
-    from segllm_jax.data.pipeline import collate_inputs
-
     with_hipie = cfg.use_hipie_loss if with_hipie is None else with_hipie
     conversations, clip_images, image_of_row, references = collate_inputs(examples)
     t = _round_up(max(c.num_tokens for c in conversations), cfg.pad_multiple)
@@ -64,7 +64,7 @@ def make_train_batch(examples: Sequence[Mapping[str, Any]], cfg: TrainConfig, st
     # (an example's k-th <seg> is its round k: every round ends in one)
     selected, rounds, start = [], [], 0
     for row, example in enumerate(examples):
-        n = int(example["seg_positions"].size)
+        n = int(example.seg_positions.size)
         rng = np.random.default_rng([cfg.seed, step, row_offset + row])
         pick = np.sort(rng.permutation(n)[:cfg.max_rounds]) if n > cfg.max_rounds else np.arange(n)
         selected.append(start + pick)
@@ -81,10 +81,10 @@ def make_train_batch(examples: Sequence[Mapping[str, Any]], cfg: TrainConfig, st
     extra: dict[str, Any] = {}
     if with_hipie:
         extra = dict(
-            hipie_images=jnp.asarray(np.stack([e["hipie_image"] for e in examples])),
-            target_masks=jnp.asarray(np.concatenate([e["target_masks"] for e in examples])[hipie_index]),
-            aux_masks=jnp.asarray(np.concatenate([e["aux_masks"] for e in examples])[hipie_index]),
-            has_aux=jnp.asarray(np.concatenate([e["has_aux"] for e in examples])[hipie_index]))
+            hipie_images=jnp.asarray(np.stack([e.hipie_image for e in examples])),
+            target_masks=jnp.asarray(np.concatenate([e.target_masks for e in examples])[hipie_index]),
+            aux_masks=jnp.asarray(np.concatenate([e.aux_masks for e in examples])[hipie_index]),
+            has_aux=jnp.asarray(np.concatenate([e.has_aux for e in examples])[hipie_index]))
     return TrainBatch(conv=conv, seg_weight=jnp.asarray(seg_weight), hipie_index=jnp.asarray(hipie_index),
                       hipie_round=jnp.asarray(rounds), **extra)
 

@@ -31,7 +31,8 @@ BASE_QTYPES: tuple[str, ...] = ("none", "int8", "nf4")  # base_weights_qtype val
 # LoRA target presets: module paths ('/'-joined, matched with re.fullmatch) of the Linear layers that get adapters
 LLM_TARGETS: tuple[str, ...] = (r"llm/layers/\d+/self_attn/[qkvo]_proj", r"llm/layers/\d+/mlp/(gate|up|down)_proj")
 PREDICTOR_TARGETS: tuple[str, ...] = (r"segmentator_predictor/linear_[12]",)
-HIPIE_TRANSFORMER_TARGETS: tuple[str, ...] = (r"segmentator/decoder/layers/\d+/.+", r"segmentator/encoder/layers/\d+/.+")
+HIPIE_TRANSFORMER_TARGETS: tuple[str, ...] = (r"segmentator/decoder/layers/\d+/.+",
+                                              r"segmentator/encoder/layers/\d+/.+")
 
 
 @dataclasses.dataclass(frozen=True)

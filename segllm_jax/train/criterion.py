@@ -130,7 +130,7 @@ def segllm_targets(target_masks: np.ndarray, prev_masks: np.ndarray, num_tokens:
     pmap = np.zeros((n, g, num_tokens), np.float32)
     valid = np.zeros((n, g), bool)
     for i, (ms, spans) in enumerate(per_round):
-        for j, (m, (t0, t1)) in enumerate(zip(ms, spans)):
+        for j, (m, (t0, t1)) in enumerate(zip(ms, spans, strict=True)):
             masks[i, j] = m
             pmap[i, j, t0:t1] = 1.0
             valid[i, j] = True
@@ -387,7 +387,7 @@ def bg_losses(out: GroupOutputs) -> dict[str, jax.Array]:
 def merge_groups(dicts: Sequence[Mapping[str, jax.Array]], weights: Sequence[float]) -> dict[str, jax.Array]:
     """``merge_dict`` (§T9): value = Σ_group w_group · value_group, over the union of keys."""
     merged: dict[str, jax.Array] = {}
-    for d, w in zip(dicts, weights):
+    for d, w in zip(dicts, weights, strict=True):
         for k, v in d.items():
             merged[k] = merged[k] + v * w if k in merged else v * w
     return merged

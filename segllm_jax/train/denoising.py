@@ -88,7 +88,7 @@ def flat_draws_to_padded(flat: np.ndarray, counts: Sequence[int], num_groups: in
     out = np.zeros((2 * num_groups, len(counts), g_max, flat.shape[-1]), flat.dtype)
     offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int)
     for k in range(2 * num_groups):
-        for b, (off, c) in enumerate(zip(offsets, counts)):
+        for b, (off, c) in enumerate(zip(offsets, counts, strict=True)):
             out[k, b, :c] = flat[k * total + off: k * total + off + c]
     return out
 

@@ -40,11 +40,24 @@ from segllm_jax.models.hipie.image_side import LevelInputs
 from segllm_jax.models.hipie.model import Hipie
 from segllm_jax.models.hipie.training import DNLabelEncoder, TrainingOutputs, training_forward, training_mask_logits
 from segllm_jax.train.box_ops import boxes_from_masks
-from segllm_jax.train.criterion import (CriterionConfig, CriterionOutput, EncOutputs, GroupOutputs, HipieTargets,
-                                        hipie_criterion, iou_train_metric)
+from segllm_jax.train.criterion import (
+    CriterionConfig,
+    CriterionOutput,
+    EncOutputs,
+    GroupOutputs,
+    HipieTargets,
+    hipie_criterion,
+    iou_train_metric,
+)
 from segllm_jax.train.denoising import BOX_NOISE_SCALE, DNQueries, prepare_dn_queries
-from segllm_jax.train.matcher import (OTA_CANDIDATES, MatcherCosts, PaddedIndices, dynamic_k_matching,
-                                      hungarian_cost, ota_cost)
+from segllm_jax.train.matcher import (
+    OTA_CANDIDATES,
+    MatcherCosts,
+    PaddedIndices,
+    dynamic_k_matching,
+    hungarian_cost,
+    ota_cost,
+)
 
 EXTRA_DN_LOGIT = -1e4  # FL(-1e4, 0) == 0 exactly in float32, and its gradient too
 
@@ -129,13 +142,13 @@ def _host_assign(fg_cost: np.ndarray, fg_iou: np.ndarray, enc_cost: np.ndarray, 
     fs = np.zeros((n_layers, b, k_fg), np.int32)
     ft = np.zeros((n_layers, b, k_fg), np.int32)
     fv = np.zeros((n_layers, b, k_fg), bool)
-    for l in range(n_layers):
+    for layer in range(n_layers):
         for i in range(b):
             n = int(counts[i])
-            src, tgt = dynamic_k_matching(fg_cost[l, i][:, :n], fg_iou[l, i][:, :n])
+            src, tgt = dynamic_k_matching(fg_cost[layer, i][:, :n], fg_iou[layer, i][:, :n])
             if len(src) > k_fg:  # only when options.k_fg was lowered below the simOTA bound
                 src, tgt = src[:k_fg], tgt[:k_fg]
-            fs[l, i, :len(src)], ft[l, i, :len(src)], fv[l, i, :len(src)] = src, tgt, True
+            fs[layer, i, :len(src)], ft[layer, i, :len(src)], fv[layer, i, :len(src)] = src, tgt, True
     es = np.zeros((b, g), np.int32)
     et = np.zeros((b, g), np.int32)
     ev = np.zeros((b, g), bool)

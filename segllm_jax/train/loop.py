@@ -209,7 +209,8 @@ def train(config: TrainConfig, workdir: str | Path) -> list[dict[str, Any]]:
     else:
         abstract = abstract_train_state(structure, cfg, shardings)
         if cfg.lora is not None:  # the checkpoint has no frozen base: rebuild it (deterministic) from the init weights
-            init_params = restore_init_params(cfg.init_checkpoint, structure, shardings) if cfg.init_checkpoint else None
+            init_params = (restore_init_params(cfg.init_checkpoint, structure, shardings) if cfg.init_checkpoint
+                           else None)
             frozen = train_step_lib.init_state(cfg, mesh, structure, init_params)[0].frozen
         state, data = ckpt.restore(latest, abstract)
         if cfg.lora is not None:
@@ -226,7 +227,7 @@ def train(config: TrainConfig, workdir: str | Path) -> list[dict[str, Any]]:
     try:
         for step in range(start, cfg.steps):
             host = next(iterator)
-            conv_ids = [str(e["conv_id"]) for e in host["examples"]]
+            conv_ids = [e.conv_id for e in host["examples"]]
             rows_per_host = cfg.batch_size // jax.process_count()
             batch = batching.make_train_batch(host["examples"], cfg, step,
                                                     row_offset=jax.process_index() * rows_per_host)

@@ -224,4 +224,4 @@ def pad_layer_indices(per_layer: Sequence[Sequence[tuple[np.ndarray, np.ndarray]
     k_needed = max((len(s) for layer in per_layer for s, _ in layer), default=0)
     k = max(k_needed, 1) if k is None else k
     padded = [pad_indices(layer, k) for layer in per_layer]
-    return PaddedIndices(*[jnp.stack(x) for x in zip(*padded)])
+    return PaddedIndices(*[jnp.stack(x) for x in zip(*padded, strict=True)])

@@ -34,8 +34,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from segllm_jax.batch import forward
 from segllm_jax.config import SegLLMConfig
 from segllm_jax.models.segllm import SegLLM
+from segllm_jax.prompt import IGNORE_INDEX
 from segllm_jax.sharding import logical_to_spec
-from segllm_jax.tokenizer import IGNORE_INDEX
 from segllm_jax.train import lora as lora_lib
 from segllm_jax.train.batching import TrainBatch
 from segllm_jax.train.config import TrainConfig
@@ -302,7 +302,8 @@ def state_shardings(structure: ModelStructure, cfg: TrainConfig, mesh: Mesh) -> 
         for k in (k for k in lora_lib.adapted_kernels(structure.keys) if k in frozen):
             q = jax.eval_shape(lambda x: lora_lib.quantize_kernel(x, cfg.base_weights_qtype),
                                jax.ShapeDtypeStruct(shapes[k].shape, jnp.float32))
-            scale = replicated if axes[k] is None else NamedSharding(mesh, logical_to_spec(axes[k], q.scale.shape, mesh))
+            scale = (replicated if axes[k] is None
+                     else NamedSharding(mesh, logical_to_spec(axes[k], q.scale.shape, mesh)))
             frozen[k] = q.replace(qvalue=frozen[k], scale=scale)
     return TrainState(step=replicated, params=trainable,
                       frozen=frozen,

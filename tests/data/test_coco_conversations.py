@@ -16,8 +16,8 @@ import pytest
 
 from segllm_jax.apps import cli
 from segllm_jax.data import mrshapes
-from segllm_jax.data.coco_conversations import (CocoLayout, CocoOptions, Instance, image_conversations, mixture,
-                                                read_coco, write_conversations)
+from segllm_jax.data.coco import CocoLayout, Instance, read_coco
+from segllm_jax.data.coco_conversations import CocoOptions, image_conversations, mixture, write_conversations
 from segllm_jax.data.conversations import parse_conversation
 from segllm_jax.data.referring import EXPRESSION, depends_on_reference, resolve
 from segllm_jax.data.registers import JsonMaskRegister
@@ -53,7 +53,7 @@ def test_every_round_is_unique_reference_dependent_and_eligible(coco):
     checked = 0
     for position in range(len(data.images)):
         result = image_conversations(data, position, images, options)
-        for conversation, entry in zip(result.conversations, result.entries):
+        for conversation, entry in zip(result.conversations, result.entries, strict=True):
             layout = result.layout
             parsed = parse_conversation(entry)  # the pipeline's own parser accepts it
             for k, r in enumerate(conversation.rounds):

@@ -6,12 +6,13 @@ import logging
 
 import numpy as np
 import pytest
+from tokenizer_fixture import make_llama_tokenizer_dir
 
 from segllm_jax.data import conversations as c
 from segllm_jax.data import mrshapes
 from segllm_jax.errors import InputError
-from segllm_jax.tokenizer import ConversationEncoder, Round, SegTokenizer
-from tokenizer_fixture import make_llama_tokenizer_dir
+from segllm_jax.prompt import ConversationEncoder, Round
+from segllm_jax.tokenizer import SegTokenizer
 
 IMG = "coco/train2014/COCO_train2014_000000000009.jpg"
 

@@ -41,7 +41,7 @@ def test_entries_point_at_the_train_split(tmp_path):
     for entry in entries:
         turns = entry["conversations"]
         assert len(turns) == 12
-        for k, (human, gpt) in enumerate(zip(turns[::2], turns[1::2])):
+        for k, (human, gpt) in enumerate(zip(turns[::2], turns[1::2], strict=True)):
             placeholders, question = parse_placeholders(human["value"])
             assert question and not question.startswith("[")
             assert any(p.kind == "IMAGE256" for p in placeholders) == (k == 0)

@@ -3,6 +3,7 @@ resume, worker processes, and skipping of corrupt data."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import pickle
@@ -17,10 +18,12 @@ from tokenizer_fixture import make_llama_tokenizer_dir
 from segllm_jax.data import mrshapes
 from segllm_jax.data import pipeline as p
 from segllm_jax.data.conversations import parse_conversation
+from segllm_jax.data.example import Example, collate_inputs, encoded_conversation
 from segllm_jax.data.registers import RegisterSpec
 from segllm_jax.errors import ConfigError, InputError
 from segllm_jax.preprocess import clip_image, hipie_image, hipie_mask, masked_crop
-from segllm_jax.tokenizer import ConversationEncoder, SegTokenizer
+from segllm_jax.prompt import ConversationEncoder
+from segllm_jax.tokenizer import SegTokenizer
 
 SEED = 3
 N_SCENES = 8
@@ -54,16 +57,16 @@ def _pipeline(data, *names: str, **kwargs) -> p.Pipeline:
 
 
 def _records(batches) -> list[tuple[int, list[int]]]:
-    return [(b["file_index"], [int(e["record_index"]) for e in b["examples"]]) for b in batches]
+    return [(b["file_index"], [int(e.record_index) for e in b["examples"]]) for b in batches]
 
 
 def _assert_same_batches(left, right) -> None:
     assert _records(left) == _records(right)
-    for a, b in zip(left, right):
-        for x, y in zip(a["examples"], b["examples"]):
-            assert x.keys() == y.keys()
-            for key in x:
-                np.testing.assert_array_equal(np.asarray(x[key]), np.asarray(y[key]), err_msg=key)
+    for a, b in zip(left, right, strict=True):
+        for x, y in zip(a["examples"], b["examples"], strict=True):
+            assert type(x) is type(y) is Example
+            for key in (f.name for f in dataclasses.fields(x)):
+                np.testing.assert_array_equal(np.asarray(getattr(x, key)), np.asarray(getattr(y, key)), err_msg=key)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -81,38 +84,38 @@ def test_example_contents_follow_the_spec(data):
               "ref_boxes": (r, 4), "target_masks": (n, s, s), "aux_masks": (n, s, s), "has_aux": (n,),
               "seg_positions": (n,), "round_ends": (n,), "image_positions": (256,), "ref_rounds": (r,)}
     for key, shape in shapes.items():
-        assert example[key].shape == shape, key
-    assert example["hipie_image"].dtype == np.uint8 and example["target_masks"].dtype == bool
-    assert example["clip_image"].dtype == example["ref_crops"].dtype == np.float32
+        assert getattr(example, key).shape == shape, key
+    assert example.hipie_image.dtype == np.uint8 and example.target_masks.dtype == bool
+    assert example.clip_image.dtype == example.ref_crops.dtype == np.float32
 
-    ids, labels = example["input_ids"], example["labels"]
-    assert np.all(ids[example["seg_positions"]] == tokenizer.seg_id)
-    assert np.all(labels[example["seg_positions"]] == tokenizer.seg_id)
+    ids, labels = example.input_ids, example.labels
+    assert np.all(ids[example.seg_positions] == tokenizer.seg_id)
+    assert np.all(labels[example.seg_positions] == tokenizer.seg_id)
     for key in ("image_positions", "ref_mask_positions", "ref_box_positions"):
-        assert np.all(ids[example[key]] == tokenizer.video_id)
+        assert np.all(ids[getattr(example, key)] == tokenizer.video_id)
     reference = ConversationEncoder(tokenizer).encode(parse_conversation(entry).tokenizer_rounds())
-    rebuilt = p.encoded_conversation(example)
+    rebuilt = encoded_conversation(example)
     np.testing.assert_array_equal(rebuilt.input_ids, reference.input_ids)
-    for mine, theirs in zip(rebuilt.rounds, reference.rounds):
+    for mine, theirs in zip(rebuilt.rounds, reference.rounds, strict=True):
         assert (mine.start, mine.end, mine.seg_position) == (theirs.start, theirs.end, theirs.seg_position)
         np.testing.assert_array_equal(mine.mask_encode_positions, theirs.mask_encode_positions)
         np.testing.assert_array_equal(mine.image_positions, theirs.image_positions)
 
-    np.testing.assert_array_equal(example["hipie_image"], hipie_image(Image.fromarray(scene.image))[0])
+    np.testing.assert_array_equal(example.hipie_image, hipie_image(Image.fromarray(scene.image))[0])
     framed = lambda i: hipie_mask(scene.mask(i)) > 0  # noqa: E731
-    np.testing.assert_array_equal(example["has_aux"], [False] + [True] * r)
+    np.testing.assert_array_equal(example.has_aux, [False] + [True] * r)
     for k, round_ in enumerate(conv.rounds):
-        np.testing.assert_array_equal(example["target_masks"][k], framed(round_.target))
+        np.testing.assert_array_equal(example.target_masks[k], framed(round_.target))
         if k:
             ref = conv.reference_instance(k)
-            np.testing.assert_array_equal(example["aux_masks"][k], framed(ref))
+            np.testing.assert_array_equal(example.aux_masks[k], framed(ref))
             rows, cols = np.nonzero(framed(ref))
-            np.testing.assert_allclose(example["ref_boxes"][k - 1],
+            np.testing.assert_allclose(example.ref_boxes[k - 1],
                                        np.array([rows.min(), cols.min(), rows.max(), cols.max()]) / s)
             rr, cc = np.nonzero(scene.mask(ref))
             crop = masked_crop(scene.image, scene.mask(ref), (cc.min(), rr.min(), cc.max() + 1, rr.max() + 1))
-            np.testing.assert_array_equal(example["ref_crops"][k - 1], clip_image(crop, CLIP))
-    assert not example["aux_masks"][0].any()
+            np.testing.assert_array_equal(example.ref_crops[k - 1], clip_image(crop, CLIP))
+    assert not example.aux_masks[0].any()
 
 
 def test_collate_accepts_pipeline_examples(data):
@@ -120,11 +123,11 @@ def test_collate_accepts_pipeline_examples(data):
 
     batch = next(iter(_pipeline(data)))
     examples = batch["examples"]
-    conversations, clip_images, image_of_row, references = p.collate_inputs(examples)
+    conversations, clip_images, image_of_row, references = collate_inputs(examples)
     packed = collate(conversations, clip_images, image_of_row, references)
-    assert packed.input_ids.shape == (2, max(e["input_ids"].size for e in examples))
-    assert packed.seg_rows.shape[0] == sum(e["seg_positions"].size for e in examples)
-    assert packed.ref_crops.shape[0] == sum(e["ref_rounds"].size for e in examples)
+    assert packed.input_ids.shape == (2, max(e.input_ids.size for e in examples))
+    assert packed.seg_rows.shape[0] == sum(e.seg_positions.size for e in examples)
+    assert packed.ref_crops.shape[0] == sum(e.ref_rounds.size for e in examples)
 
 
 def test_rounds_beyond_max_length_are_cut(data):
@@ -134,8 +137,8 @@ def test_rounds_beyond_max_length_are_cut(data):
     builder = p.Pipeline.from_config(_config(root), tokenizer, batch_size=1, clip_size=CLIP, frame=FRAME,
                                      max_length=full.rounds[1].end - 1).loader.builder  # only round 1 fits
     example = builder.build(entry)
-    assert example["seg_positions"].size == 1 and example["target_masks"].shape[0] == 1
-    assert example["input_ids"].size == full.rounds[0].end and example["ref_rounds"].size == 0
+    assert example.seg_positions.size == 1 and example.target_masks.shape[0] == 1
+    assert example.input_ids.size == full.rounds[0].end and example.ref_rounds.size == 0
     builder.max_length = 100
     with pytest.raises(InputError, match="exceeds"):
         builder.build(entry)
@@ -177,16 +180,16 @@ def test_plan_hosts_are_disjoint():
 def test_pipeline_batches_come_from_one_file_and_hosts_split_them(data):
     hosts = [list(_pipeline(data, batch_size=1, shard_index=h, shard_count=2)) for h in range(2)]
     assert len(hosts[0]) == len(hosts[1]) == 2 * (N_SCENES // 2)
-    for b0, b1 in zip(*hosts):
+    for b0, b1 in zip(*hosts, strict=True):
         assert b0["file_index"] == b1["file_index"]
-        assert {e["conv_id"] for e in b0["examples"]}.isdisjoint(e["conv_id"] for e in b1["examples"])
+        assert {e.conv_id for e in b0["examples"]}.isdisjoint(e.conv_id for e in b1["examples"])
     whole = list(_pipeline(data, batch_size=2))
     for batch in whole:
         assert len(batch["examples"]) == 2
-        assert {int(e["file_index"]) for e in batch["examples"]} == {batch["file_index"]}
-        assert {int(e["conv_id"][-6:]) // 4 for e in batch["examples"]} == {batch["file_index"]}  # a: 0-3, b: 4-7
+        assert {int(e.file_index) for e in batch["examples"]} == {batch["file_index"]}
+        assert {int(e.conv_id[-6:]) // 4 for e in batch["examples"]} == {batch["file_index"]}  # a: 0-3, b: 4-7
     # the two hosts' slices are exactly the single-host global batch
-    assert [r0 + r1 for (_, r0), (_, r1) in zip(_records(hosts[0]), _records(hosts[1]))] == \
+    assert [r0 + r1 for (_, r0), (_, r1) in zip(_records(hosts[0]), _records(hosts[1]), strict=True)] == \
         [r for _, r in _records(whole)]
 
 
@@ -253,7 +256,7 @@ def test_corrupt_entries_are_skipped_and_counted(data, caplog):
         assert reason in caplog.text, reason
     assert {b["file_index"] for b in batches} == {0}  # every draw from bad.json fails: those steps vanish
     assert all(len(b["examples"]) == 2 for b in batches)  # failed draws were replaced from the same file
-    assert all(e["conv_id"].startswith("mrshapes_train_00000") for b in batches for e in b["examples"])
+    assert all(e.conv_id.startswith("mrshapes_train_00000") for b in batches for e in b["examples"])
 
 
 # ---------------------------------------------------------------------------------------------

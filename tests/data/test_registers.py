@@ -201,7 +201,7 @@ def test_registry_names_kinds_and_errors(tmp_path):
     assert r.RegisterSpec("refcoco+", "p").resolved_kind == "coco"
     assert r.RegisterSpec("custom", "p", kind="ade20k").resolved_kind == "ade20k"
     with pytest.raises(ConfigError):
-        r.RegisterSpec("custom", "p", kind="nope").resolved_kind
+        _ = r.RegisterSpec("custom", "p", kind="nope").resolved_kind
     registry = _registry(tmp_path, r.RegisterSpec("paco_lvis", "train.json", path_eval="val.json"))
     assert registry.names == ("paco_lvis", "paco_lvis_eval")
     with pytest.raises(InputError, match="no annotation register"):

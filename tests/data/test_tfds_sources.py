@@ -4,6 +4,7 @@ skipped and counted), both in one mixture, the make-mrshapes command, and no Ten
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -22,9 +23,9 @@ from segllm_jax.apps import cli
 from segllm_jax.data import mrshapes
 from segllm_jax.data import pipeline as p
 from segllm_jax.data.conversations import parse_conversation
+from segllm_jax.data.example import Example
 from segllm_jax.data.registers import RegisterSpec
-from segllm_jax.data.tfds_sources import (MRShapesConversations, RefCocoConversations, open_conversations,
-                                          write_mrshapes)
+from segllm_jax.data.tfds_sources import MRShapesConversations, RefCocoConversations, open_conversations, write_mrshapes
 from segllm_jax.errors import ConfigError, InputError
 from segllm_jax.preprocess import hipie_mask
 from segllm_jax.tokenizer import SegTokenizer
@@ -132,7 +133,7 @@ def _pipeline(tokenizer: SegTokenizer, config: p.MixtureConfig, **kwargs) -> p.P
     return p.Pipeline.from_config(config, tokenizer, **options)
 
 
-def _examples(batches: list[dict]) -> list[dict]:
+def _examples(batches: list[dict]) -> list[Example]:
     return [example for batch in batches for example in batch["examples"]]
 
 
@@ -169,11 +170,11 @@ def test_tfds_and_json_give_identical_training_examples(shapes):
     assert len(from_json) == len(from_tfds) == 2 * SIZES["train"] // 2
     json_examples, tfds_examples = _examples(from_json), _examples(from_tfds)
     assert len(json_examples) == len(tfds_examples) == 2 * SIZES["train"]
-    assert sorted(e["conv_id"] for e in json_examples) == sorted([f"mrshapes_train_{i:06d}" for i in range(4)] * 2)
-    for x, y in zip(json_examples, tfds_examples):
-        assert x.keys() == y.keys() and x["target_masks"].any()
-        for key in x:
-            np.testing.assert_array_equal(np.asarray(x[key]), np.asarray(y[key]), err_msg=key)
+    assert sorted(e.conv_id for e in json_examples) == sorted([f"mrshapes_train_{i:06d}" for i in range(4)] * 2)
+    for x, y in zip(json_examples, tfds_examples, strict=True):
+        assert type(x) is type(y) is Example and x.target_masks.any()
+        for key in (f.name for f in dataclasses.fields(x)):
+            np.testing.assert_array_equal(np.asarray(getattr(x, key)), np.asarray(getattr(y, key)), err_msg=key)
 
 
 def test_export_is_deterministic_and_guards_its_folder(shapes, tmp_path):
@@ -262,13 +263,13 @@ def test_ref_coco_in_the_pipeline_skips_bad_conversations_and_counts_them(shapes
         in caplog.text
     assert "InputError: target mask '1040' of ref_coco is empty" in caplog.text
     assert len(examples) == 2 * 3 * 3  # failed draws were replaced from the same dataset
-    assert {e["conv_id"] for e in examples} == {c for c, (i, j, _) in REF_IDS.items() if i == 101 or j == 1}
+    assert {e.conv_id for e in examples} == {c for c, (i, j, _) in REF_IDS.items() if i == 101 or j == 1}
     for example in examples:
-        image_id, j, _ = REF_IDS[example["conv_id"]]
+        image_id, j, _ = REF_IDS[example.conv_id]
         shape = REF_RECORDS[image_id][0][j][0]
         target = hipie_mask(_ref_scene(image_id).mask(shape), FRAME) > 0
-        np.testing.assert_array_equal(example["target_masks"][0], target)
-        assert example["seg_positions"].shape == (1,) and example["ref_rounds"].size == 0
+        np.testing.assert_array_equal(example.target_masks[0], target)
+        assert example.seg_positions.shape == (1,) and example.ref_rounds.size == 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -287,7 +288,7 @@ def test_a_mixture_names_json_and_tfds_files_one_file_per_batch(shapes, ref_coco
     batches = list(pipeline)
     assert {b["file_index"] for b in batches} == {0, 1, 2}
     for batch in batches:
-        assert all(e["conv_id"].startswith(prefixes[batch["file_index"]]) for e in batch["examples"])
+        assert all(e.conv_id.startswith(prefixes[batch["file_index"]]) for e in batch["examples"])
     clone = pickle.loads(pickle.dumps(source))  # what a grain worker gets: the index, not the records
     assert clone._entries is None and all(table._source is None for table in clone._tables.values())
     assert clone._tables[2].index.tolist() == source._tables[2].index.tolist()

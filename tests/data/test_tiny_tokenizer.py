@@ -9,7 +9,8 @@ import pytest
 from segllm_jax.data import mrshapes
 from segllm_jax.data.tiny_tokenizer import train_tokenizer, word_vocabulary
 from segllm_jax.errors import TokenizerError
-from segllm_jax.tokenizer import ASSISTANT_ROLE, SYSTEM_PROMPT, USER_ROLE, ConversationEncoder, Round, SegTokenizer
+from segllm_jax.prompt import ASSISTANT_ROLE, SYSTEM_PROMPT, USER_ROLE, ConversationEncoder, Round
+from segllm_jax.tokenizer import SegTokenizer
 
 TEXTS = [f"{SYSTEM_PROMPT} {USER_ROLE}: {ASSISTANT_ROLE}:", mrshapes.vocabulary_text()]
 

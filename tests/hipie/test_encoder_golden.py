@@ -45,7 +45,7 @@ def test_image_side_golden(golden_file, recipe_pth) -> None:
 
     print(f"\n[{golden_file.name}] seed={seed} image side")
     compare("normalized_image", pixels.transpose(0, 3, 1, 2), data["normalized_image"])
-    for name, got in zip(("res3", "res4", "res5"), feats):
+    for name, got in zip(("res3", "res4", "res5"), feats, strict=True):
         compare(name, np.asarray(got).transpose(0, 3, 1, 2), data[name], atol_rel=1e-3)
     assert levels.spatial_shapes == tuple(map(tuple, data["spatial_shapes"].tolist()))
     assert enc.level_start_index == tuple(data["level_start_index"].tolist())

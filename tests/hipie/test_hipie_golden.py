@@ -17,8 +17,14 @@ from segllm_jax.models.hipie.model import selected_mask_jit
 from segllm_jax.models.hipie.postprocess import select_targets
 
 from .conftest import GOLDEN_256, _golden_params, compare
-from .hipie_helpers import (all_pred_masks_jit, converted_hipie, image_stages_jit, mask_iou, segment_debug_jit,
-                            topk_mismatch_is_near_tie)
+from .hipie_helpers import (
+    all_pred_masks_jit,
+    converted_hipie,
+    image_stages_jit,
+    mask_iou,
+    segment_debug_jit,
+    topk_mismatch_is_near_tie,
+)
 
 GOLDEN_1024 = _golden_params("seed*_1024.npz")
 

@@ -11,8 +11,7 @@ import pytest
 from flax import nnx
 
 from segllm_jax.config import HipieConfig
-from segllm_jax.models.hipie.encoder import (encoder_reference_points, level_masks, nearest_resize_mask,
-                                             valid_ratios)
+from segllm_jax.models.hipie.encoder import encoder_reference_points, level_masks, nearest_resize_mask, valid_ratios
 from segllm_jax.models.hipie.fusion import VLFusion
 from segllm_jax.models.hipie.image_side import HipieImageSide, normalize_pixels
 from segllm_jax.models.hipie.position import sine_box_embedding, sine_position_embedding

@@ -11,8 +11,14 @@ import numpy as np
 import pytest
 
 from segllm_jax.config import HipieConfig
-from segllm_jax.models.hipie.postprocess import (batched_nms, box_cxcywh_to_xyxy, class_logits, nms, select_target,
-                                                 topk_desc)
+from segllm_jax.models.hipie.postprocess import (
+    batched_nms,
+    box_cxcywh_to_xyxy,
+    class_logits,
+    nms,
+    select_target,
+    topk_desc,
+)
 
 from .conftest import _golden_params, compare
 

@@ -9,6 +9,7 @@ from flax import nnx
 
 from segllm_jax.config import HipieConfig
 from segllm_jax.models.hipie.resnet import BasicStem, BottleneckBlock, ResNet
+
 from .conftest import GOLDEN_256, build_abstract, build_random, compare, convert_subtree, normalized_image_nhwc
 
 
@@ -101,5 +102,5 @@ def test_backbone_golden(golden_file, recipe_pth) -> None:
     print(f"\n[{golden_file.name}] seed={seed} backbone")
     compare("normalized_image", x.transpose(0, 3, 1, 2), data["normalized_image"])
     feats = nnx.jit(lambda m, v: m(v))(net, jnp.asarray(x))
-    for name, got in zip(("res3", "res4", "res5"), feats):
+    for name, got in zip(("res3", "res4", "res5"), feats, strict=True):
         compare(name, np.asarray(got).transpose(0, 3, 1, 2), data[name], atol_rel=1e-3)

@@ -10,8 +10,8 @@ from __future__ import annotations
 import functools
 
 import jax
-import jax.test_util
 import jax.numpy as jnp
+import jax.test_util
 import numpy as np
 import pytest
 import torch
@@ -60,8 +60,8 @@ def _rel_err(actual, expected) -> float:
 
 
 def _grads(impl, shapes, value, loc, aw, cotangent):
-    def loss(v, l, a):
-        return jnp.sum(ms_deform_attn(v, shapes, _starts(shapes), l, a, impl=impl) * cotangent)
+    def loss(v, loc, a):
+        return jnp.sum(ms_deform_attn(v, shapes, _starts(shapes), loc, a, impl=impl) * cotangent)
 
     return jax.grad(loss, argnums=(0, 1, 2))(value, loc, aw)
 
@@ -77,8 +77,9 @@ def test_xla_forward_and_grads_match_transformers(impl):
 
     cotangent = np.random.default_rng(1).standard_normal(expected.shape).astype(np.float32)
     tensors = [torch.from_numpy(x).requires_grad_() for x in (value, loc, aw)]
-    (multi_scale_deformable_attention(tensors[0], list(shapes), tensors[1], tensors[2]) * torch.from_numpy(cotangent)).sum().backward()
-    for got, t in zip(_grads(impl, shapes, value, loc, aw, cotangent), tensors):
+    out = multi_scale_deformable_attention(tensors[0], list(shapes), tensors[1], tensors[2])
+    (out * torch.from_numpy(cotangent)).sum().backward()
+    for got, t in zip(_grads(impl, shapes, value, loc, aw, cotangent), tensors, strict=True):
         assert _rel_err(got, t.grad.numpy()) <= 1e-5
 
 
@@ -96,7 +97,7 @@ def test_kernel_grads_match_reference(impl):
     cotangent = np.random.default_rng(3).standard_normal((2, 5, 12)).astype(np.float32)
     expected = _grads("xla", SHAPES, value, loc, aw, cotangent)
     got = _grads(impl, SHAPES, value, loc, aw, cotangent)
-    for name, g, e in zip(("value", "sampling_locations", "attention_weights"), got, expected):
+    for name, g, e in zip(("value", "sampling_locations", "attention_weights"), got, expected, strict=True):
         assert g.shape == e.shape and g.dtype == e.dtype, name
         assert _rel_err(g, e) <= 1e-5, name
 
@@ -127,7 +128,7 @@ def test_check_grads_numerically(impl, dtype, eps, tol):
         fn = functools.partial(ms_deform_attn, spatial_shapes=shapes, level_start_index=_starts(shapes), impl=impl)
         assert fn(value, sampling_locations=loc, attention_weights=aw).dtype == jnp.dtype(dtype)
         jax.test_util.check_grads(
-            lambda v, l, a: fn(v, sampling_locations=l, attention_weights=a),
+            lambda v, loc, a: fn(v, sampling_locations=loc, attention_weights=a),
             (value, loc, aw),
             order=1,
             modes=("rev",),
@@ -172,7 +173,8 @@ def test_kernel_small_configs(impl, shapes, queries):
     out = ms_deform_attn(value, shapes, _starts(shapes), loc, aw, impl=impl)
     assert _rel_err(out, _torch_msda(shapes, value, loc, aw)) <= 1e-5
     cotangent = np.ones(out.shape, np.float32)
-    for g, e in zip(_grads(impl, shapes, value, loc, aw, cotangent), _grads("xla", shapes, value, loc, aw, cotangent)):
+    expected = _grads("xla", shapes, value, loc, aw, cotangent)
+    for g, e in zip(_grads(impl, shapes, value, loc, aw, cotangent), expected, strict=True):
         assert _rel_err(g, e) <= 1e-5
 
 
@@ -188,7 +190,7 @@ def test_bfloat16_inputs(impl):
     grads = _grads(impl, SHAPES, *bf16, jnp.ones(out.shape, jnp.bfloat16))
     assert [g.dtype for g in grads] == [jnp.bfloat16] * 3
     expected_grads = _grads("xla", SHAPES, *[x.astype(jnp.float32) for x in bf16], jnp.ones(out.shape))
-    for g, e in zip(grads, expected_grads):
+    for g, e in zip(grads, expected_grads, strict=True):
         assert _rel_err(g.astype(jnp.float32), e) <= 2**-7
 
 
@@ -197,7 +199,7 @@ def test_jit_and_vmap(impl):
     value, loc, aw = _inputs(SHAPES, batch=1, queries=3, points=2, seed=7)
     stacked = [np.stack([x, 2 * x]) for x in (value, loc, aw)]  # extra leading axis of size 2
     fn = jax.jit(functools.partial(ms_deform_attn, spatial_shapes=SHAPES, level_start_index=_starts(SHAPES), impl=impl))
-    batched = jax.vmap(lambda v, l, a: fn(v, sampling_locations=l, attention_weights=a))(*stacked)
+    batched = jax.vmap(lambda v, loc, a: fn(v, sampling_locations=loc, attention_weights=a))(*stacked)
     for i in range(2):
         expected = _torch_msda(SHAPES, stacked[0][i], stacked[1][i], stacked[2][i])
         assert _rel_err(batched[i], expected) <= 1e-5
@@ -219,16 +221,16 @@ def test_shard_map_over_batch(impl):
     @functools.partial(
         jax.shard_map, mesh=mesh, in_specs=(P("data"),) * 3, out_specs=P("data"), check_vma=check_vma
     )
-    def sharded(v, l, a):
-        return ms_deform_attn(v, SHAPES, starts, l, a, impl=impl)
+    def sharded(v, loc, a):
+        return ms_deform_attn(v, SHAPES, starts, loc, a, impl=impl)
 
     args = [jax.device_put(x, NamedSharding(mesh, P("data"))) for x in (value, loc, aw)]
     out = sharded(*args)
     assert out.sharding.spec == P("data")
     assert _rel_err(out, _torch_msda(SHAPES, value, loc, aw)) <= 1e-5
-    grads = jax.grad(lambda v, l, a: jnp.sum(sharded(v, l, a) ** 2), argnums=(0, 1, 2))(*args)
+    grads = jax.grad(lambda v, loc, a: jnp.sum(sharded(v, loc, a) ** 2), argnums=(0, 1, 2))(*args)
     expected = _grads("xla", SHAPES, value, loc, aw, 2 * np.asarray(out))
-    for g, e in zip(grads, expected):
+    for g, e in zip(grads, expected, strict=True):
         assert _rel_err(g, e) <= 1e-5
 
 
@@ -263,7 +265,7 @@ def _blocked_and_dense(shapes, value, loc, aw, cotangent, block_bytes):
     starts = _starts(shapes)
 
     def run(fn):
-        out, pull_back = jax.vjp(lambda v, l, a: fn(v, shapes, starts, l, a), value, loc, aw)
+        out, pull_back = jax.vjp(lambda v, loc, a: fn(v, shapes, starts, loc, a), value, loc, aw)
         return out, pull_back(jnp.asarray(cotangent, out.dtype))
 
     blocked = functools.partial(ms_deform_attn_xla, block_bytes=block_bytes)
@@ -284,7 +286,7 @@ def test_blocked_xla_equals_dense_reference(queries, block_q):
     cotangent = np.random.default_rng(9).standard_normal((2, queries, 4 * 8)).astype(np.float32)
     (out, grads), (ref_out, ref_grads) = _blocked_and_dense(shapes, value, loc, aw, cotangent, block_q * per_query)
     np.testing.assert_array_equal(out, ref_out)
-    for name, g, e in zip(("value", "sampling_locations", "attention_weights"), grads, ref_grads):
+    for name, g, e in zip(("value", "sampling_locations", "attention_weights"), grads, ref_grads, strict=True):
         assert g.shape == e.shape and g.dtype == e.dtype, name
         assert _rel_err(g, e) <= 1e-6, name
 
@@ -303,11 +305,11 @@ def test_blocked_xla_other_dtypes(dtype):
         assert out.dtype == jnp.dtype(dtype) and [g.dtype for g in grads] == [jnp.dtype(dtype)] * 3
         np.testing.assert_array_equal(np.asarray(out, np.float64), np.asarray(ref_out, np.float64))
         if dtype == "float64":
-            for g, e in zip(grads, ref_grads):
+            for g, e in zip(grads, ref_grads, strict=True):
                 assert _rel_err(g, e) <= 1e-12
             return
         exact = _grads("xla_dense", shapes, *[x.astype(jnp.float32) for x in args], cotangent.astype(np.float32))
-        for g, e in zip(grads, exact):
+        for g, e in zip(grads, exact, strict=True):
             assert _rel_err(g.astype(jnp.float32), e) <= 2**-8
 
 
@@ -331,8 +333,8 @@ def test_blocked_xla_temporaries_do_not_grow_with_queries():
     rows_bytes = 2 * 8 * seq * 64 * 32 * 4  # every gathered row: 1.4 GiB
 
     def temp_bytes(impl):
-        def loss(v, l, a):
-            return jnp.sum(ms_deform_attn(v, shapes, _starts(shapes), l, a, impl=impl))
+        def loss(v, loc, a):
+            return jnp.sum(ms_deform_attn(v, shapes, _starts(shapes), loc, a, impl=impl))
 
         compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(value, loc, aw).compile()
         return compiled.memory_analysis().temp_size_in_bytes
@@ -368,7 +370,7 @@ def test_tpu_visit_table_is_the_exact_tile_range_of_the_valid_corners():
     for b in range(2):
         for h in range(3):
             for i in range(tiling.num_q_blocks):
-                for level, ((height, width), start) in enumerate(zip(shapes, _starts(shapes))):
+                for level, ((height, width), start) in enumerate(zip(shapes, _starts(shapes), strict=True)):
                     xy = loc[b, i * 8 : (i + 1) * 8, h, level].reshape(-1, 2).astype(np.float64)
                     x, y = xy[:, 0] * width - 0.5, xy[:, 1] * height - 0.5
                     tiles = set()
@@ -395,9 +397,10 @@ def test_tpu_kernel_visits_only_reachable_tiles_and_matches_reference():
     assert stats["dense"] == 22 * 3 and stats["visited"] < 0.85 * stats["dense"]
 
     out = tpu.forward(value, shapes, starts, loc, aw, **blocks)  # [B, Q, H, Dh]
-    expected, pull_back = jax.vjp(lambda v, l, a: ms_deform_attn(v, shapes, starts, l, a, impl="xla"), value, loc, aw)
+    expected, pull_back = jax.vjp(lambda v, loc, a: ms_deform_attn(v, shapes, starts, loc, a, impl="xla"),
+                                  value, loc, aw)
     assert _rel_err(out.reshape(expected.shape), expected) <= 1e-5
     cotangent = np.random.default_rng(14).standard_normal(expected.shape).astype(np.float32)
     got = tpu.backward(value, shapes, starts, loc, aw, cotangent.reshape(out.shape), **blocks)
-    for name, g, e in zip(("value", "sampling_locations", "attention_weights"), got, pull_back(cotangent)):
+    for name, g, e in zip(("value", "sampling_locations", "attention_weights"), got, pull_back(cotangent), strict=True):
         assert _rel_err(g, e) <= 1e-5, name

@@ -5,14 +5,13 @@ still needs its memory at the referring rounds, and drives ``make demo``'s conve
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from segllm_jax.apps.demo import SHIPPED_CHECKPOINT, run_demo
 from segllm_jax.checkpoint import load
 from segllm_jax.data import mrshapes
-from segllm_jax.apps.demo import SHIPPED_CHECKPOINT, run_demo
 from segllm_jax.eval.evaluate import EvalData, evaluate
 
 RESULTS = json.loads((SHIPPED_CHECKPOINT / "RESULTS.json").read_text())

@@ -63,8 +63,9 @@ def build_tiny(tmp_path_factory):
     """(root, loaded): a tiny release folder converted and loaded, plus ``root/scene.png`` (80x48).
 
     Used by the session fixture ``tiny`` of ``tests/conftest.py`` (shared by every test folder)."""
-    import segllm_jax
     from PIL import Image
+
+    import segllm_jax
     from segllm_jax_convert.convert import convert_checkpoint
 
     from .tiny_release import write_tiny_release

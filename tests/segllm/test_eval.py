@@ -10,7 +10,7 @@ import pytest
 import segllm_jax.eval.evaluate as evaluate_module
 from segllm_jax.apps.cli import main
 from segllm_jax.data import mrshapes
-from segllm_jax.data.pipeline import ExampleBuilder
+from segllm_jax.data.example_builder import ExampleBuilder
 from segllm_jax.eval.evaluate import EvalData, evaluate
 
 
@@ -50,7 +50,7 @@ def test_an_oracle_scores_one(tiny, split, monkeypatch):
 
     def oracle(*args, **kwargs):
         pred = real_predict(*args, **kwargs)
-        gt = current["example"]["target_masks"][: len(pred.masks)]
+        gt = current["example"].target_masks[: len(pred.masks)]
         boxes = np.stack([[np.flatnonzero(m.any(0))[0], np.flatnonzero(m.any(1))[0],
                            np.flatnonzero(m.any(0))[-1] + 1, np.flatnonzero(m.any(1))[-1] + 1] for m in gt])
         return pred._replace(masks=gt, boxes_xyxy=boxes.astype(np.float32))
@@ -81,10 +81,10 @@ def test_best_query_is_the_decoders_best_overlapping_query(tiny, split, tmp_path
     import jax.numpy as jnp
 
     from segllm_jax import batch as batching
-    from segllm_jax.data.pipeline import collate_inputs
+    from segllm_jax.data.example import collate_inputs
     from segllm_jax.data.registers import AnnotationRegistry
     from segllm_jax.models.hipie.model import image_features_jit, segment_jit, selected_mask_jit
-    from segllm_jax.tokenizer import ConversationEncoder
+    from segllm_jax.prompt import ConversationEncoder
 
     root, loaded = tiny
     cfg, hipie = loaded.config, loaded.model.segmentator
@@ -97,8 +97,8 @@ def test_best_query_is_the_decoders_best_overlapping_query(tiny, split, tmp_path
     batch = batching.collate(convs, clip, image_of_row, references, gate=cfg.eval_reference_gate,
                              pad_to=batching.bucketed(convs[0].num_tokens))
     prompts = evaluate_module._prompts(loaded.model, batch)
-    levels = image_features_jit(hipie, jnp.asarray(example["hipie_image"])[None])
-    gt = example["target_masks"][: prompts.shape[0]] > 0
+    levels = image_features_jit(hipie, jnp.asarray(example.hipie_image)[None])
+    gt = example.target_masks[: prompts.shape[0]] > 0
     got = evaluate_module.best_query_masks(hipie, levels, prompts, gt)
 
     n, nb = prompts.shape[0], cfg.hipie.num_bg_queries

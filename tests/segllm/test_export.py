@@ -16,7 +16,7 @@ import pytest
 from segllm_jax.apps import cli
 from segllm_jax.checkpoint import PARAMS, TRAINING_PARAMS
 from segllm_jax_convert.convert import convert_checkpoint
-from segllm_jax_convert.export import read_item, export_checkpoint
+from segllm_jax_convert.export import export_checkpoint, read_item
 from segllm_jax_convert.io import open_checkpoint
 
 from .conftest import golden_segllm_dir, write_release_folder

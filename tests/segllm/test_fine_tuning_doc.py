@@ -1,9 +1,9 @@
 """``docs/fine_tuning.md``, run: every command of its ``bash`` blocks, in the doc's order, exactly as written.
 
 The test builds what the doc assumes, under the doc's own relative paths in a temporary folder: the tiny
-release of the session (``tiny_release.py``, fixture ``tiny``) as ``SegLLM/all_data_checkpoint/`` and a COCO file of MR-Shapes scenes
-(``tests/data/coco_fixture.py``) as ``my_data/``. Training runs with ``SEGLLM_PRESET=cpu`` (the preset the
-doc names for this check), ``eval`` with ``--limit 1 --mode teacher``; a command that needs a pod
+release of the session (``tiny_release.py``, fixture ``tiny``) as ``SegLLM/all_data_checkpoint/`` and a COCO file
+of MR-Shapes scenes (``tests/data/coco_fixture.py``) as ``my_data/``. Training runs with ``SEGLLM_PRESET=cpu`` (the
+preset the doc names for this check), ``eval`` with ``--limit 1 --mode teacher``; a command that needs a pod
 (``SEGLLM_DISTRIBUTED``) has its config loaded and checked instead of run. If the doc gains a command, the
 test runs it; if the doc drops one, the command lists below fail.
 """

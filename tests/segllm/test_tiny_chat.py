@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
@@ -120,10 +119,10 @@ def test_batched_infer_matches_sessions(tiny, tmp_path):
                  "--out", str(tmp_path / "out"), "--batch-size", "3"]) == 1  # two conversations fail
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert "round 1" in results[2]["error"] and "does not exist" in results[3]["error"]
-    for (image, queries), entry in zip(convs[:2], results[:2]):
+    for (image, queries), entry in zip(convs[:2], results[:2], strict=True):
         session = MultiRoundSession(loaded, image)
         assert entry["error"] is None and len(entry["rounds"]) == len(queries)
-        for q, got in zip(queries, entry["rounds"]):
+        for q, got in zip(queries, entry["rounds"], strict=True):
             want = session.ask(q)
             mask = np.asarray(Image.open(tmp_path / "out" / got["mask"])) > 0
             assert (mask == want.mask).mean() > 0.999

@@ -15,13 +15,13 @@ from pathlib import Path
 import numpy as np
 from flax import nnx
 from safetensors.numpy import save_file
+from tokenizer_fixture import make_llama_tokenizer_dir
 
 from segllm_jax.checkpoint import build_model
 from segllm_jax.config import HipieConfig, SegLLMConfig, VisionConfig
 from segllm_jax.tokenizer import SegTokenizer
 from segllm_jax_convert import engine
 from segllm_jax_convert.segllm import segllm_table
-from tokenizer_fixture import make_llama_tokenizer_dir
 
 from .conftest import golden_segllm_dir
 

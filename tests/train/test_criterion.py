@@ -11,6 +11,7 @@ matching inference file ``seed<N>_256.npz`` when present (else the stored L2 val
 from __future__ import annotations
 
 from functools import lru_cache
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -20,14 +21,31 @@ import pytest
 from segllm_jax.train import losses as L
 from segllm_jax.train.box_ops import box_cxcywh_to_xyxy
 from segllm_jax.train.criterion import (
-    EncOutputs, GroupOutputs, HipieTargets, downsample_gt_masks, hipie_criterion, importance_points,
-    iou_train_metric, mask_losses, point_sample, segllm_targets, weight_dict,
+    EncOutputs,
+    GroupOutputs,
+    HipieTargets,
+    downsample_gt_masks,
+    hipie_criterion,
+    importance_points,
+    iou_train_metric,
+    mask_losses,
+    point_sample,
+    segllm_targets,
+    weight_dict,
 )
 from segllm_jax.train.denoising import (
-    dn_attention_mask, dn_match_indices, flat_draws_to_padded, prepare_dn_queries,
+    dn_attention_mask,
+    dn_match_indices,
+    flat_draws_to_padded,
+    prepare_dn_queries,
 )
 from segllm_jax.train.matcher import (
-    PaddedIndices, dynamic_k_matching, encoder_match, pad_indices, pad_layer_indices, simota_match,
+    PaddedIndices,
+    dynamic_k_matching,
+    encoder_match,
+    pad_indices,
+    pad_layer_indices,
+    simota_match,
 )
 
 from .golden import golden_params, pad_rows
@@ -54,20 +72,21 @@ def _num_layers(d: dict, v: str) -> int:
 
 
 def _stored_indices(d: dict, v: str, g: str, n_layers: int, batch: int) -> PaddedIndices:
-    return pad_layer_indices([[(d[f"{v}_idx_{g}_l{l}_b{b}_src"], d[f"{v}_idx_{g}_l{l}_b{b}_tgt"])
-                               for b in range(batch)] for l in range(n_layers)])
+    return pad_layer_indices([[(d[f"{v}_idx_{g}_l{layer}_b{b}_src"], d[f"{v}_idx_{g}_l{layer}_b{b}_tgt"])
+                               for b in range(batch)] for layer in range(n_layers)])
 
 
 def _group(d: dict, v: str, g: str, idx: PaddedIndices, n_layers: int, batch: int) -> GroupOutputs:
     k = idx.src.shape[-1]
     masks = np.zeros((n_layers, batch, k) + d[f"{v}_out_{g}_l0_b0_pred_masks"].shape[1:], np.float32)
-    for l in range(n_layers):
+    for layer in range(n_layers):
         for b in range(batch):
-            m = d[f"{v}_out_{g}_l{l}_b{b}_pred_masks"]
-            masks[l, b, : len(m)] = m
-    logits = np.stack([d[f"{v}_out_{g}_l{l}_pred_logits"] for l in range(n_layers)])
-    boxes = np.stack([d[f"{v}_out_{g}_l{l}_pred_boxes"] for l in range(n_layers)])
-    ious = [d[f"{v}_out_{g}_l{l}_pred_boxious"] for l in range(n_layers) if f"{v}_out_{g}_l{l}_pred_boxious" in d]
+            m = d[f"{v}_out_{g}_l{layer}_b{b}_pred_masks"]
+            masks[layer, b, : len(m)] = m
+    logits = np.stack([d[f"{v}_out_{g}_l{layer}_pred_logits"] for layer in range(n_layers)])
+    boxes = np.stack([d[f"{v}_out_{g}_l{layer}_pred_boxes"] for layer in range(n_layers)])
+    ious = [d[f"{v}_out_{g}_l{layer}_pred_boxious"] for layer in range(n_layers)
+            if f"{v}_out_{g}_l{layer}_pred_boxious" in d]
     return GroupOutputs(jnp.asarray(logits), jnp.asarray(boxes), jnp.asarray(np.stack(ious)) if ious else None,
                         jnp.asarray(masks))
 
@@ -137,12 +156,14 @@ def test_golden_matcher_indices_exact(golden_file, variant) -> None:
     d, v = _load(golden_file), variant
     tg = _targets(d)
     n_layers, batch = _num_layers(d, v), tg.boxes.shape[0]
-    for l in range(n_layers):
-        ind = simota_match(d[f"{v}_out_fg_l{l}_pred_logits"], d[f"{v}_out_fg_l{l}_pred_boxes"],
+    for layer in range(n_layers):
+        ind = simota_match(d[f"{v}_out_fg_l{layer}_pred_logits"], d[f"{v}_out_fg_l{layer}_pred_boxes"],
                            tg.boxes, tg.positive_map, tg.valid)
         for b in range(batch):
-            np.testing.assert_array_equal(ind[b][0], d[f"{v}_idx_fg_l{l}_b{b}_src"], err_msg=f"fg l{l} b{b} src")
-            np.testing.assert_array_equal(ind[b][1], d[f"{v}_idx_fg_l{l}_b{b}_tgt"], err_msg=f"fg l{l} b{b} tgt")
+            np.testing.assert_array_equal(ind[b][0], d[f"{v}_idx_fg_l{layer}_b{b}_src"],
+                                          err_msg=f"fg l{layer} b{b} src")
+            np.testing.assert_array_equal(ind[b][1], d[f"{v}_idx_fg_l{layer}_b{b}_tgt"],
+                                          err_msg=f"fg l{layer} b{b} tgt")
     ind = encoder_match(d[f"{v}_out_enc_pred_logits"], d[f"{v}_out_enc_pred_boxes"], tg.boxes, tg.valid)
     dn = dn_match_indices(tg.counts, single_padding=int(d[f"{v}_dn_meta"][0]), num_groups=int(d[f"{v}_dn_meta"][1]))
     for b in range(batch):
@@ -162,7 +183,7 @@ def test_golden_criterion_terms(golden_file, variant) -> None:
     assert set(out.raw) == set(keys), f"key sets differ: {set(out.raw) ^ set(keys)}"
     print(f"\n{golden_file.stem} [{v}]  {'term':<16s} {'golden':>14s} {'port':>14s} {'rel':>9s}")
     failures = []
-    for k, w in zip(keys, want):
+    for k, w in zip(keys, want, strict=True):
         got = float(out.raw[k])
         rel = _rel(got, float(w))
         if w != 0.0 or got != 0.0:
@@ -171,14 +192,14 @@ def test_golden_criterion_terms(golden_file, variant) -> None:
             failures.append((k, w, got, rel))
     for g in ("fg", "gt"):
         worst = 0.0
-        for k, w in zip(d[f"{v}_crit_{g}_keys"], d[f"{v}_crit_{g}_values"]):
+        for k, w in zip(d[f"{v}_crit_{g}_keys"], d[f"{v}_crit_{g}_values"], strict=True):
             rel = _rel(float(out.per_group[g][str(k)]), float(w))
             worst = max(worst, rel)
             if rel > REL_TOL:
                 failures.append((f"{g}:{k}", w, float(out.per_group[g][str(k)]), rel))
         print(f"  per-call '{g}' dict ({len(d[f'{v}_crit_{g}_keys'])} keys): worst rel {worst:.2e}")
     wk, wv = [str(k) for k in d[f"{v}_loss_weighted_keys"]], d[f"{v}_loss_weighted"]
-    for k, w in zip(wk, wv):
+    for k, w in zip(wk, wv, strict=True):
         if k in out.weighted and _rel(float(out.weighted[k]), float(w)) > REL_TOL:
             failures.append((f"weighted:{k}", w, float(out.weighted[k]), _rel(float(out.weighted[k]), float(w))))
     l2 = float(out.prompt_l2) if have_prompts else float(d[f"{v}_loss_prompt_l2"])
@@ -219,7 +240,7 @@ def test_golden_importance_sampling(golden_file, variant) -> None:
     k = idx.src.shape[-1]
     res = mask_losses(jnp.asarray(pad_rows(masks, counts, k)), idx.tgt, idx.valid,
                       downsample_gt_masks(tg.masks), jnp.asarray(pad_rows(got, counts, k)))
-    crit = dict(zip([str(x) for x in d[f"{v}_crit_fg_keys"]], d[f"{v}_crit_fg_values"]))
+    crit = dict(zip([str(x) for x in d[f"{v}_crit_fg_keys"]], d[f"{v}_crit_fg_values"], strict=True))
     for name in ("loss_mask", "loss_dice"):
         assert _rel(float(res[name]), float(crit[name])) <= REL_TOL, name
 
@@ -253,7 +274,7 @@ def test_golden_dn_queries(golden_file, variant) -> None:
 @pytest.mark.parametrize("golden_file,variant", GOLDEN[:1])
 def test_golden_weight_dict(golden_file, variant) -> None:
     d = _load(golden_file)
-    want = dict(zip([str(k) for k in d["weight_dict_keys"]], d["weight_dict_values"].tolist()))
+    want = dict(zip([str(k) for k in d["weight_dict_keys"]], d["weight_dict_values"].tolist(), strict=True))
     assert weight_dict() == want
 
 

@@ -14,11 +14,12 @@ def _reference(logits, src, tgt, valid, target_slot):
     layers, batch, queries, tokens = logits.shape
     score = logits[..., tokens // 2:].mean(-1).astype(np.float64)
     losses = []
-    for l in range(layers):
+    for layer in range(layers):
         for b in range(batch):
-            pos = {int(q) for q, g, v in zip(src[l, b], tgt[l, b], valid[l, b]) if v and g == target_slot[b]}
+            pos = {int(q) for q, g, v in zip(src[layer, b], tgt[layer, b], valid[layer, b], strict=True)
+                   if v and g == target_slot[b]}
             if pos:
-                s = score[l, b]
+                s = score[layer, b]
                 lse = np.log(np.exp(s - s.max()).sum()) + s.max()
                 lse_pos = np.log(sum(np.exp(s[q] - s.max()) for q in pos)) + s.max()
                 losses.append(lse - lse_pos)
@@ -38,8 +39,8 @@ def test_matches_numpy_and_ignores_the_reference_slot():
     pmap[[0, 2], 0, : tokens // 2] = 1
     pmap[[0, 2], 1, tokens // 2:] = 1
     pmap[1, 0, tokens // 2:] = 1
-    got = target_ranking_loss(jnp.asarray(logits), PaddedIndices(jnp.asarray(src), jnp.asarray(tgt), jnp.asarray(valid)),
-                              jnp.asarray(pmap))
+    indices = PaddedIndices(jnp.asarray(src), jnp.asarray(tgt), jnp.asarray(valid))
+    got = target_ranking_loss(jnp.asarray(logits), indices, jnp.asarray(pmap))
     want = _reference(logits, src, tgt, valid, target_slot=np.array([1, 0, 1]))
     np.testing.assert_allclose(float(got), want, rtol=1e-5)
 

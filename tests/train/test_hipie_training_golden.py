@@ -27,16 +27,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from hipie.conftest import build_random
 
 from segllm_jax.config import HipieConfig
 from segllm_jax.models.hipie.model import Hipie
 from segllm_jax.models.hipie.training import DNLabelEncoder
 from segllm_jax.train.criterion import CriterionConfig, segllm_targets
 from segllm_jax.train.denoising import flat_draws_to_padded
-from segllm_jax.train.hipie_loss import (HipieLossOptions, HipieReplay, device_targets, hipie_loss,
-                                         hipie_loss_details)
-
-from hipie.conftest import build_random
+from segllm_jax.train.hipie_loss import HipieLossOptions, HipieReplay, device_targets, hipie_loss, hipie_loss_details
 
 from .golden import REPO_ROOT, golden_dir, golden_params, pad_rows
 
@@ -185,11 +183,11 @@ def test_golden_training_forward(golden_file, variant) -> None:
     _cmp("dec_hs", fwd.hs, d[f"{v}_dec_hs"], rel_absmax=1e-4)
     for name, g in (("fg", "fg"), ("gt", "dn")):
         logits, boxes, ious = fwd.group(g)
-        for l in range(fwd.hs.shape[0]):
-            _cmp(f"{name}_l{l}_pred_logits", logits[l], d[f"{v}_out_{name}_l{l}_pred_logits"])
-            _cmp(f"{name}_l{l}_pred_boxes", boxes[l], d[f"{v}_out_{name}_l{l}_pred_boxes"])
-            if f"{v}_out_{name}_l{l}_pred_boxious" in d:
-                _cmp(f"{name}_l{l}_pred_boxious", ious[l], d[f"{v}_out_{name}_l{l}_pred_boxious"])
+        for layer in range(fwd.hs.shape[0]):
+            _cmp(f"{name}_l{layer}_pred_logits", logits[layer], d[f"{v}_out_{name}_l{layer}_pred_logits"])
+            _cmp(f"{name}_l{layer}_pred_boxes", boxes[layer], d[f"{v}_out_{name}_l{layer}_pred_boxes"])
+            if f"{v}_out_{name}_l{layer}_pred_boxious" in d:
+                _cmp(f"{name}_l{layer}_pred_boxious", ious[layer], d[f"{v}_out_{name}_l{layer}_pred_boxious"])
     _cmp("enc_pred_logits", fwd.enc_logits, d[f"{v}_out_enc_pred_logits"])
     _cmp("enc_pred_boxes", fwd.enc_boxes, d[f"{v}_out_enc_pred_boxes"])
 
@@ -202,15 +200,16 @@ def test_golden_training_indices_and_masks(golden_file, variant) -> None:
     d, det = _run(golden_file, variant)
     v = variant
     n_layers, batch = det.fg_masks.shape[:2]
-    for l in range(n_layers):
+    for layer in range(n_layers):
         for b in range(batch):
             for name, idx, masks in (("fg", det.fg_indices, det.fg_masks), ("gt", det.dn_indices, det.dn_masks)):
-                n = int(np.asarray(idx.valid[l, b]).sum())
-                np.testing.assert_array_equal(np.asarray(idx.src[l, b, :n]), d[f"{v}_idx_{name}_l{l}_b{b}_src"],
-                                              err_msg=f"{name} src layer {l} prompt {b}")
-                np.testing.assert_array_equal(np.asarray(idx.tgt[l, b, :n]), d[f"{v}_idx_{name}_l{l}_b{b}_tgt"],
-                                              err_msg=f"{name} tgt layer {l} prompt {b}")
-                _cmp(f"{name}_l{l}_b{b}_pred_masks", masks[l, b, :n], d[f"{v}_out_{name}_l{l}_b{b}_pred_masks"],
+                n = int(np.asarray(idx.valid[layer, b]).sum())
+                np.testing.assert_array_equal(np.asarray(idx.src[layer, b, :n]), d[f"{v}_idx_{name}_l{layer}_b{b}_src"],
+                                              err_msg=f"{name} src layer {layer} prompt {b}")
+                np.testing.assert_array_equal(np.asarray(idx.tgt[layer, b, :n]), d[f"{v}_idx_{name}_l{layer}_b{b}_tgt"],
+                                              err_msg=f"{name} tgt layer {layer} prompt {b}")
+                _cmp(f"{name}_l{layer}_b{b}_pred_masks", masks[layer, b, :n],
+                     d[f"{v}_out_{name}_l{layer}_b{b}_pred_masks"],
                      rel_absmax=1e-4)
     for b in range(batch):
         n = int(np.asarray(det.enc_indices.valid[b]).sum())
@@ -225,7 +224,7 @@ def test_golden_training_losses(golden_file, variant) -> None:
     d, det = _run(golden_file, variant)
     v = variant
     keys = [str(k) for k in d[f"{v}_loss_weighted_keys"]]
-    want = dict(zip(keys, d[f"{v}_loss_weighted"].astype(np.float64)))
+    want = dict(zip(keys, d[f"{v}_loss_weighted"].astype(np.float64), strict=True))
     worst = 0.0
     for k, w in want.items():
         if k in ("total_loss", "iou_train"):
@@ -255,7 +254,7 @@ def test_golden_device_targets(golden_file) -> None:
     host = segllm_targets(d["gt_target_masks"], d["gt_prev_masks"])
     dev = device_targets(jnp.asarray(d["gt_target_masks"]), jnp.asarray(d["gt_prev_masks"]),
                          jnp.ones(d["gt_target_masks"].shape[0], bool))
-    for a, b in zip(dev, host):
+    for a, b in zip(dev, host, strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
@@ -294,8 +293,9 @@ def test_hipie_loss_jit_grad_tiny() -> None:
 
     def f(params, prompts, key):
         m = nnx.merge(graphdef, params, rest)
-        return hipie_loss(m["hipie"], m["dn_resizer"], levels, prompts, jnp.zeros(b, jnp.int32), jnp.asarray(tm.astype(np.uint8)),
-                          jnp.asarray(am.astype(np.uint8)), has_aux, key, options=options)
+        return hipie_loss(m["hipie"], m["dn_resizer"], levels, prompts, jnp.zeros(b, jnp.int32),
+                          jnp.asarray(tm.astype(np.uint8)), jnp.asarray(am.astype(np.uint8)), has_aux, key,
+                          options=options)
 
     (loss, metrics), (g_params, g_prompts) = jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))(
         params, prompts, jax.random.key(0))

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 from safetensors.numpy import save_file
-
 from segllm.conftest import golden_segllm_dir
+
 from segllm_jax import checkpoint
 from segllm_jax.data.pipeline import MixtureConfig
 from segllm_jax.models.segllm import DN_RESIZER
@@ -38,7 +38,8 @@ def resizer_tensors(prefix: str, seed: int = 7) -> dict[str, np.ndarray]:
 def expected_dn(tensors: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
     r = f"{prefix}detr.resizer."
     return {DN + "fc/kernel": tensors[r + "fc.weight"].T, DN + "fc/bias": tensors[r + "fc.bias"],
-            DN + "layer_norm/scale": tensors[r + "layer_norm.weight"], DN + "layer_norm/bias": tensors[r + "layer_norm.bias"]}
+            DN + "layer_norm/scale": tensors[r + "layer_norm.weight"],
+            DN + "layer_norm/bias": tensors[r + "layer_norm.bias"]}
 
 
 def add_shard(release: Path, tensors: dict[str, np.ndarray]) -> None:
@@ -89,6 +90,7 @@ def test_release_conversion_keeps_dn_resizer_apart(converted):
 
 def test_mis_shaped_dn_resizer_is_refused():
     from segllm.tiny_release import tiny_config
+
     from segllm_jax.errors import ConversionError
     from segllm_jax_convert.io import TensorInfo, TensorSource
     from segllm_jax_convert.segllm import dn_resizer_arrays

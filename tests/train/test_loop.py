@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from segllm_jax.data.mrshapes_prepare import prepare_tiny_mrshapes
-from segllm_jax.train import loop
 from segllm_jax.train import batching as B
+from segllm_jax.train import loop
 from segllm_jax.train import step as S
 from segllm_jax.train.checkpointing import Checkpointer
 from segllm_jax.train.config import tiny_cpu
@@ -113,7 +113,7 @@ def test_sigkill_and_resume_is_bit_exact(env, tmp_path, monkeypatch):
     for tree_a, tree_b in ((sa.params, sb.params), (sa.frozen, sb.frozen)):
         for k in tree_a:
             np.testing.assert_array_equal(tree_a[k], tree_b[k], err_msg=k)
-    for x, y in zip(jax.tree.leaves(sa.opt_state), jax.tree.leaves(sb.opt_state)):
+    for x, y in zip(jax.tree.leaves(sa.opt_state), jax.tree.leaves(sb.opt_state), strict=True):
         np.testing.assert_array_equal(x, y)
 
     # the exported model folder loads like a converted checkpoint, with the trained weights
@@ -135,7 +135,7 @@ def test_nan_loss_stops_naming_step_and_conversations(env, tmp_path, monkeypatch
 
     def poisoned(examples, c, step, **kwargs):
         batch = real(examples, c, step, **kwargs)
-        seen.append([str(e["conv_id"]) for e in examples])
+        seen.append([str(e.conv_id) for e in examples])
         if len(seen) == 3:  # step 2: NaN pixels -> NaN image features -> NaN loss
             batch = dataclasses.replace(batch, conv=dataclasses.replace(
                 batch.conv, clip_images=jnp.full_like(batch.conv.clip_images, jnp.nan)))

@@ -7,17 +7,16 @@ import dataclasses
 import math
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from segllm_jax.data.mrshapes_prepare import prepare_tiny_mrshapes
 from segllm_jax.errors import ConfigError
 from segllm_jax.sharding import make_mesh
 from segllm_jax.tokenizer import SegTokenizer
 from segllm_jax.train import batching as B
 from segllm_jax.train import lora as L
 from segllm_jax.train import step as S
-from segllm_jax.data.mrshapes_prepare import prepare_tiny_mrshapes
 from segllm_jax.train.config import LoraConfig, tiny_cpu
 from segllm_jax.train.loop import make_pipeline
 
@@ -65,7 +64,8 @@ def test_only_adapters_train_and_loss_falls(tiny, qtype):
                                                  if k.startswith(("segmentator_predictor/", "mask_enc_head/"))}
     assert any(not np.array_equal(after.params[k], before.params[k]) for k in adapters if k.endswith("lora_b"))
     for k, v in before.frozen.items():  # bit-identical frozen base (QArray leaves included)
-        assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(v), jax.tree.leaves(after.frozen[k]))), k
+        leaves = zip(jax.tree.leaves(v), jax.tree.leaves(after.frozen[k]), strict=True)
+        assert all(np.array_equal(x, y) for x, y in leaves), k
     if qtype == "nf4":
         kernel = after.frozen["llm/layers/0/self_attn/q_proj/kernel"]
         assert type(kernel).__name__ == "QArray" and kernel.qtype == "nf4"

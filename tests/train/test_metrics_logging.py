@@ -12,8 +12,8 @@ import pytest
 
 from segllm_jax.data.mrshapes_prepare import prepare_tiny_mrshapes
 from segllm_jax.tokenizer import SegTokenizer
-from segllm_jax.train import loop
 from segllm_jax.train import batching as B
+from segllm_jax.train import loop
 from segllm_jax.train import step as S
 from segllm_jax.train.config import tiny_cpu
 
@@ -59,7 +59,7 @@ def test_train_batch_knows_each_prompts_round(data):
     cfg = tiny_cpu(mixture, tokenizer_dir, vocab, batch_size=4, max_rounds=1)
     host = next(iter(loop.make_pipeline(cfg, SegTokenizer.from_pretrained(tokenizer_dir), num_epochs=1)))
     batch = B.make_train_batch(host["examples"], cfg, step=3)
-    counts = [int(e["seg_positions"].size) for e in host["examples"]]
+    counts = [int(e.seg_positions.size) for e in host["examples"]]
     assert max(counts) > cfg.max_rounds  # the selection really drops rounds
     starts = np.cumsum([0, *counts[:-1]])
     index, rounds = np.asarray(batch.hipie_index), np.asarray(batch.hipie_round)
@@ -100,7 +100,7 @@ def test_tiny_hipie_run_logs_round_iou_and_tensorboard(data, tmp_path, monkeypat
 
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [0, 1] and len(rounds_seen) == 2
-    for record, rounds in zip(records, rounds_seen):
+    for record, rounds in zip(records, rounds_seen, strict=True):
         assert f"hipie/{S.PROMPT_IOU}" not in record
         logged = sorted(k for k in record if k.startswith("hipie/iou_round"))
         assert logged == [f"hipie/iou_round{k + 1}" for k in rounds]  # exactly the rounds of this batch

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from segllm_jax.data.mrshapes_prepare import prepare_tiny_mrshapes
 
@@ -53,13 +52,13 @@ def test_two_processes_match_one(tmp_path):
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    for p, err in zip(procs, errors):
+    for p, err in zip(procs, errors, strict=True):
         assert p.returncode == 0, err[-3000:]
 
     a, b = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert [r["step"] for r in b] == list(range(STEPS))
     print("1 process:", [r["loss"] for r in a], "\n2 processes:", [r["loss"] for r in b])
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         for key in ("loss", "loss_lm", "loss_prompt_l2", "grad_norm", "tokens"):
             np.testing.assert_allclose(y[key], x[key], rtol=1e-5, err_msg=key)
     assert (tmp_path / "two" / "checkpoints" / str(STEPS)).exists()

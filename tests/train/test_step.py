@@ -10,8 +10,8 @@ import jax
 import numpy as np
 import pytest
 
-from segllm_jax.models.segllm import DN_RESIZER
 from segllm_jax.data.mrshapes_prepare import prepare_tiny_mrshapes
+from segllm_jax.models.segllm import DN_RESIZER
 from segllm_jax.sharding import make_mesh
 from segllm_jax.tokenizer import SegTokenizer
 from segllm_jax.train import batching as B
@@ -115,7 +115,7 @@ def test_sharded_step_equals_single_device(setup, initial):
             assert tuple(b.conv.input_ids.sharding.spec)[0] == ("data", "fsdp")
         results.append((metrics, jax.device_get(state.params)))
     (m1, p1), (m8, p8) = results
-    for a, b in zip(m1, m8):
+    for a, b in zip(m1, m8, strict=True):
         np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
         np.testing.assert_allclose(a["grad_norm"], b["grad_norm"], rtol=1e-4)
     diff = max(float(np.max(np.abs(p1[k] - p8[k]))) for k in p1)
@@ -191,7 +191,7 @@ def test_fixed_prompt_count(setup, count):
     cfg, tokenizer, _ = setup
     cfg = dataclasses.replace(cfg, batch_size=2, use_hipie_loss=True, max_rounds=6, hipie_prompts=count)
     host = next(iter(make_pipeline(cfg, tokenizer, num_epochs=1)))
-    available = sum(int(e["seg_positions"].size) for e in host["examples"])
+    available = sum(int(e.seg_positions.size) for e in host["examples"])
     assert 2 < available < 8  # the two cases below really are a subset and a padding
     batch = B.make_train_batch(host["examples"], cfg, 3)
     index = np.asarray(batch.hipie_index)

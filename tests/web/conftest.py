@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-
 # No telemetry or update checks from the server or the client (there is no internet in CI anyway).
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")

@@ -12,8 +12,8 @@ pytest.importorskip("gradio", reason="the web demo needs the `demo` extra: pip i
 gradio_client = pytest.importorskip("gradio_client")
 
 from segllm_jax.apps.cli import main  # noqa: E402
-from segllm_jax.session import MultiRoundSession  # noqa: E402
 from segllm_jax.apps.web_demo import compose_query, round_color  # noqa: E402
+from segllm_jax.session import MultiRoundSession  # noqa: E402
 
 pytestmark = [pytest.mark.filterwarnings("ignore:.*future.no_silent_downcasting"),
               pytest.mark.filterwarnings("ignore:The copy keyword is deprecated")]
@@ -57,14 +57,14 @@ def test_three_rounds_with_references_match_the_session(served, tiny, tmp_path):
     want = [session.ask(t) for t in SESSION_TEXT]
     assert [r.refs for r in want] == [(), (1,), (1, 2)]
 
-    for k, (out, result) in enumerate(zip(outs, want), start=1):
+    for k, (out, result) in enumerate(zip(outs, want, strict=True), start=1):
         overlay, gallery, refs, masks, history, status, query = out
         assert f"Round {k}:" in status and query == ""
         # the round's overlay, in the round's colour, at the original resolution
         np.testing.assert_array_equal(_png(overlay), np.asarray(session.overlay(result, round_color(k))))
         assert len(gallery) == k and len(masks) == k
         # every mask so far, downloadable as PNG, equal to the session's masks
-        for mask_file, r in zip(masks, want[:k]):
+        for mask_file, r in zip(masks, want[:k], strict=True):
             assert mask_file.endswith(f"round_{r.index}_mask.png")
             np.testing.assert_array_equal(_png(mask_file) > 127, r.mask)
         assert refs["choices"] == [[str(i), i] for i in range(1, k + 1)] or \
@@ -100,7 +100,7 @@ def test_errors_are_one_sentence_and_keep_the_session(served, tiny, tmp_path):
         # not a picture: refused by the session's image checks
         bad = tmp_path / "notes.png"
         bad.write_text("not an image")
-        with pytest.raises(Exception):
+        with pytest.raises(Exception):  # noqa: B017 - gradio_client's error type for an app error varies by version
             client.predict(gradio_client.handle_file(str(bad)), api_name="/set_image")
         client.predict(gradio_client.handle_file(str(root / "scene.png")), api_name="/set_image")
         assert client.session_hash in served.store.keys()

@@ -148,9 +148,9 @@ def test_two_rounds_with_a_reference_in_chromium(browser, served, tmp_path):
 def test_screenshot_of_the_shipped_model(browser, tmp_path):
     """The README's web-demo picture: the trained tiny checkpoint on ``make demo``'s unseen scene, its first
     two questions (the second through the reference checkbox)."""
-    from segllm_jax.checkpoint import load
     from segllm_jax.apps.demo import SHIPPED_CHECKPOINT, demo_scene
     from segllm_jax.apps.web_demo import build_app, launch
+    from segllm_jax.checkpoint import load
 
     from .conftest import Served, free_port
 

@@ -12,9 +12,9 @@ from PIL import Image
 pytest.importorskip("gradio", reason="the web demo needs the `demo` extra: pip install 'segllm-jax[demo]'")
 gradio_client = pytest.importorskip("gradio_client")
 
+from segllm_jax.apps.web_sessions import SessionStore  # noqa: E402
 from segllm_jax.errors import InputError  # noqa: E402
 from segllm_jax.session import MultiRoundSession  # noqa: E402
-from segllm_jax.apps.web_sessions import SessionStore  # noqa: E402
 
 from .conftest import write_image  # noqa: E402
 
@@ -51,7 +51,7 @@ def test_two_concurrent_users_get_their_own_results(served, tiny, tmp_path):
     for img, queries in jobs.items():
         session = MultiRoundSession(loaded, img)
         want = [session.ask(q) for q in queries]
-        for k, (out, result) in enumerate(zip(outs[img], want), start=1):
+        for k, (out, result) in enumerate(zip(outs[img], want, strict=True), start=1):
             assert Image.open(out[0]).size == session.image.size  # this user's picture, not the other's
             assert f"Round {k}:" in out[5] and len(out[3]) == k  # this user's history only
             np.testing.assert_array_equal(_mask(out[3][-1]), result.mask)
@@ -63,14 +63,14 @@ def test_twenty_concurrent_sessions(served, tiny, tmp_path):
     # a distinct size per session: an answer for someone else's picture has the wrong shape
     images = [write_image(tmp_path / f"img{i}.png", 32 + 2 * i, 48 + 3 * i, seed=100 + i) for i in range(n)]
     queries = [f"Segment object number {i}." for i in range(n)]
-    want = [MultiRoundSession(loaded, img).ask(q).mask for img, q in zip(images, queries)]
+    want = [MultiRoundSession(loaded, img).ask(q).mask for img, q in zip(images, queries, strict=True)]
     start = time.monotonic()
     with ThreadPoolExecutor(n) as pool:
         futures = [pool.submit(_conversation, served.url, img, [q], tmp_path / f"c{i}", served.store)
-                   for i, (img, q) in enumerate(zip(images, queries))]
+                   for i, (img, q) in enumerate(zip(images, queries, strict=True))]
         outs = [f.result(timeout=90) for f in futures]
     elapsed = time.monotonic() - start
-    for i, (out, mask) in enumerate(zip(outs, want)):
+    for i, (out, mask) in enumerate(zip(outs, want, strict=True)):
         (overlay, gallery, _, masks, history, status, _), = out
         assert f"object number {i}." in status and len(gallery) == 1 and len(masks) == 1
         assert f"object number {i}." in history

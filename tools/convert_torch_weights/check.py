@@ -98,7 +98,7 @@ def _compare_clip(ref_model, model, image_size: int, rng: np.random.Generator):
         ref = ref_model(torch.as_tensor(pixels), output_hidden_states=True).hidden_states
     ours = model.hidden_states(jnp.asarray(pixels.transpose(0, 2, 3, 1)))
     names = ["embeddings+pre_layrnorm"] + [f"layers.{i}" for i in range(len(ours) - 1)]
-    return [(n, *_err(o, ref[i])) for i, (n, o) in enumerate(zip(names, ours))]
+    return [(n, *_err(o, ref[i])) for i, (n, o) in enumerate(zip(names, ours, strict=True))]
 
 
 def _compare_mlp(ref_module, ours, in_features: int, rng: np.random.Generator):

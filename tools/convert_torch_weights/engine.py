@@ -279,7 +279,7 @@ def convert(source: TensorSource, table: MappingTable, targets: Mapping[str, jax
     for target, sources in routed.items():
         want = np.dtype(targets[target].dtype)
         arrays = [np.ascontiguousarray(transform(source.load(key))) for key, transform in sources]
-        for (key, _), array in zip(sources[1:], arrays[1:]):
+        for (key, _), array in zip(sources[1:], arrays[1:], strict=True):
             if not np.array_equal(arrays[0], array):
                 conflicts.append(f"{sources[0][0]} and {key} both fill {target} but differ")
         out[target] = arrays[0].astype(want)

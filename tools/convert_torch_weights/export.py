@@ -176,7 +176,7 @@ def write_shards(folder: Path, tensors: Mapping[str, np.ndarray], max_shard_byte
         size += array.nbytes
     names = [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
     weight_map = {}
-    for name, keys in zip(names, groups):
+    for name, keys in zip(names, groups, strict=True):
         save_file({k: tensors[k] for k in keys}, folder / name, metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(keys, name))
     index = {"metadata": {"total_size": sum(a.nbytes for a in tensors.values())}, "weight_map": weight_map}

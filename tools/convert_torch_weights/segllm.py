@@ -50,6 +50,11 @@ def added_token_rows(new_rows: int, seed: int) -> Callable[[int], Transform]:
     return for_table
 
 
+def _then(first: Transform, second: Transform) -> Transform:
+    """``second(first(x))``."""
+    return lambda x: second(first(x))
+
+
 def llava_table(cfg: SegLLMConfig, vocab_rows: Callable[[int], Transform] | None = None) -> MappingTable:
     """The LLaVA-1.5 part (LLaMA at ``model.*``/``lm_head`` and ``model.mm_projector.*``).
 
@@ -66,7 +71,7 @@ def llava_table(cfg: SegLLMConfig, vocab_rows: Callable[[int], Transform] | None
         elif r.target == "embed_tokens/embedding":
             transform = vocab_rows(0)
         elif r.target == "lm_head/kernel":
-            transform = lambda x, rows=vocab_rows(1), inner=r.transform: inner(rows(x))  # noqa: E731  rows first
+            transform = _then(vocab_rows(1), r.transform)  # rows first
         rules.append(Rule(guard + r.source, "llm/" + r.target, transform))
     return (MappingTable("llava", tuple(rules), llm.ignore)
             + mlp_projector_table("mm_projector").under("model.mm_projector.", "mm_projector/"))

@@ -23,15 +23,21 @@ Parameter paths: ``backbone/...`` (resnet.py), ``input_proj/{0..3}/{conv,norm}/.
 
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
 from segllm_jax.config import HipieConfig
 from segllm_jax.errors import InputError
-from segllm_jax.models.hipie.encoder import (DeformableEncoder, SpatialShapes, flatten_levels, input_projections,
-                                             level_masks, level_start_index, valid_ratios)
+from segllm_jax.models.hipie.encoder import (
+    DeformableEncoder,
+    SpatialShapes,
+    flatten_levels,
+    input_projections,
+    level_masks,
+    level_start_index,
+    valid_ratios,
+)
 from segllm_jax.models.hipie.fusion import VLFusion
 from segllm_jax.models.hipie.position import sine_position_embedding
 from segllm_jax.models.hipie.resnet import BackboneFeatures, ResNet
@@ -102,7 +108,7 @@ class HipieImageSide(nnx.Module):
 
     def prepare_levels(self, feats: BackboneFeatures, pixel_mask: jax.Array | None = None) -> LevelInputs:
         """Input projections, positions, masks and flattening; ``pixel_mask`` [I, H, W] True = padding."""
-        srcs = [proj(f) for proj, f in zip(self.input_proj, feats)]
+        srcs = [proj(f) for proj, f in zip(self.input_proj, feats, strict=False)]  # input_proj[3]: below
         srcs.append(self.input_proj[3](feats.res5))  # extra level from the raw res5 map (§O15)
         shapes: SpatialShapes = tuple((int(s.shape[1]), int(s.shape[2])) for s in srcs)
         n = srcs[0].shape[0]

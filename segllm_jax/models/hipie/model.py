@@ -35,8 +35,14 @@ from segllm_jax.config import HipieConfig
 from segllm_jax.models.hipie.decoder import HipieDecoder
 from segllm_jax.models.hipie.heads import MLP, make_bbox_embed, make_class_embed, make_iou_head
 from segllm_jax.models.hipie.image_side import EncoderOutput, HipieImageSide, LevelInputs, normalize_pixels
-from segllm_jax.models.hipie.mask_head import (MaskHeadSmallConv, aligned_bilinear, binarize, dynamic_mask_logits,
-                                               split_memory_levels, upsample_to_image)
+from segllm_jax.models.hipie.mask_head import (
+    MaskHeadSmallConv,
+    aligned_bilinear,
+    binarize,
+    dynamic_mask_logits,
+    split_memory_levels,
+    upsample_to_image,
+)
 from segllm_jax.models.hipie.postprocess import Selection, select_targets
 
 

@@ -70,7 +70,7 @@ class ResNet(nnx.Module):
         in_ch = cfg.stem_channels
         stages = []
         for s, (n_blocks, width, out_ch) in enumerate(zip(cfg.resnet_blocks, cfg.stage_bottleneck_channels,
-                                                            cfg.stage_out_channels)):
+                                                            cfg.stage_out_channels, strict=True)):
             blocks = []
             for i in range(n_blocks):
                 stride = 2 if (i == 0 and s > 0) else 1  # res2 keeps stride 1 (the stem already pooled)

@@ -112,8 +112,8 @@ def training_forward(hipie: Hipie, levels: LevelInputs, prompts: jax.Array, imag
     reference = jnp.concatenate([jax.nn.sigmoid(dn_bbox_logit.astype(jnp.float32)), ref_match], axis=1)
     hs, inter = dec.run_layers(tgt, reference, enc.memory, shapes, enc.level_start_index, hipie.bbox_embed,
                                enc.mask_flatten, attn_mask, enc.valid_ratios)
-    logits = jnp.stack([hipie.class_embed[l](hs[l], enc.lang_fused) for l in range(n)])  # [L, B, Q, T]
-    boxious = jnp.stack([hipie.iou_head[l](hs[l]).astype(jnp.float32) for l in range(n)])  # [L, B, Q, 1]
+    logits = jnp.stack([hipie.class_embed[layer](hs[layer], enc.lang_fused) for layer in range(n)])  # [L, B, Q, T]
+    boxious = jnp.stack([hipie.iou_head[layer](hs[layer]).astype(jnp.float32) for layer in range(n)])  # [L, B, Q, 1]
     mask_feats = hipie.mask_head(split_memory_levels(enc.memory, shapes))
     h0, w0 = shapes[0]
     stride = cfg.mask_feat_stride
