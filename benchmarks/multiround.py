@@ -10,7 +10,7 @@ over recompute in the same run, and peak memory (device peak on accelerators, pr
 Every other round cites an earlier one with ``[REF:k]``.
 
 ``--batch N`` adds a second table: N conversations (each its own image; conversation i starts its
-questions at the i-th, so their lengths differ) run as one ``segllm-jax infer`` group with the KV
+questions at the 2i-th, so their lengths differ) run as one ``segllm-jax infer`` group with the KV
 cache (batched-incremental), as one group rebuilt from the first token every round
 (batched-recompute: ``infer`` before the cache, the baseline of the ratios), and as N sessions one
 after the other (sequential sessions). Each mode runs once untimed, then timed: conversations per
@@ -113,7 +113,7 @@ def batched_table(loaded, folder: Path, batch: int, rounds: int) -> list[str]:
     for i in range(batch):
         images.append(folder / f"image_{i}.png")
         Image.fromarray(rng.integers(0, 255, (480, 640, 3), dtype=np.uint8)).save(images[-1])
-    questions = [_questions(rounds, first=i) for i in range(batch)]
+    questions = [_questions(rounds, first=2 * i) for i in range(batch)]  # round 1 never cites
     runs = {}
     for mode in ("batched-incremental", "batched-recompute", "sequential sessions"):
         for _ in range(2):  # warm-up (compiles every shape), then timed

@@ -3,18 +3,25 @@
 The manifest is JSON lines, one conversation per line: ``{"image": PATH, "queries": [q1, q2, ...]}``
 (queries may carry ``[REF:k]``; an optional ``"id"`` names the output folder: a plain file name,
 unique in the manifest). The whole manifest is checked before any work starts. Conversations are
-processed in groups of ``--batch-size``, which share one KV cache (a row each, sized from their
-encoded lengths, bucketed). Rounds within a conversation stay sequential, because a reference
-needs the earlier round's mask; the conversations of a group run their round r together: only
-round r's new tokens go through the LLM, all rows in ONE batch padded to a bucketed length, on top
-of the cache (:func:`segllm_jax.session.run_round`, the step :class:`~segllm_jax.session.MultiRoundSession`
-runs with one row, so the answers equal one session per conversation), then HIPIE decodes the
-group's new ``<seg>`` prompts together, each on its own image's backbone features (computed once
-per image, like the CLIP features). A conversation with fewer rounds passes padding once it is
-done. ``mode="recompute"`` (:func:`run_infer`; the benchmark's baseline) instead rebuilds every
-conversation from its first token each round, as the original does. A conversation with bad input
-(an unreadable image, a bad ``[REF:k]``, more tokens than the model's context) is recorded with its
-error in ``results.json`` after the rounds before it, and the others go on.
+processed in groups of ``--batch-size`` (:func:`infer_group`):
+
+* per image, once: CLIP's patch features and HIPIE's backbone pass;
+* the group shares one KV cache, a row per conversation, its capacity fixed from the encoded
+  conversations (every round's tokens are known up front: answers are not part of the prompt) and
+  bucketed, so a group compiles a few shapes, not one per round;
+* rounds within a conversation stay sequential (a reference needs the earlier round's mask); round r
+  of every conversation runs in ONE batch that holds only round r's new tokens, padded to a bucketed
+  length, on top of the cache (:func:`segllm_jax.session.run_round`: the step a
+  :class:`~segllm_jax.session.MultiRoundSession` runs with one row, so each answer equals its own
+  session's, tested); a conversation that has no round r passes padding;
+* HIPIE then decodes every row's new prompt together, each on its own image's features (the rows
+  of finished conversations too: one compiled shape per group; their masks are dropped).
+
+``mode="recompute"`` (:func:`run_infer`, :func:`infer_group`) instead rebuilds every conversation
+from its first token each round, as the original does; ``benchmarks/multiround.py --batch N``
+compares the two. A conversation with bad input (an unreadable image, a bad ``[REF:k]``, more
+tokens than the model's context: the session's sentence) is recorded with its error in
+``results.json``, after the rounds before it; the others go on.
 """
 
 from __future__ import annotations
