@@ -187,3 +187,22 @@ def test_batched_infer_equals_sessions(tiny, infer_group_sessions, mode):
             np.testing.assert_allclose(got.box_frame, want.box_frame, rtol=1e-5, atol=1e-4)
             np.testing.assert_allclose(got.score, want.score, rtol=1e-5)
             assert got.refs == want.refs and got.text == want.text
+
+
+def test_a_full_cache_grows_with_free_slots():
+    """A session whose padded rounds outrun the cache's capacity gets more (bucketed) slots, its keys,
+    values and end kept, the new slots invalid (attention never sees them)."""
+    from segllm_jax.config import SegLLMConfig
+    from segllm_jax.models.llama import KVCache
+    from segllm_jax.session import CACHE_BUCKET, with_room
+
+    cfg = SegLLMConfig.tiny().llm
+    empty = KVCache.empty(cfg, 2, 128)
+    cache = KVCache(empty.k + 1, empty.v + 2, empty.valid.at[:, :100].set(True), jnp.asarray(100, jnp.int32))
+    assert with_room(cache, 28) is cache
+    grown = with_room(cache, 64)
+    assert grown.capacity == CACHE_BUCKET and int(grown.end) == 100
+    np.testing.assert_array_equal(grown.valid[:, :128], cache.valid)
+    assert not grown.valid[:, 128:].any() and grown.k.shape[2] == grown.v.shape[2] == CACHE_BUCKET
+    np.testing.assert_array_equal(grown.k[:, :, :128], cache.k)
+    np.testing.assert_array_equal(grown.v[:, :, :128], cache.v)
