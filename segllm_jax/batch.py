@@ -182,7 +182,7 @@ def forward(model: SegLLM, batch: ConversationBatch, cache: KVCache | None = Non
         slots += [(batch.ref_rows, batch.ref_mask_cols, batch.ref_gates[:, :1] * model.mask_encode(batch.ref_crops)),
                   (batch.ref_rows, batch.ref_box_cols, batch.ref_gates[:, 1:] * model.box_encode(batch.ref_boxes))]
     if slots:
-        rows, cols, values = (jnp.concatenate(parts) for parts in zip(*slots))
+        rows, cols, values = (jnp.concatenate(parts) for parts in zip(*slots, strict=True))
         embeds = model.inputs_embeds(batch.input_ids, rows, cols, values)
     else:  # nothing to add
         embeds = model.llm.embed(batch.input_ids)
