@@ -88,7 +88,8 @@ def plan(smoke: bool, device_kind: str, tmp: Path) -> dict[str, list[Step]]:
     ]
     hipie_args = ["--config", "tiny", "--size", "64", "--runs", "1", "--warmup", "0"] if smoke else ["--runs", "3"]
     prompts = ["1", "2"] if smoke else ["1", "8"]
-    multiround = ["--config", "tiny", "--rounds", "2"] if smoke else ["--config", "7b", "--rounds", "8"]
+    # --batch only in the smoke run (so it cannot rot): the GPU minutes go to the single-conversation table
+    multiround = ["--config", "tiny", "--rounds", "2", "--batch", "2"] if smoke else ["--config", "7b", "--rounds", "8"]
     train = ["--preset", "tiny", "--variant", "0", "--steps", "1"] if smoke else ["--preset", "llama1b", "--steps", "3"]
     return {
         "msda": msda,

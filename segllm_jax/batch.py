@@ -1,10 +1,14 @@
-"""Teacher-forced batches of whole conversations: the path evaluation and training use.
+"""Teacher-forced batches of conversations: the path evaluation, training and inference use.
 
 The original runs one forward per conversation over all its rounds (teacher forcing, architecture.md §D10).
 :func:`collate` packs many conversations into one right-padded batch with flat, per-slot
 bookkeeping (row, column, what to add), and :func:`forward` runs it: every ``<video>`` slot gets
 its image patch feature or gated reference encoding added, the LLM runs once, and one HIPIE
 prompt is read before every ``<seg>``. Host-side packing is NumPy; :func:`forward` is jit-able.
+
+A row may also start at a later round (``collate(..., starts=...)``) and run on top of a KV cache
+holding the rounds before it (``forward(..., cache=...)``): the incremental form inference uses
+(:func:`segllm_jax.session.run_round`), exactly the same computation because attention is causal.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import numpy as np
 
 from segllm_jax import preprocess
 from segllm_jax.errors import InputError
-from segllm_jax.models.llama import LlamaOutput
+from segllm_jax.models.llama import KVCache, LlamaOutput
 from segllm_jax.models.segllm import SegLLM
 from segllm_jax.prompt import IGNORE_INDEX, EncodedConversation
 
@@ -97,11 +101,17 @@ def pad_axis(x: np.ndarray | jax.Array, size: int, value: int | float | bool = 0
     return jnp.asarray(out) if isinstance(x, jax.Array) else out
 
 
-def collate(conversations: Sequence[EncodedConversation], clip_images: np.ndarray, image_of_row: Sequence[int],
-            references: Sequence[Sequence[Sequence[Reference]]], *, gate: float = 0.5,
-            pad_to: int | None = None) -> ConversationBatch:
-    """Packs conversations; ``references[b][r]`` lists round r's references of conversation b, in order."""
-    lengths = [c.num_tokens for c in conversations]
+def collate(conversations: Sequence[EncodedConversation], clip_images: np.ndarray | jax.Array,
+            image_of_row: Sequence[int], references: Sequence[Sequence[Sequence[Reference]]], *, gate: float = 0.5,
+            pad_to: int | None = None, starts: Sequence[int] | None = None) -> ConversationBatch:
+    """Packs conversations; ``references[b][r]`` lists round r's references of conversation b, in order.
+
+    ``starts[b]`` (default 0, else a round's first token or the conversation's end) leaves out conversation
+    b's tokens before it, which a KV cache holds already: row b holds the rounds from there on, at columns
+    counted from ``starts[b]``, and its ``<seg>`` slots are those rounds' only.
+    """
+    starts = [0] * len(conversations) if starts is None else list(starts)
+    lengths = [c.num_tokens - s for c, s in zip(conversations, starts, strict=True)]
     t = max(lengths) if pad_to is None else pad_to
     if max(lengths) > t:
         raise InputError(f"a conversation has {max(lengths)} tokens, more than the batch length {t}.")
@@ -112,13 +122,18 @@ def collate(conversations: Sequence[EncodedConversation], clip_images: np.ndarra
     img_rows, img_cols, img_image, img_patch = [], [], [], []
     ref_rows, ref_mcols, ref_bcols, crops, boxes = [], [], [], [], []
     seg_rows, seg_cols = [], []
-    for row, (conv, image, refs) in enumerate(zip(conversations, image_of_row, references, strict=True)):
-        n = conv.num_tokens
-        ids[row, :n], labels[row, :n], mask[row, :n] = conv.input_ids, conv.labels, True
+    rows = zip(conversations, starts, image_of_row, references, strict=True)
+    for row, (conv, start, image, refs) in enumerate(rows):
+        if start not in {0, conv.num_tokens, *(layout.start for layout in conv.rounds)}:
+            raise InputError(f"conversation {row}: start {start} is not where a round starts.")
+        n = conv.num_tokens - start
+        ids[row, :n], labels[row, :n], mask[row, :n] = conv.input_ids[start:], conv.labels[start:], True
         if len(refs) != len(conv.rounds):
             raise InputError(f"conversation {row} has {len(conv.rounds)} rounds but references for {len(refs)}.")
         for layout, round_refs in zip(conv.rounds, refs, strict=True):
-            p = layout.image_positions
+            if layout.start < start:  # in the cache already
+                continue
+            p = layout.image_positions - start
             img_rows.append(np.full(p.size, row))
             img_cols.append(p)
             img_image.append(np.full(p.size, image))
@@ -129,12 +144,12 @@ def collate(conversations: Sequence[EncodedConversation], clip_images: np.ndarra
             slots = zip(round_refs, layout.mask_encode_positions, layout.box_encode_positions, strict=True)
             for ref, mcol, bcol in slots:
                 ref_rows.append(row)
-                ref_mcols.append(mcol)
-                ref_bcols.append(bcol)
+                ref_mcols.append(mcol - start)
+                ref_bcols.append(bcol - start)
                 crops.append(ref.crop)
                 boxes.append(ref.box)
             seg_rows.append(row)
-            seg_cols.append(layout.seg_position)
+            seg_cols.append(layout.seg_position - start)
     crop_shape = clip_images.shape[1:]
     i32 = lambda xs: jnp.asarray(np.concatenate(xs) if xs and np.ndim(xs[0]) else np.asarray(xs), jnp.int32)  # noqa: E731
     return ConversationBatch(
@@ -149,17 +164,27 @@ def collate(conversations: Sequence[EncodedConversation], clip_images: np.ndarra
         seg_rows=i32(seg_rows), seg_cols=i32(seg_cols))
 
 
-def forward(model: SegLLM, batch: ConversationBatch) -> tuple[LlamaOutput, jax.Array]:
-    """One teacher-forced pass: LLM outputs and the HIPIE prompts ``[N, 8, 768]`` of every ``<seg>``."""
-    image_embeds = model.image_embeds(batch.clip_images)  # [I, P, D]
-    values = [image_embeds[batch.image_slot_image, batch.image_slot_patch]]
-    rows, cols = [batch.image_slot_rows], [batch.image_slot_cols]
+def forward(model: SegLLM, batch: ConversationBatch, cache: KVCache | None = None,
+            image_embeds: jax.Array | None = None) -> tuple[LlamaOutput, jax.Array]:
+    """One teacher-forced pass: LLM outputs and the HIPIE prompts ``[N, 8, 768]`` of every ``<seg>``.
+
+    ``cache``: keys/values of the tokens before each row (rows collated with ``starts``); None: a fresh one.
+    ``image_embeds [I, P, D]``: the images' projected patch features, if computed already (else from
+    ``batch.clip_images``, and only when the batch has image slots).
+    """
+    slots = []  # (rows, cols, values) to add to the token embeddings
+    if batch.image_slot_rows.shape[0]:  # static; a later round on top of a cache has no image slots
+        if image_embeds is None:
+            image_embeds = model.image_embeds(batch.clip_images)  # [I, P, D]
+        slots.append((batch.image_slot_rows, batch.image_slot_cols,
+                      image_embeds[batch.image_slot_image, batch.image_slot_patch]))
     if batch.ref_rows.shape[0]:
-        values += [batch.ref_gates[:, :1] * model.mask_encode(batch.ref_crops),
-                   batch.ref_gates[:, 1:] * model.box_encode(batch.ref_boxes)]
-        rows += [batch.ref_rows, batch.ref_rows]
-        cols += [batch.ref_mask_cols, batch.ref_box_cols]
-    embeds = model.inputs_embeds(batch.input_ids, jnp.concatenate(rows), jnp.concatenate(cols),
-                                 jnp.concatenate(values))
-    out = model.run_llm(embeds, batch.token_mask)
+        slots += [(batch.ref_rows, batch.ref_mask_cols, batch.ref_gates[:, :1] * model.mask_encode(batch.ref_crops)),
+                  (batch.ref_rows, batch.ref_box_cols, batch.ref_gates[:, 1:] * model.box_encode(batch.ref_boxes))]
+    if slots:
+        rows, cols, values = (jnp.concatenate(parts) for parts in zip(*slots, strict=True))
+        embeds = model.inputs_embeds(batch.input_ids, rows, cols, values)
+    else:  # nothing to add
+        embeds = model.llm.embed(batch.input_ids)
+    out = model.run_llm(embeds, batch.token_mask, cache)
     return out, model.seg_prompts(out.hidden, batch.seg_rows, batch.seg_cols - 1)

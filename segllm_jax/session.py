@@ -10,13 +10,17 @@ The original rebuilds and re-runs the whole conversation every round. Here work 
 give the same hidden states and masks (tested). Reference products are computed when a round
 finishes, as the original CLI stores them: the masked crop of the 1024 HIPIE frame (CLIP
 preprocessed) and the box ``[y0, x0, y1, x1] / 1024``.
+
+:func:`run_round` is the one LLM step of a round, for a batch of conversations (row b: image b)
+sharing one cache: the session runs it with one row, ``segllm-jax infer`` with a group of
+conversations (:mod:`segllm_jax.apps.infer`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Literal
+from typing import Iterable, Literal, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +29,7 @@ from flax import nnx
 from PIL import Image
 
 from segllm_jax import preprocess
-from segllm_jax.batch import LENGTH_BUCKET, Reference, bucketed
+from segllm_jax.batch import LENGTH_BUCKET, ConversationBatch, Reference, bucketed, collate, forward
 from segllm_jax.checkpoint import Loaded
 from segllm_jax.config import SegLLMConfig
 from segllm_jax.errors import InputError
@@ -126,25 +130,83 @@ def blend(image: Image.Image, mask: np.ndarray, color: tuple[int, int, int] = (2
     return Image.fromarray(out.astype(np.uint8))
 
 
+REFERENCE_BUCKET = 4  # reference slots are padded to a multiple of this (gate 0): few compiled shapes
+CACHE_BUCKET = 4 * LENGTH_BUCKET  # a cache's capacity is a multiple of this
+
+
 @nnx.jit
-def _image_embeds(model: SegLLM, clip_pixels: jax.Array) -> jax.Array:
+def image_embeds_jit(model: SegLLM, clip_pixels: jax.Array) -> jax.Array:
+    """Projected CLIP patch features ``[I, P, D]`` of CLIP-preprocessed images ``[I, 224, 224, 3]``."""
     return model.image_embeds(clip_pixels)
 
 
 @nnx.jit
-def _reference_embeds(model: SegLLM, crops: jax.Array, boxes: jax.Array, gate: float) -> tuple[jax.Array, jax.Array]:
-    return gate * model.mask_encode(crops), gate * model.box_encode(boxes)
+def _round_prompts(model: SegLLM, batch: ConversationBatch, cache: KVCache | None, image_embeds: jax.Array):
+    out, prompts = forward(model, batch, cache, image_embeds)
+    hidden = out.hidden[batch.seg_rows, batch.seg_cols - 1]
+    return hidden, prompts, None if cache is None else out.cache
 
 
-@nnx.jit
-def _llm_chunk(model: SegLLM, ids: jax.Array, token_mask: jax.Array, cols: jax.Array, values: jax.Array,
-               cache: KVCache, prompt_col: jax.Array):
-    """Pushes one chunk ``[1, T]`` through the LLM on top of ``cache``; returns the prompt's hidden state."""
-    embeds = model.inputs_embeds(ids, jnp.zeros_like(cols), cols, values)
-    out = model.run_llm(embeds, token_mask, cache)
-    hidden = out.hidden[0, prompt_col]  # [D]
-    prompt = model.seg_prompts(out.hidden, jnp.zeros((1,), jnp.int32), prompt_col[None])[0]  # [8, 768]
-    return hidden, prompt, out.cache
+def cited(results: Sequence[RoundResult], refs_per_round: Iterable[Sequence[int]]) -> list[list[Reference]]:
+    """Each round's references (1-based round numbers) as the reference inputs of the rounds they cite."""
+    return [[Reference(results[k - 1].ref_crop, results[k - 1].ref_box) for k in refs] for refs in refs_per_round]
+
+
+def chunk_start(conversation: EncodedConversation, incremental: bool) -> int:
+    """Where the tokens a round pushes through the LLM begin: its newest round's start (the earlier
+    rounds are in the cache) or, recomputing, the first token."""
+    return conversation.rounds[-1].start if incremental and conversation.rounds else 0
+
+
+def chunk_length(conversations: Iterable[EncodedConversation], incremental: bool) -> int:
+    """Columns of one :func:`run_round` batch: its longest chunk, bucketed (jit compiles per shape)."""
+    return bucketed(max((c.num_tokens - chunk_start(c, incremental) for c in conversations), default=0))
+
+
+def cache_for(model: SegLLM, rounds: Sequence[Sequence[EncodedConversation]]) -> KVCache:
+    """An empty cache ``[B, C]`` for ``rounds`` (each B conversations, what :func:`run_round` gets in turn),
+    with room for every round's chunk, C bucketed: it never has to grow."""
+    capacity = sum(chunk_length(now, incremental=True) for now in rounds)
+    return KVCache.empty(model.cfg.llm, len(rounds[0]), bucketed(capacity, CACHE_BUCKET))
+
+
+def with_room(cache: KVCache, tokens: int) -> KVCache:
+    """``cache`` with room for ``tokens`` more slots: itself, or grown (bucketed) with free slots."""
+    end = int(cache.end)
+    if end + tokens <= cache.capacity:
+        return cache
+    extra = bucketed(end + tokens, CACHE_BUCKET) - cache.capacity
+
+    def grow(x: jax.Array, axis: int) -> jax.Array:  # free slots: zeros, valid=False
+        return jnp.pad(x, [(0, extra if a == axis else 0) for a in range(x.ndim)])
+
+    return KVCache(grow(cache.k, 2), grow(cache.v, 2), grow(cache.valid, 1), cache.end)
+
+
+def run_round(model: SegLLM, conversations: Sequence[EncodedConversation],
+              references: Sequence[Sequence[Sequence[Reference]]], clip_images: jax.Array, image_embeds: jax.Array,
+              cache: KVCache | None) -> tuple[jax.Array, jax.Array, KVCache | None]:
+    """The LLM step of every conversation's newest round; conversation b is row b and shows image b.
+
+    With a ``cache`` ``[B, C]`` (holding each conversation's earlier rounds) only the newest rounds'
+    tokens go through the LLM; with None every conversation is rebuilt from its first token (the
+    original's way). ``references[b][r]``: round r's reference inputs (:func:`cited`). An empty
+    conversation is a row of padding (its outputs mean nothing, its cache row stays as it is), so
+    conversations of different lengths and numbers of rounds share one batch and one cache. Returns,
+    per row, the hidden state before the newest ``<seg>`` ``[B, D]``, its HIPIE prompt ``[B, 8, 768]``,
+    and the cache with the new tokens (None when recomputing).
+    """
+    incremental = cache is not None
+    starts = [chunk_start(c, incremental) for c in conversations]
+    length = chunk_length(conversations, incremental)
+    batch = collate(conversations, clip_images, range(len(conversations)), references,
+                    gate=model.cfg.eval_reference_gate, pad_to=length, starts=starts)
+    batch = batch.pad(references=bucketed(batch.ref_rows.shape[0], REFERENCE_BUCKET))
+    # one prompt per row, before its newest <seg> (an empty row reads its column 0)
+    newest = [c.rounds[-1].seg_position - s if c.rounds else 1 for c, s in zip(conversations, starts, strict=True)]
+    batch = dataclasses.replace(batch, seg_rows=jnp.arange(len(conversations), dtype=jnp.int32),
+                                seg_cols=jnp.asarray(newest, jnp.int32))
+    return _round_prompts(model, batch, with_room(cache, length) if incremental else None, image_embeds)
 
 
 class MultiRoundSession:
@@ -165,7 +227,8 @@ class MultiRoundSession:
         cfg = model.cfg
         self.encoder = ConversationEncoder(tokenizer, cfg.num_image_tokens)
         self.ctx = ImageContext.prepare(image, cfg)
-        self._image_embeds = _image_embeds(model, jnp.asarray(self.ctx.clip_pixels)[None])[0]  # [P, D], once
+        self._clip = jnp.asarray(self.ctx.clip_pixels)[None]
+        self._image_embeds = image_embeds_jit(model, self._clip)  # [1, P, D], once
         self._levels = image_features_jit(model.segmentator, jnp.asarray(self.ctx.frame_u8)[None])  # once
         self.clear()
 
@@ -175,17 +238,17 @@ class MultiRoundSession:
         self.rounds: list[RoundResult] = []
         self._conversation = EncodedConversation.empty()
         self._refs_per_round: list[tuple[int, ...]] = []
-        self._cache = KVCache.empty(self.model.cfg.llm, 1, self._capacity)
+        self._cache = (KVCache.empty(self.model.cfg.llm, 1, self.model.cfg.context_length + LENGTH_BUCKET)
+                       if self.mode == "incremental" else None)
 
     def ask(self, text: str) -> RoundResult:
         """Runs one round. Bad input raises :class:`InputError` and leaves the session unchanged."""
         conversation, question, refs = next_round(self.encoder, self._conversation, text,
                                                   self.model.cfg.context_length)
-        if self.mode == "incremental":
-            hidden, prompt, cache = self._run_incremental(conversation, refs)
-        else:
-            hidden, prompt, cache = self._run_recompute(conversation, refs)
-        result = self._segment(len(self.rounds) + 1, question, refs, hidden, prompt)
+        references = cited(self.rounds, [*self._refs_per_round, refs])
+        hidden, prompt, cache = run_round(self.model, [conversation], [references], self._clip,
+                                          self._image_embeds, self._cache)
+        result = self._segment(len(self.rounds) + 1, question, refs, hidden[0], prompt[0])
         # commit only after everything succeeded: a failed round leaves the session as it was
         self._conversation, self._cache = conversation, cache
         self._refs_per_round.append(tuple(refs))
@@ -201,54 +264,6 @@ class MultiRoundSession:
         return blend(self.ctx.image, result.mask, color)
 
     # ---- internals ---------------------------------------------------------------------------
-    @property
-    def _capacity(self) -> int:
-        return self.model.cfg.context_length + LENGTH_BUCKET
-
-    def _slot_values(self, conversation: EncodedConversation, start: int,
-                     refs: list[int], round_ids: range) -> tuple[np.ndarray, jax.Array]:
-        """Columns (relative to ``start``) and values of every <video> slot in rounds ``round_ids``."""
-        cols, values = [], []
-        for r in round_ids:
-            layout = conversation.rounds[r]
-            if layout.image_positions.size:
-                cols.append(layout.image_positions - start)
-                values.append(self._image_embeds)
-            round_refs = refs if r == len(conversation.rounds) - 1 else self._refs_per_round[r]
-            if round_refs:
-                crops = jnp.asarray(np.stack([self.rounds[k - 1].ref_crop for k in round_refs]))
-                boxes = jnp.asarray(np.stack([self.rounds[k - 1].ref_box for k in round_refs]))
-                mask_emb, box_emb = _reference_embeds(self.model, crops, boxes, self.model.cfg.eval_reference_gate)
-                cols += [layout.mask_encode_positions - start, layout.box_encode_positions - start]
-                values += [mask_emb, box_emb]
-        if not cols:  # a later round without references: nothing to add
-            return np.zeros(0, np.int32), jnp.zeros((0, self.model.cfg.llm.hidden_size), jnp.float32)
-        return np.concatenate(cols).astype(np.int32), jnp.concatenate(values, axis=0)
-
-    def _run_chunk(self, conversation: EncodedConversation, start: int, round_ids: range, refs: list[int],
-                   cache: KVCache):
-        ids = conversation.input_ids[start:]
-        t = ids.shape[0]
-        padded = bucketed(t)
-        if int(cache.end) + padded > cache.capacity:
-            padded = t  # no room left for padding: one more compilation instead
-        ids_p = np.zeros((1, padded), np.int32)
-        ids_p[0, :t] = ids
-        token_mask = np.arange(padded)[None] < t
-        cols, values = self._slot_values(conversation, start, refs, round_ids)
-        prompt_col = jnp.asarray(conversation.rounds[-1].seg_position - 1 - start, jnp.int32)
-        return _llm_chunk(self.model, jnp.asarray(ids_p), jnp.asarray(token_mask), jnp.asarray(cols), values,
-                          cache, prompt_col)
-
-    def _run_incremental(self, conversation: EncodedConversation, refs: list[int]):
-        start = conversation.rounds[-1].start
-        n = len(conversation.rounds)
-        return self._run_chunk(conversation, start, range(n - 1, n), refs, self._cache)
-
-    def _run_recompute(self, conversation: EncodedConversation, refs: list[int]):
-        cache = KVCache.empty(self.model.cfg.llm, 1, self._capacity)
-        return self._run_chunk(conversation, 0, range(len(conversation.rounds)), refs, cache)
-
     def _segment(self, index: int, question: str, refs: list[int], hidden: jax.Array,
                  prompt: jax.Array) -> RoundResult:
         pred = predict(self.model.segmentator, None, prompt[None], [0], levels=self._levels)

@@ -33,4 +33,5 @@ def test_gpu_suite_smoke_writes_a_complete_report(tmp_path):
     assert "| 2 | **total** |" in text  # HIPIE forward with 2 prompts
     sections = {part.split("\n", 1)[0]: part for part in text.split("\n## ")}  # "### step" lines stay inside
     assert "| 2 |" in sections["multiround"]  # round 2
+    assert "| batched-incremental |" in sections["multiround"]  # --batch 2
     assert "MFU" in sections["train"]
