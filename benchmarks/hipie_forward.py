@@ -2,6 +2,7 @@
 
     python benchmarks/hipie_forward.py [--size 1024] [--prompts 1 8] [--runs 5] [--warmup 1]
                                        [--msda-impl xla|xla_dense|pallas|...] [--compile-only] [--train]
+                                       [--compare-unblocked]
 
 Stages (each its own jitted function, timings device-synchronised with ``block_until_ready``):
 
@@ -24,6 +25,11 @@ of SegLLM's HIPIE loss (``segllm_jax.train.hipie_loss``: backbone, fusion with d
 matching decoder, per-layer heads and masks, criterion) w.r.t. the parameters that train
 (``segllm_jax.train.step.is_trainable``) and the prompts, for ``n`` prompts on one image; it reports
 the temporaries and the outputs (the gradients, as big as the trainable weights) separately.
+
+``--compare-unblocked`` times only the encoder stage, alternating run by run between the model as
+configured and the same weights with the VL fusion and encoder FFN unblocked (``token_block_bytes``
+so large that one block holds every token: the computation before the token blocks), so that a
+changing load on a shared machine hits both alike; it prints both medians and their ratio.
 """
 
 from __future__ import annotations
@@ -116,6 +122,8 @@ def main() -> None:
                     help="segllm: HIPIE-R50 as SegLLM runs it; tiny: toy widths (smoke runs)")
     ap.add_argument("--msda-impl", default="auto", help="pallas_kernels.ms_deform_attn impl (default: auto)")
     ap.add_argument("--compile-only", action="store_true", help="memory analysis only, no timing")
+    ap.add_argument("--compare-unblocked", action="store_true",
+                    help="encoder only: blocked vs unblocked fusion/FFN, runs interleaved")
     ap.add_argument("--train", action="store_true",
                     help="memory of a training step's forward + backward of the HIPIE loss (compile only)")
     a = ap.parse_args()
@@ -135,6 +143,9 @@ def main() -> None:
             _train_memory(model, s, n)
         return
     backbone, encoder, decoder, mask_head = _stages(model)
+    if a.compare_unblocked:
+        _compare_unblocked(model, backbone, encoder, a)
+        return
     rng = np.random.default_rng(0)
     image = jnp.asarray(rng.integers(0, 256, size=(1, s, s, 3), dtype=np.uint8))
     size_probe = jnp.zeros((s,), jnp.int8)  # carries the static image size through jit as a shape
@@ -175,6 +186,39 @@ def _stage_memory(model, image, prompts, index, sel, size_probe, stages) -> list
     return [_memory_bytes(backbone, model, image), _memory_bytes(encoder, model, levels, prompts, index),
             _memory_bytes(decoder, model, memory, lang),
             _memory_bytes(mask_head, model, memory, params, ref, sel, size_probe)]
+
+
+def _compare_unblocked(model: Hipie, backbone, encoder, a) -> None:
+    """``--compare-unblocked``: encoder stage, blocked (as configured) and unblocked runs interleaved."""
+    unblocked = nnx.clone(model)
+    for _, module in nnx.iter_modules(unblocked):
+        if hasattr(module, "block_bytes"):
+            module.block_bytes = 2**62  # one block holds every token
+    rng = np.random.default_rng(0)
+    image = jnp.asarray(rng.integers(0, 256, size=(1, a.size, a.size, 3), dtype=np.uint8))
+    levels = jax.block_until_ready(backbone(model, image))
+    medians = {}
+    for n in a.prompts:
+        prompts = jnp.asarray(rng.normal(size=(n, model.cfg.prompt_tokens, model.cfg.text_dim)).astype(np.float32))
+        args = {name: (m, levels, prompts, jnp.zeros((n,), jnp.int32)) for name, m in
+                (("blocked", model), ("unblocked", unblocked))}
+        for name in args:
+            for _ in range(a.warmup):
+                jax.block_until_ready(encoder(*args[name]))
+        times = {name: [] for name in args}
+        for _ in range(a.runs):
+            for name in args:
+                t0 = time.perf_counter()
+                jax.block_until_ready(encoder(*args[name]))
+                times[name].append(time.perf_counter() - t0)
+        medians[n] = {name: statistics.median(t) for name, t in times.items()}
+        runs = ", ".join(f"{b:.2f}/{u:.2f}" for b, u in zip(times["blocked"], times["unblocked"], strict=True))
+        print(f"| {n} | {medians[n]['blocked']:.3f} | {medians[n]['unblocked']:.3f} | "
+              f"{medians[n]['blocked'] / medians[n]['unblocked']:.2f} | {runs} |", flush=True)
+    if len(medians) >= 2:
+        (n0, m0), (n1, m1) = list(medians.items())[0], list(medians.items())[-1]
+        print(f"\nencoder {n1} vs {n0} prompt(s): blocked {m1['blocked'] / m0['blocked']:.2f}x, "
+              f"unblocked {m1['unblocked'] / m0['unblocked']:.2f}x")
 
 
 def _train_memory(model: Hipie, size: int, n: int) -> None:
