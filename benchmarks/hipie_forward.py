@@ -26,10 +26,11 @@ matching decoder, per-layer heads and masks, criterion) w.r.t. the parameters th
 (``segllm_jax.train.step.is_trainable``) and the prompts, for ``n`` prompts on one image; it reports
 the temporaries and the outputs (the gradients, as big as the trainable weights) separately.
 
-``--compare-unblocked`` times only the encoder stage, alternating run by run between the model as
-configured and the same weights with the VL fusion and encoder FFN unblocked (``token_block_bytes``
-so large that one block holds every token: the computation before the token blocks), so that a
-changing load on a shared machine hits both alike; it prints both medians and their ratio.
+``--compare-unblocked`` times only the encoder stage, round by round over every prompt count and
+both the model as configured and the same weights with the VL fusion and encoder FFN unblocked
+(``token_block_bytes`` so large that one block holds every token: the computation before the token
+blocks; ``--unblocked-prompts`` limits it to some prompt counts), so that a changing load on a
+shared machine hits every variant alike; it prints the medians and their ratios.
 """
 
 from __future__ import annotations
@@ -124,6 +125,8 @@ def main() -> None:
     ap.add_argument("--compile-only", action="store_true", help="memory analysis only, no timing")
     ap.add_argument("--compare-unblocked", action="store_true",
                     help="encoder only: blocked vs unblocked fusion/FFN, runs interleaved")
+    ap.add_argument("--unblocked-prompts", type=int, nargs="+",
+                    help="with --compare-unblocked: prompt counts to run unblocked too (default: all)")
     ap.add_argument("--train", action="store_true",
                     help="memory of a training step's forward + backward of the HIPIE loss (compile only)")
     a = ap.parse_args()
@@ -189,7 +192,8 @@ def _stage_memory(model, image, prompts, index, sel, size_probe, stages) -> list
 
 
 def _compare_unblocked(model: Hipie, backbone, encoder, a) -> None:
-    """``--compare-unblocked``: encoder stage, blocked (as configured) and unblocked runs interleaved."""
+    """``--compare-unblocked``: the encoder stage for every prompt count, blocked (as configured) and
+    unblocked, one run of each per round, so that a changing load hits every variant alike."""
     unblocked = nnx.clone(model)
     for _, module in nnx.iter_modules(unblocked):
         if hasattr(module, "block_bytes"):
@@ -197,28 +201,31 @@ def _compare_unblocked(model: Hipie, backbone, encoder, a) -> None:
     rng = np.random.default_rng(0)
     image = jnp.asarray(rng.integers(0, 256, size=(1, a.size, a.size, 3), dtype=np.uint8))
     levels = jax.block_until_ready(backbone(model, image))
-    medians = {}
+    cases = {}
     for n in a.prompts:
         prompts = jnp.asarray(rng.normal(size=(n, model.cfg.prompt_tokens, model.cfg.text_dim)).astype(np.float32))
-        args = {name: (m, levels, prompts, jnp.zeros((n,), jnp.int32)) for name, m in
-                (("blocked", model), ("unblocked", unblocked))}
-        for name in args:
+        variants = [("blocked", model)] + ([("unblocked", unblocked)] if n in (a.unblocked_prompts or a.prompts) else [])
+        for name, m in variants:
+            cases[n, name] = (m, levels, prompts, jnp.zeros((n,), jnp.int32))
             for _ in range(a.warmup):
-                jax.block_until_ready(encoder(*args[name]))
-        times = {name: [] for name in args}
-        for _ in range(a.runs):
-            for name in args:
-                t0 = time.perf_counter()
-                jax.block_until_ready(encoder(*args[name]))
-                times[name].append(time.perf_counter() - t0)
-        medians[n] = {name: statistics.median(t) for name, t in times.items()}
-        runs = ", ".join(f"{b:.2f}/{u:.2f}" for b, u in zip(times["blocked"], times["unblocked"], strict=True))
-        print(f"| {n} | {medians[n]['blocked']:.3f} | {medians[n]['unblocked']:.3f} | "
-              f"{medians[n]['blocked'] / medians[n]['unblocked']:.2f} | {runs} |", flush=True)
-    if len(medians) >= 2:
-        (n0, m0), (n1, m1) = list(medians.items())[0], list(medians.items())[-1]
-        print(f"\nencoder {n1} vs {n0} prompt(s): blocked {m1['blocked'] / m0['blocked']:.2f}x, "
-              f"unblocked {m1['unblocked'] / m0['unblocked']:.2f}x")
+                jax.block_until_ready(encoder(*cases[n, name]))
+    times = {case: [] for case in cases}
+    for _ in range(a.runs):
+        for case, args in cases.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(encoder(*args))
+            times[case].append(time.perf_counter() - t0)
+    med = {case: statistics.median(t) for case, t in times.items()}
+    print("\n| prompts | variant | encoder median (s) | runs (s) |\n|---|---|---|---|")
+    for (n, name), t in times.items():
+        print(f"| {n} | {name} | {med[n, name]:.3f} | {', '.join(f'{x:.2f}' for x in t)} |")
+    for n in a.prompts:
+        if (n, "unblocked") in med:
+            print(f"{n} prompt(s): blocked / unblocked = {med[n, 'blocked'] / med[n, 'unblocked']:.2f}")
+    n0, n1 = a.prompts[0], a.prompts[-1]
+    if n1 != n0:
+        print(f"blocked, {n1} vs {n0} prompt(s): {med[n1, 'blocked'] / med[n0, 'blocked']:.2f}x; per round: "
+              + ", ".join(f"{x / y:.2f}" for x, y in zip(times[n1, 'blocked'], times[n0, 'blocked'], strict=True)))
 
 
 def _train_memory(model: Hipie, size: int, n: int) -> None:
