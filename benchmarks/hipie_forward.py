@@ -1,7 +1,8 @@
 """HIPIE forward cost per stage: backbone, encoder, decoder, mask head (random weights, jit).
 
     python benchmarks/hipie_forward.py [--size 1024] [--prompts 1 8] [--runs 5] [--warmup 1]
-                                       [--msda-impl xla|xla_dense|pallas|...] [--compile-only]
+                                       [--msda-impl xla|xla_dense|pallas|...] [--compile-only] [--train]
+                                       [--compare-unblocked]
 
 Stages (each its own jitted function, timings device-synchronised with ``block_until_ready``):
 
@@ -18,6 +19,18 @@ what the stage allocates beyond its inputs and the 217 MiB of float32 weights) p
 ``peak_bytes_in_use`` where the backend reports it (GPU/TPU).  ``--msda-impl xla_dense`` runs the
 all-queries-at-once deformable attention (the pre-blocking path) for before/after comparisons;
 ``--compile-only`` reports the memory without running anything (for sizes that would not fit).
+
+``--train`` compiles (never runs) one training step's forward + backward instead: ``jax.value_and_grad``
+of SegLLM's HIPIE loss (``segllm_jax.train.hipie_loss``: backbone, fusion with dropout, encoder, DN +
+matching decoder, per-layer heads and masks, criterion) w.r.t. the parameters that train
+(``segllm_jax.train.step.is_trainable``) and the prompts, for ``n`` prompts on one image; it reports
+the temporaries and the outputs (the gradients, as big as the trainable weights) separately.
+
+``--compare-unblocked`` times only the encoder stage, round by round over every prompt count and
+both the model as configured and the same weights with the VL fusion and encoder FFN unblocked
+(``token_block_bytes`` so large that one block holds every token: the computation before the token
+blocks; ``--unblocked-prompts`` limits it to some prompt counts), so that a changing load on a
+shared machine hits every variant alike; it prints the medians and their ratios.
 """
 
 from __future__ import annotations
@@ -109,6 +122,12 @@ def main() -> None:
                     help="segllm: HIPIE-R50 as SegLLM runs it; tiny: toy widths (smoke runs)")
     ap.add_argument("--msda-impl", default="auto", help="pallas_kernels.ms_deform_attn impl (default: auto)")
     ap.add_argument("--compile-only", action="store_true", help="memory analysis only, no timing")
+    ap.add_argument("--compare-unblocked", action="store_true",
+                    help="encoder only: blocked vs unblocked fusion/FFN, runs interleaved")
+    ap.add_argument("--unblocked-prompts", type=int, nargs="+",
+                    help="with --compare-unblocked: prompt counts to run unblocked too (default: all)")
+    ap.add_argument("--train", action="store_true",
+                    help="memory of a training step's forward + backward of the HIPIE loss (compile only)")
     a = ap.parse_args()
     global _SHAPES
     s = a.size
@@ -121,7 +140,14 @@ def main() -> None:
     cfg = dataclasses.replace(base, msda_impl=a.msda_impl)
     model = Hipie(cfg, rngs=nnx.Rngs(0))
     print(f"model built in {time.perf_counter() - t0:.1f}s (random weights)")
+    if a.train:
+        for n in a.prompts:
+            _train_memory(model, s, n)
+        return
     backbone, encoder, decoder, mask_head = _stages(model)
+    if a.compare_unblocked:
+        _compare_unblocked(model, backbone, encoder, a)
+        return
     rng = np.random.default_rng(0)
     image = jnp.asarray(rng.integers(0, 256, size=(1, s, s, 3), dtype=np.uint8))
     size_probe = jnp.zeros((s,), jnp.int8)  # carries the static image size through jit as a shape
@@ -163,6 +189,74 @@ def _stage_memory(model, image, prompts, index, sel, size_probe, stages) -> list
     return [_memory_bytes(backbone, model, image), _memory_bytes(encoder, model, levels, prompts, index),
             _memory_bytes(decoder, model, memory, lang),
             _memory_bytes(mask_head, model, memory, params, ref, sel, size_probe)]
+
+
+def _compare_unblocked(model: Hipie, backbone, encoder, a) -> None:
+    """``--compare-unblocked``: the encoder stage for every prompt count, blocked (as configured) and
+    unblocked, one run of each per round, so that a changing load hits every variant alike."""
+    unblocked = nnx.clone(model)
+    for _, module in nnx.iter_modules(unblocked):
+        if hasattr(module, "block_bytes"):
+            module.block_bytes = 2**62  # one block holds every token
+    rng = np.random.default_rng(0)
+    image = jnp.asarray(rng.integers(0, 256, size=(1, a.size, a.size, 3), dtype=np.uint8))
+    levels = jax.block_until_ready(backbone(model, image))
+    cases = {}
+    for n in a.prompts:
+        prompts = jnp.asarray(rng.normal(size=(n, model.cfg.prompt_tokens, model.cfg.text_dim)).astype(np.float32))
+        variants = [("blocked", model)] + ([("unblocked", unblocked)] if n in (a.unblocked_prompts or a.prompts) else [])
+        for name, m in variants:
+            cases[n, name] = (m, levels, prompts, jnp.zeros((n,), jnp.int32))
+            for _ in range(a.warmup):
+                jax.block_until_ready(encoder(*cases[n, name]))
+    times = {case: [] for case in cases}
+    for _ in range(a.runs):
+        for case, args in cases.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(encoder(*args))
+            times[case].append(time.perf_counter() - t0)
+    med = {case: statistics.median(t) for case, t in times.items()}
+    print("\n| prompts | variant | encoder median (s) | runs (s) |\n|---|---|---|---|")
+    for (n, name), t in times.items():
+        print(f"| {n} | {name} | {med[n, name]:.3f} | {', '.join(f'{x:.2f}' for x in t)} |")
+    for n in a.prompts:
+        if (n, "unblocked") in med:
+            print(f"{n} prompt(s): blocked / unblocked = {med[n, 'blocked'] / med[n, 'unblocked']:.2f}")
+    n0, n1 = a.prompts[0], a.prompts[-1]
+    if n1 != n0:
+        print(f"blocked, {n1} vs {n0} prompt(s): {med[n1, 'blocked'] / med[n0, 'blocked']:.2f}x; per round: "
+              + ", ".join(f"{x / y:.2f}" for x, y in zip(times[n1, 'blocked'], times[n0, 'blocked'], strict=True)))
+
+
+def _train_memory(model: Hipie, size: int, n: int) -> None:
+    """``--train``: compile ``value_and_grad`` of the HIPIE loss for ``n`` prompts on one image and print
+    its temporaries and outputs (the compiled program's arguments, i.e. weights and batch, not counted)."""
+    from segllm_jax.models.hipie.training import DNLabelEncoder
+    from segllm_jax.train.hipie_loss import hipie_loss
+    from segllm_jax.train.step import is_trainable
+
+    models = {"hipie": model, "dn_resizer": DNLabelEncoder(model.cfg, rngs=nnx.Rngs(1))}
+
+    def trains(path, _) -> bool:  # SegLLM's freezing rule; Hipie is SegLLM's 'segmentator'
+        return path[0] != "hipie" or is_trainable("/".join(["segmentator", *map(str, path[1:])]))
+
+    graphdef, trainable, rest = nnx.split(models, nnx.All(nnx.Param, trains), ...)
+
+    def loss(trainable, prompts, images, target_masks, key):
+        m = nnx.merge(graphdef, trainable, rest)
+        levels = m["hipie"].image_features(images)
+        return hipie_loss(m["hipie"], m["dn_resizer"], levels, prompts, jnp.zeros((n,), jnp.int32), target_masks,
+                          target_masks, jnp.ones((n,), bool), key)
+
+    sds = jax.ShapeDtypeStruct
+    args = (trainable, sds((n, model.cfg.prompt_tokens, model.cfg.text_dim), jnp.float32),
+            sds((1, size, size, 3), jnp.uint8), sds((n, size, size), jnp.uint8), jax.random.key(0))
+    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+    ma = step.lower(*args).compile().memory_analysis()
+    weights = sum(v.get_value().size * v.get_value().dtype.itemsize for _, v in nnx.to_flat_state(trainable))
+    print(f"| train, {n} prompt(s), {size} px | temporaries {ma.temp_size_in_bytes / 2**20:.0f} MiB | outputs "
+          f"{ma.output_size_in_bytes / 2**20:.0f} MiB (gradients; trainable weights {weights / 2**20:.0f} MiB) |",
+          flush=True)
 
 
 def _print_table(rows, header: bool = True) -> None:

@@ -281,6 +281,9 @@ class HipieConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"  # compute dtype; parity tests use float32 (§O6)
     msda_impl: str = "auto"  # pallas_kernels.ms_deform_attn impl
+    # widest per-block intermediate (bytes) of the VL fusion and encoder FFN, run over blocks of image tokens
+    # (models/hipie/token_blocks.py); None: 16 MiB on CPU, 256 MiB on GPU/TPU
+    token_block_bytes: int | None = None
 
     def __post_init__(self) -> None:
         _check_dtype("param_dtype", self.param_dtype)

@@ -29,6 +29,7 @@ import numpy as np
 from flax import nnx
 
 from pallas_kernels import ms_deform_attn
+from pallas_kernels.ms_deform_attn.xla import zero_after
 from segllm_jax.models.layers import Linear
 
 SpatialShapes = tuple[tuple[int, int], ...]
@@ -111,6 +112,9 @@ class MSDeformAttn(nnx.Module):
         if sum(h * w for h, w in spatial_shapes) != s:
             raise ValueError(f"value_input has {s} tokens but spatial_shapes {spatial_shapes} sum to "
                              f"{sum(h * w for h, w in spatial_shapes)}")
+        # the value projection waits for the query: the decoder's 6 layers share value_input (the encoder
+        # memory), and XLA would otherwise run all 6 projections up front ([B, S, C] each, all alive)
+        value_input = value_input + zero_after(value_input.dtype, query)
         value = self.value_proj(value_input)  # [B, S, C]
         if padding_mask is not None:
             value = jnp.where(padding_mask[..., None], jnp.zeros((), value.dtype), value)

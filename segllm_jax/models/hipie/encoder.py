@@ -7,7 +7,8 @@
   — the Deformable-DETR bookkeeping (padding masks by nearest resizing, valid ratios, row-major
   flattening of NHWC maps, token-centre reference points; §H5, §H7).
 * :class:`DeformableEncoderLayer` — post-norm: x = LN1(x + MSDeformAttn(x + pos, ref, x));
-  x = LN2(x + W2 ReLU(W1 x)). Paths ``self_attn/*``, ``norm1``, ``linear1``, ``linear2``, ``norm2``.
+  x = LN2(x + W2 ReLU(W1 x)), the norms and FFN over blocks of tokens (``token_blocks``: the hidden
+  ``[B, S, ffn_dim]`` exists one block at a time). Paths ``self_attn/*``, ``norm1``, ``linear1``, ``linear2``, ``norm2``.
 * :class:`DeformableEncoder` — ``layers/{0..5}``. The VL fusion (before layer 0) lives in
   ``fusion.py`` and is applied by the caller (``image_side.HipieImageSide.encode_prompt``).
 """
@@ -24,6 +25,7 @@ from flax import nnx
 from segllm_jax.config import HipieConfig
 from segllm_jax.models.hipie.conv import Conv2d, GroupNorm
 from segllm_jax.models.hipie.deformable_attention import MSDeformAttn
+from segllm_jax.models.hipie.token_blocks import map_token_blocks, token_block_size
 from segllm_jax.models.layers import LayerNorm, Linear
 
 SpatialShapes = tuple[tuple[int, int], ...]
@@ -115,10 +117,17 @@ class DeformableEncoderLayer(nnx.Module):
         self.linear1 = Linear(cfg.d_model, cfg.ffn_dim, axes=("hipie_embed", "hipie_mlp"), **kw)
         self.linear2 = Linear(cfg.ffn_dim, cfg.d_model, axes=("hipie_mlp", "hipie_embed"), **kw)
         self.norm2 = LayerNorm(cfg.d_model, axis_name="hipie_embed", eps=cfg.layer_norm_eps, **kw)
+        self.block_bytes = cfg.token_block_bytes
 
     def __call__(self, x: jax.Array, pos: jax.Array, reference_points: jax.Array, spatial_shapes: SpatialShapes,
                  start_index: Sequence[int], padding_mask: jax.Array | None) -> jax.Array:  # [B, S, C]
         attn = self.self_attn(x + pos, reference_points, x, spatial_shapes, start_index, padding_mask)
+        block = token_block_size(x.shape[1], x.shape[0], self.linear1.kernel.shape[1], self.block_bytes)
+        return map_token_blocks(self._norm_ffn, (x, attn), block)
+
+    def _norm_ffn(self, xs: tuple[jax.Array, jax.Array]) -> jax.Array:
+        """Per token: LN1(x + attn), then LN2(. + FFN(.)); run over token blocks (its hidden is [B, S, ffn_dim])."""
+        x, attn = xs
         x = self.norm1(x + attn)
         return self.norm2(x + self.linear2(jax.nn.relu(self.linear1(x))))
 

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from segllm_jax.config import HipieConfig
+from segllm_jax.models.hipie.token_blocks import map_token_blocks, sum_token_blocks, token_block_size
 from segllm_jax.models.layers import LayerNorm, Linear, param
 
 
@@ -59,60 +60,80 @@ class VLFusion(nnx.Module):
         self.clamp = cfg.vl_clamp
         self.dropout = cfg.vl_dropout
         self.dtype = cfg.dtype
+        self.block_bytes = cfg.token_block_bytes
 
     def __call__(self, v: jax.Array, lang: jax.Array, lang_mask: jax.Array | None = None, *,
                  deterministic: bool = True, rngs: nnx.Rngs | None = None,
                  dropout_keep: tuple[jax.Array, jax.Array] | None = None) -> tuple[jax.Array, jax.Array]:
         """``dropout_keep`` = (keep_v [B, H, S, T], keep_l [B, H, T, S]) replaces the random draws in
         training mode: keep_v masks the text -> image probabilities (softmax over T), keep_l the
-        image -> text ones (softmax over S). PyTorch's (B*H, S, T) / (B*H, T, S) layouts reshape to these."""
+        image -> text ones (softmax over S). PyTorch's (B*H, S, T) / (B*H, T, S) layouts reshape to these.
+
+        The image tokens are processed in blocks (``token_blocks``; ``block_bytes`` bounds a block's
+        ``[B, block, vl_hidden]`` projections): pass 1 computes each block's logits and its text -> image
+        update, pass 2, once the softmax over all S is known, sums the image -> text values block by block."""
         b, s, _ = v.shape
         t = lang.shape[1]
         h = self.num_heads
-        v_hat = self.layer_norm_v(v)  # [B, S, C]
-        l_hat = self.layer_norm_l(lang)  # [B, T, 768]
         a = self.attn
         e = a.v_proj.kernel.shape[1]
         hd = e // h
-        q = a.v_proj(v_hat).astype(jnp.float32) * (hd ** -0.5)
-        q = q.reshape(b, s, h, hd)  # [B, S, H, hd]
+        v_hat = self.layer_norm_v(v)  # [B, S, C]
+        l_hat = self.layer_norm_l(lang)  # [B, T, 768]
         k = a.l_proj(l_hat).astype(jnp.float32).reshape(b, t, h, hd)  # [B, T, H, hd]
-        val_v = a.values_v_proj(v_hat).astype(jnp.float32).reshape(b, s, h, hd)
         val_l = a.values_l_proj(l_hat).astype(jnp.float32).reshape(b, t, h, hd)
-
-        logits = jnp.einsum("bshd,bthd->bhst", q, k)  # [B, H, S, T]
-        logits = jnp.clip(logits, -self.clamp, self.clamp)
-
-        # image -> text: softmax over the S image tokens
-        logits_l = jnp.swapaxes(logits, -1, -2)  # [B, H, T, S]
-        logits_l = logits_l - logits_l.max(-1, keepdims=True)
-        logits_l = jnp.clip(logits_l, -self.clamp, self.clamp)
-        probs_l = jax.nn.softmax(logits_l, axis=-1)
-
-        # text -> image: the language mask adds +1 (valid) / -9e15 (padding), §O7
         if lang_mask is None:
             lang_mask = jnp.ones((b, t), jnp.float32)
+        # text -> image: the language mask adds +1 (valid) / -9e15 (padding), §O7
         mask_term = jnp.where(lang_mask.astype(jnp.float32) == 0, -9e15, lang_mask.astype(jnp.float32))
-        probs_v = jax.nn.softmax(logits + mask_term[:, None, None, :], axis=-1)  # [B, H, S, T]
+        keep_v, keep_l = self._dropout_keep((b, h, s, t), deterministic, rngs, dropout_keep)
+        block = token_block_size(s, b, e, self.block_bytes)
 
-        if not deterministic and self.dropout > 0.0:
-            keep = 1.0 - self.dropout
-            if dropout_keep is not None:
-                keep_v = dropout_keep[0].reshape(probs_v.shape).astype(jnp.float32)
-                keep_l = dropout_keep[1].reshape(probs_l.shape).astype(jnp.float32)
-            elif rngs is not None:
-                keep_v = jax.random.bernoulli(rngs.dropout(), keep, probs_v.shape).astype(jnp.float32)
-                keep_l = jax.random.bernoulli(rngs.dropout(), keep, probs_l.shape).astype(jnp.float32)
-            else:
-                raise ValueError("VLFusion in training mode (deterministic=False) needs rngs or dropout_keep "
-                                 "for its attention dropout.")
-            probs_v = probs_v * (keep_v / keep)
-            probs_l = probs_l * (keep_l / keep)
+        def image_block(xs):  # v_hat [B, s, C] (+ keep_v [B, s, H, T]) -> v_out [B, s, C], logits [B, s, H, T]
+            vb = xs[0]
+            q = a.v_proj(vb).astype(jnp.float32) * (hd ** -0.5)
+            q = q.reshape(*q.shape[:2], h, hd)  # [B, s, H, hd]
+            logits = jnp.clip(jnp.einsum("bshd,bthd->bsht", q, k), -self.clamp, self.clamp)
+            probs_v = jax.nn.softmax(logits + mask_term[:, None, None, :], axis=-1)  # over T
+            if keep_v is not None:
+                probs_v = probs_v * (xs[1] / (1.0 - self.dropout))
+            out_v = jnp.einsum("bsht,bthd->bshd", probs_v, val_l).reshape(*vb.shape[:2], e)  # [B, s, 2048]
+            delta_v = a.out_v_proj(out_v.astype(self.dtype)).astype(jnp.float32)
+            v_out = vb.astype(jnp.float32) + self.gamma_v[...].astype(jnp.float32) * delta_v
+            return v_out.astype(self.dtype), logits
 
-        out_v = jnp.einsum("bhst,bthd->bshd", probs_v, val_l).reshape(b, s, e)  # [B, S, 2048]
-        out_l = jnp.einsum("bhts,bshd->bthd", probs_l, val_v).reshape(b, t, e)  # [B, T, 2048]
-        delta_v = a.out_v_proj(out_v.astype(self.dtype)).astype(jnp.float32)
+        xs_v = (v_hat,) if keep_v is None else (v_hat, keep_v.transpose(0, 2, 1, 3))
+        v_out, logits = map_token_blocks(image_block, xs_v, block)  # logits [B, S, H, T]
+
+        # image -> text: softmax over the S image tokens (row max subtracted and clamped first)
+        logits_l = logits - logits.max(1, keepdims=True)
+        probs_l = jax.nn.softmax(jnp.clip(logits_l, -self.clamp, self.clamp), axis=1)  # [B, S, H, T]
+        if keep_l is not None:
+            probs_l = probs_l * (keep_l.transpose(0, 3, 1, 2) / (1.0 - self.dropout))
+
+        def text_sum(xs):  # v_hat [B, s, C], probs_l [B, s, H, T] -> this block's share of out_l [B, T, H, hd]
+            vb, pb = xs
+            val_v = a.values_v_proj(vb).astype(jnp.float32).reshape(*vb.shape[:2], h, hd)
+            return jnp.einsum("bsht,bshd->bthd", pb, val_v)
+
+        out_l = sum_token_blocks(text_sum, (v_hat, probs_l), block).reshape(b, t, e)  # [B, T, 2048]
         delta_l = a.out_l_proj(out_l.astype(self.dtype)).astype(jnp.float32)
-        v_out = v_hat.astype(jnp.float32) + self.gamma_v[...].astype(jnp.float32) * delta_v
         l_out = l_hat.astype(jnp.float32) + self.gamma_l[...].astype(jnp.float32) * delta_l
-        return v_out.astype(self.dtype), l_out.astype(self.dtype)
+        return v_out, l_out.astype(self.dtype)
+
+    def _dropout_keep(self, shape_v: tuple[int, int, int, int], deterministic: bool, rngs: nnx.Rngs | None,
+                      dropout_keep: tuple[jax.Array, jax.Array] | None) -> tuple[jax.Array | None, jax.Array | None]:
+        """float32 keep masks (keep_v [B, H, S, T], keep_l [B, H, T, S]) in training mode, else (None, None)."""
+        if deterministic or self.dropout <= 0.0:
+            return None, None
+        b, h, s, t = shape_v
+        if dropout_keep is not None:
+            return (dropout_keep[0].reshape(b, h, s, t).astype(jnp.float32),
+                    dropout_keep[1].reshape(b, h, t, s).astype(jnp.float32))
+        if rngs is None:
+            raise ValueError("VLFusion in training mode (deterministic=False) needs rngs or dropout_keep "
+                             "for its attention dropout.")
+        keep = 1.0 - self.dropout
+        keep_v = jax.random.bernoulli(rngs.dropout(), keep, (b, h, s, t)).astype(jnp.float32)
+        keep_l = jax.random.bernoulli(rngs.dropout(), keep, (b, h, t, s)).astype(jnp.float32)
+        return keep_v, keep_l
