@@ -204,7 +204,8 @@ def _compare_unblocked(model: Hipie, backbone, encoder, a) -> None:
     cases = {}
     for n in a.prompts:
         prompts = jnp.asarray(rng.normal(size=(n, model.cfg.prompt_tokens, model.cfg.text_dim)).astype(np.float32))
-        variants = [("blocked", model)] + ([("unblocked", unblocked)] if n in (a.unblocked_prompts or a.prompts) else [])
+        compare = n in (a.unblocked_prompts or a.prompts)
+        variants = [("blocked", model)] + ([("unblocked", unblocked)] if compare else [])
         for name, m in variants:
             cases[n, name] = (m, levels, prompts, jnp.zeros((n,), jnp.int32))
             for _ in range(a.warmup):

@@ -8,7 +8,8 @@
   flattening of NHWC maps, token-centre reference points; §H5, §H7).
 * :class:`DeformableEncoderLayer` — post-norm: x = LN1(x + MSDeformAttn(x + pos, ref, x));
   x = LN2(x + W2 ReLU(W1 x)), the norms and FFN over blocks of tokens (``token_blocks``: the hidden
-  ``[B, S, ffn_dim]`` exists one block at a time). Paths ``self_attn/*``, ``norm1``, ``linear1``, ``linear2``, ``norm2``.
+  ``[B, S, ffn_dim]`` exists one block at a time).
+  Paths ``self_attn/*``, ``norm1``, ``linear1``, ``linear2``, ``norm2``.
 * :class:`DeformableEncoder` — ``layers/{0..5}``. The VL fusion (before layer 0) lives in
   ``fusion.py`` and is applied by the caller (``image_side.HipieImageSide.encode_prompt``).
 """
