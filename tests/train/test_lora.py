@@ -118,8 +118,9 @@ def test_merge_equals_adapter_forward(tiny, trained):
 def test_bad_configs_give_one_clear_error(tiny):
     with pytest.raises(ConfigError, match="rank"):
         LoraConfig(rank=0)
-    with pytest.raises(ConfigError, match="base_weights_qtype='fp3'"):
-        _cfg(tiny, base_weights_qtype="fp3")
+    for bad in ("fp3", "int4", "float16"):  # int4 is an inference qtype (segllm_jax.quantize.QTYPE_TABLE) only
+        with pytest.raises(ConfigError, match=f"base_weights_qtype='{bad}'.*none, int8, nf4"):
+            _cfg(tiny, base_weights_qtype=bad)
     with pytest.raises(ConfigError, match="set lora="):
         _cfg(tiny, lora=None, base_weights_qtype="nf4")
     cfg = _cfg(tiny, lora=LoraConfig(targets=(r"llm/layers/\d+/self_attn/qkv_fused",)))
