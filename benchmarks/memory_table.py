@@ -154,7 +154,8 @@ def main() -> None:
 
 # single card: (row name, lora, base_weights_qtype)
 SINGLE_CARD = (("full fine-tune", None, "none"), ("LoRA r16 (fp32 base)", LoraConfig(), "none"),
-               ("QLoRA r16 (int8 base)", LoraConfig(), "int8"), ("QLoRA r16 (nf4 base)", LoraConfig(), "nf4"))
+               ("LoRA r16 (bf16 base)", LoraConfig(), "bf16"), ("QLoRA r16 (int8 base)", LoraConfig(), "int8"),
+               ("QLoRA r16 (nf4 base)", LoraConfig(), "nf4"))
 
 
 def _stored_bytes(dtype, qtype: str) -> float:
@@ -162,6 +163,8 @@ def _stored_bytes(dtype, qtype: str) -> float:
     dtype = np.dtype(dtype)
     if dtype == np.dtype(jnp.uint4):  # qwix's nf4 codes
         return 0.5
+    if qtype == "bf16" and np.issubdtype(dtype, np.floating):  # lora.store_frozen
+        return 2.0
     return float(dtype.itemsize)
 
 

@@ -26,9 +26,9 @@ from segllm_jax.errors import ConfigError
 from segllm_jax.quantize import LORA_BASE_QTYPES
 
 RematPolicy = Literal["none", "full", "dots", "dots_no_batch"]
-# base_weights_qtype values: the float32 base, or the qwix qtypes segllm_jax.quantize.QTYPE_TABLE offers for a
-# QLoRA base
-BASE_QTYPES: tuple[str, ...] = ("none", *LORA_BASE_QTYPES)
+# base_weights_qtype values: the float32 base, a bfloat16 one, or the qwix qtypes segllm_jax.quantize.QTYPE_TABLE
+# offers for a QLoRA base
+BASE_QTYPES: tuple[str, ...] = ("none", "bf16", *LORA_BASE_QTYPES)
 
 # LoRA target presets: module paths ('/'-joined, matched with re.fullmatch) of the Linear layers that get adapters
 LLM_TARGETS: tuple[str, ...] = (r"llm/layers/\d+/self_attn/[qkvo]_proj", r"llm/layers/\d+/mlp/(gate|up|down)_proj")
@@ -106,8 +106,8 @@ class TrainConfig:
     # what trains
     freeze_pretrained: bool = True  # architecture.md §T12; False trains all but FrozenBN buffers (from-scratch runs)
     lora: LoraConfig | None = None  # LoRA / QLoRA fine-tuning (segllm_jax.train.lora); None = full fine-tune
-    # how a LoRA run stores its frozen base (one of BASE_QTYPES): "none" float32; "int8" / "nf4" (QLoRA) the
-    # adapted layers' kernels quantized by qwix, the rest float32
+    # how a LoRA run stores its frozen base (one of BASE_QTYPES): "none" float32; "bf16" every frozen float leaf
+    # in bfloat16; "int8" / "nf4" (QLoRA) the adapted layers' kernels quantized by qwix, the rest float32
     base_weights_qtype: str = "none"
     # numerics and memory
     compute_dtype: str = "bfloat16"  # activations; parameters and optimizer state stay float32
@@ -140,7 +140,7 @@ class TrainConfig:
             raise ConfigError(f"lora={self.lora!r} must be a LoraConfig (segllm_jax.train.config.LoraConfig).")
         if self.base_weights_qtype not in BASE_QTYPES:
             raise ConfigError(f"base_weights_qtype={self.base_weights_qtype!r} is not supported for a LoRA base; "
-                              f"use one of {', '.join(BASE_QTYPES)} (none: float32, "
+                              f"use one of {', '.join(BASE_QTYPES)} (none: float32, bf16: bfloat16, "
                               f"{' / '.join(LORA_BASE_QTYPES)}: QLoRA kernels quantized by qwix).")
         if self.base_weights_qtype != "none" and self.lora is None:
             raise ConfigError(f"base_weights_qtype={self.base_weights_qtype!r} stores the frozen base of a LoRA "

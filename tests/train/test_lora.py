@@ -1,5 +1,5 @@
 """LoRA / QLoRA training through qwix (issue 17): only adapters (and ``lora.train``) change, the loss falls, the
-frozen base (float32, int8 / nf4) stays bit-identical, merging equals the adapter forward, bad configs
+frozen base (float32, bfloat16, int8 / nf4) stays bit-identical, merging equals the adapter forward, bad configs
 give one clear error."""
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def trained(tiny):
     return get
 
 
-@pytest.mark.parametrize("qtype", ["none", "nf4"])
+@pytest.mark.parametrize("qtype", ["none", "bf16", "nf4"])
 def test_only_adapters_train_and_loss_falls(trained, qtype):
     cfg, structure, before, after, losses = trained(qtype)
     print(f"lora ({qtype} base) losses:", [round(x, 4) for x in losses])
@@ -86,6 +86,8 @@ def test_only_adapters_train_and_loss_falls(trained, qtype):
     # adapters, trained heads and Adam moments stay float32 whatever the base
     assert {x.dtype for x in jax.tree.leaves((after.params, after.opt_state)) if x.ndim} == {np.dtype("float32")}
     q = "llm/layers/0/self_attn/q_proj/"
+    if qtype == "bf16":  # every frozen float leaf in bfloat16
+        assert {v.dtype for v in after.frozen.values()} == {np.dtype(jax.numpy.bfloat16)}
     if qtype == "nf4":  # qwix's QArray: nf4 codes, one float32 scale per 64 inputs of each output column
         codes, scale = after.frozen[q + "kernel/array/qvalue"], after.frozen[q + "kernel/array/scale"]
         assert codes.dtype == jax.numpy.uint4 and scale.shape == (codes.shape[0] // 64, codes.shape[1])
@@ -119,7 +121,7 @@ def test_bad_configs_give_one_clear_error(tiny):
     with pytest.raises(ConfigError, match="rank"):
         LoraConfig(rank=0)
     for bad in ("fp3", "int4", "float16"):  # int4 is an inference qtype (segllm_jax.quantize.QTYPE_TABLE) only
-        with pytest.raises(ConfigError, match=f"base_weights_qtype='{bad}'.*none, int8, nf4"):
+        with pytest.raises(ConfigError, match=f"base_weights_qtype='{bad}'.*none, bf16, int8, nf4"):
             _cfg(tiny, base_weights_qtype=bad)
     with pytest.raises(ConfigError, match="set lora="):
         _cfg(tiny, lora=None, base_weights_qtype="nf4")
