@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import types
 
+import jax.numpy as jnp
 import numpy as np
 
 from segllm_jax.config import SegLLMConfig
 from segllm_jax.data.pipeline import MixtureConfig
 from segllm_jax.sharding import MESH_AXES, logical_to_spec
-from segllm_jax.train import lora as L
 from segllm_jax.train import step as S
 from segllm_jax.train.config import LoraConfig, TrainConfig
 
@@ -152,29 +152,35 @@ def main() -> None:
     print_inference_table(cfg.model)
 
 
-# single card: (row name, lora, base_weights_qtype); the trainer keeps an unquantized frozen base in float32
+# single card: (row name, lora, base_weights_qtype)
 SINGLE_CARD = (("full fine-tune", None, "none"), ("LoRA r16 (fp32 base)", LoraConfig(), "none"),
-               ("QLoRA r16 (int8 base)", LoraConfig(), "int8"), ("QLoRA r16 (nf4 base)", LoraConfig(), "nf4"))
-QBYTES = {"int8": 1.0, "nf4": 0.5}  # bytes per stored base weight (nf4 packed two per byte on GPU/TPU)
+               ("LoRA r16 (bf16 base)", LoraConfig(), "bf16"), ("QLoRA r16 (int8 base)", LoraConfig(), "int8"),
+               ("QLoRA r16 (nf4 base)", LoraConfig(), "nf4"))
+
+
+def _stored_bytes(dtype, qtype: str) -> float:
+    """Bytes per element of a frozen leaf as the train state stores it (nf4 codes packed two per byte)."""
+    dtype = np.dtype(dtype)
+    if dtype == np.dtype(jnp.uint4):  # qwix's nf4 codes
+        return 0.5
+    if qtype == "bf16" and np.issubdtype(dtype, np.floating):  # lora.store_frozen
+        return 2.0
+    return float(dtype.itemsize)
 
 
 def single_card_bytes(cfg: TrainConfig) -> dict[str, float]:
-    """Parameters (trainable + frozen as stored), gradients and AdamW moments of one card, from shapes only."""
+    """Parameters (trainable + frozen as stored), gradients and AdamW moments of one card, from shapes only (a
+    QLoRA kernel is qwix's quantized values + float32 scales in the model's structure already)."""
     structure = S.abstract_structure(cfg)
-    abstract = structure.abstract()
-    quantized = set(L.adapted_kernels(structure.keys)) if cfg.base_weights_qtype != "none" else set()
     out = {"params": 0.0, "grads": 0.0, "adam": 0.0}
-    for key, v in abstract.items():
+    for key, v in structure.abstract().items():
         n = int(np.prod(v.shape))
         if S.trains(key, cfg):
             out["params"] += 4 * n
             out["grads"] += 4 * n
             out["adam"] += 8 * n
-        elif key in quantized:  # qvalue + float32 scales (per output channel; nf4 per 64-input block)
-            out["params"] += QBYTES[cfg.base_weights_qtype] * n + 4 * n / (L.NF4_BLOCK if cfg.base_weights_qtype
-                                                                            == "nf4" else v.shape[0])
         else:
-            out["params"] += 4 * n
+            out["params"] += _stored_bytes(v.dtype, cfg.base_weights_qtype) * n
     return out
 
 

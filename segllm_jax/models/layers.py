@@ -39,10 +39,12 @@ def torch_linear_init(fan_in: int) -> Initializer:
 
 
 def compute_weight(weight, dtype: jnp.dtype):
-    """A weight's value in the compute ``dtype``; a weight quantized by qwix (``segllm_jax.quantize``) stays
-    quantized: qwix's intercepted ``jnp.dot`` takes it as it is."""
+    """A weight's value in the compute ``dtype``; a weight quantized by qwix (``segllm_jax.quantize``, QLoRA) stays
+    quantized, its scales cast to ``dtype``: qwix's intercepted ``jnp.dot`` takes it and dequantizes into ``dtype``."""
     value = weight[...]
-    return value.astype(dtype) if isinstance(value, jax.Array) else value
+    if hasattr(value, "array"):  # qwix's WithAux[QArray]
+        return value.replace(array=value.array.astype(dtype))
+    return value.astype(dtype)
 
 
 class Linear(nnx.Module):

@@ -23,10 +23,12 @@ from segllm_jax.config import SegLLMConfig
 from segllm_jax.data.mixture import MixtureConfig
 from segllm_jax.data.mrshapes_prepare import MRShapesData
 from segllm_jax.errors import ConfigError
+from segllm_jax.quantize import LORA_BASE_QTYPES
 
 RematPolicy = Literal["none", "full", "dots", "dots_no_batch"]
-BaseQType = Literal["none", "int8", "nf4"]
-BASE_QTYPES: tuple[str, ...] = ("none", "int8", "nf4")  # base_weights_qtype values (qwix qtypes but "none")
+# base_weights_qtype values: the float32 base, a bfloat16 one, or the qwix qtypes segllm_jax.quantize.QTYPE_TABLE
+# offers for a QLoRA base
+BASE_QTYPES: tuple[str, ...] = ("none", "bf16", *LORA_BASE_QTYPES)
 
 # LoRA target presets: module paths ('/'-joined, matched with re.fullmatch) of the Linear layers that get adapters
 LLM_TARGETS: tuple[str, ...] = (r"llm/layers/\d+/self_attn/[qkvo]_proj", r"llm/layers/\d+/mlp/(gate|up|down)_proj")
@@ -104,7 +106,9 @@ class TrainConfig:
     # what trains
     freeze_pretrained: bool = True  # architecture.md §T12; False trains all but FrozenBN buffers (from-scratch runs)
     lora: LoraConfig | None = None  # LoRA / QLoRA fine-tuning (segllm_jax.train.lora); None = full fine-tune
-    base_weights_qtype: BaseQType = "none"  # QLoRA: the adapted layers' frozen kernels stored as int8 or nf4
+    # how a LoRA run stores its frozen base (one of BASE_QTYPES): "none" float32; "bf16" every frozen float leaf
+    # in bfloat16; "int8" / "nf4" (QLoRA) the adapted layers' kernels quantized by qwix, the rest float32
+    base_weights_qtype: str = "none"
     # numerics and memory
     compute_dtype: str = "bfloat16"  # activations; parameters and optimizer state stay float32
     remat: RematPolicy = "full"
@@ -135,10 +139,11 @@ class TrainConfig:
         if self.lora is not None and not isinstance(self.lora, LoraConfig):
             raise ConfigError(f"lora={self.lora!r} must be a LoraConfig (segllm_jax.train.config.LoraConfig).")
         if self.base_weights_qtype not in BASE_QTYPES:
-            raise ConfigError(f"base_weights_qtype={self.base_weights_qtype!r} is not supported; use one of "
-                              f"{', '.join(BASE_QTYPES)} (the qwix qtypes QLoRA stores frozen kernels in).")
+            raise ConfigError(f"base_weights_qtype={self.base_weights_qtype!r} is not supported for a LoRA base; "
+                              f"use one of {', '.join(BASE_QTYPES)} (none: float32, bf16: bfloat16, "
+                              f"{' / '.join(LORA_BASE_QTYPES)}: QLoRA kernels quantized by qwix).")
         if self.base_weights_qtype != "none" and self.lora is None:
-            raise ConfigError(f"base_weights_qtype={self.base_weights_qtype!r} quantizes the frozen base of a LoRA "
+            raise ConfigError(f"base_weights_qtype={self.base_weights_qtype!r} stores the frozen base of a LoRA "
                               "run; set lora=LoraConfig(...) too (a full fine-tune trains float32 weights).")
 
     @property

@@ -295,8 +295,10 @@ def restore_init_params(directory: str | Path, structure: train_step_lib.ModelSt
         raise ConfigError(f"init_checkpoint {directory} holds a {kind!r} model; training starts from a "
                           "'segllm' checkpoint (`segllm-jax convert` of a release, or of --llava --clip --hipie).")
     where = train_step_lib.param_array_shardings(shardings)
-    targets = {k: jax.ShapeDtypeStruct(v.shape, np.float32, sharding=where[k])
-               for k, v in structure.abstract().items() if not lora_lib.is_adapter(k)}  # adapters start fresh
+    targets = {}  # adapters start fresh; a QLoRA kernel is read as the plain float kernel it is quantized from
+    for k, v in structure.abstract().items():
+        if (source := lora_lib.plain_key(k)) is not None:
+            targets[source] = jax.ShapeDtypeStruct(v.shape, np.float32, sharding=where[source])
     prefix = DN_RESIZER + "/"
     dn = {k: v for k, v in targets.items() if k.startswith(prefix)}
     values = checkpoint.restore_sharded(directory, {k: v for k, v in targets.items() if k not in dn})
@@ -320,7 +322,7 @@ def export_model(state, cfg: TrainConfig, tokenizer, directory: Path) -> Path:
     values = jax.device_get({**state.params, **state.frozen})
     if cfg.lora is not None:
         lora_lib.write_adapters(directory.with_name("adapters"), jax.device_get(state.params), cfg)
-        values = jax.device_get(lora_lib.merge(values, cfg.lora.scale))
+        values = jax.device_get(lora_lib.merge(values, cfg.lora.scale, cfg.base_weights_qtype))
     dtype = jnp.dtype(cfg.model.llm.param_dtype)  # the loader casts each parameter to its module's dtype
     arrays = {k: np.asarray(jnp.asarray(v, dtype)) for k, v in values.items()}
     dn = {k: arrays.pop(k) for k in list(arrays) if k.startswith(DN_RESIZER + "/")}

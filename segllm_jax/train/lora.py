@@ -1,19 +1,42 @@
-"""LoRA / QLoRA fine-tuning: adapters on chosen Linear layers, a frozen (optionally quantized) base.
+"""LoRA / QLoRA fine-tuning through qwix: adapters on chosen Linear layers, a frozen (optionally quantized) base.
 
-* :func:`add_adapters` swaps every ``Linear`` whose module path matches ``TrainConfig.lora.targets`` for a
-  :class:`LoraLinear` holding the same kernel and bias plus ``lora_a [in, r]`` (he-uniform) and
-  ``lora_b [r, out]`` (zeros, so a fresh adapter is the identity), both ``nnx.LoRAParam`` with logical axes
-  derived from the kernel's, so they shard, checkpoint and flatten like every other parameter
-  (``.../q_proj/lora_a``). The adapter computes ``x @ W + (alpha / r) * (drop(x) @ A) @ B``: no merged
-  ``[in, out]`` weight exists in training.
-* :func:`is_trainable_lora`: only adapters and the ``lora.train`` patterns (minus architecture.md §T12's frozen
-  set) train; everything else goes to ``TrainState.frozen`` (no gradient, no moments).
-* QLoRA (``base_weights_qtype`` int8 / nf4): the adapted layers' frozen kernels are stored as qwix
-  ``QArray`` (int8 per output channel; nf4 in blocks of 64 inputs per output channel) and dequantized
-  on the fly. The quantized base is derived deterministically from the init weights, so LoRA checkpoints
-  leave it out and a resume rebuilds it (:func:`quantize_frozen`).
-* :func:`merge` folds adapters into plain kernels (``dequant(W) + (alpha / r) A @ B``): the result is an
-  ordinary parameter dict that ``export_model`` / ``segllm-jax merge-lora`` write as a model folder.
+What qwix does (``qwix.LoraProvider`` / ``qwix.LoraRule``, qwix 0.1.8):
+
+* the adapters: one ``LoraRule(module_path=pattern, rank, alpha, dropout)`` per ``TrainConfig.lora.targets``
+  pattern; on a targeted Linear's first call qwix creates ``kernel_lora_a [in, r]`` (he-uniform) and
+  ``kernel_lora_b [r, out]`` (zeros, so a fresh adapter is the identity) as ``nnx.LoRAParam`` next to the
+  kernel, and every call returns ``x @ W + (alpha / r) * (dropout(x) @ A) @ B`` (no merged ``[in, out]`` weight
+  exists in training). The adapter path computes in float32 (the adapters' dtype), the base in the compute dtype.
+* QLoRA (``base_weights_qtype`` int8 / nf4): the same rule with ``weight_qtype`` (and ``tile_size``, from
+  ``segllm_jax.quantize.QTYPE_TABLE``) makes qwix's PTQ half replace the frozen kernel by a ``QArray`` on that
+  first call (``kernel/array/qvalue`` + ``kernel/array/scale``: int8 per output channel; nf4 per 64 inputs of
+  each output channel where the input width is a larger multiple of 64) and run its matmuls on it.
+* dropout: qwix draws the masks from the layer's ``qwix_rngs`` ``dropout`` stream.
+
+What we still do, and why:
+
+* applying it (:func:`add_adapters`): per targeted Linear through ``segllm_jax.quantize.apply_to_linears``,
+  as inference quantization does, since SegLLM has many entry points (``run_llm``, ``image_embeds``,
+  ``seg_prompts``, ...) and qwix intercepts one method of the model it is given. That helper runs qwix's
+  first call under the layer's path in the whole model, so the rules' ``module_path`` are the targets as
+  written, and in the parameter dtype, so a QLoRA base is quantized from the float32 master weights and the
+  adapters are float32 whatever the compute dtype. A pattern that matches no Linear is our ConfigError
+  (:func:`target_paths`, before qwix runs, naming paths that exist).
+* logical axes: qwix copies the kernel's metadata (``logical_axes=(in, out)``) to both adapters; we set
+  ``(in, None)`` on ``A`` and ``(None, out)`` on ``B``, so they shard like their kernel's rows / columns. The
+  quantized values and scales keep the kernel's axes (a scale's size-1 row stays replicated).
+* dropout keys (:func:`set_dropout_rngs`): qwix leaves ``qwix_rngs`` unset after the first call; the traced
+  step gives every adapted layer an ``nnx.Rngs(dropout=...)`` folded from the step's key, so the masks depend
+  on the step only and a resumed run draws the same ones.
+* what trains (:func:`is_trainable_lora`): adapters and the ``lora.train`` patterns (minus architecture.md
+  §T12's frozen set, and never a quantized kernel); everything else goes to ``TrainState.frozen``.
+* a bfloat16 base (``base_weights_qtype="bf16"``, :func:`store_frozen`): qwix has nothing for a plain base in
+  another dtype; we store every frozen float leaf in bfloat16 (adapters, trained heads and Adam moments stay
+  float32). The Linears cast weights to the compute dtype anyway, so with bf16 compute the forward is the same.
+* resume: LoRA checkpoints leave the frozen base out; it is rebuilt deterministically from the init weights
+  (qwix quantizes them the same way again).
+* merging (:func:`merge`; qwix has none): ``dequant(W) + (alpha / r) A @ B`` per adapted kernel, an ordinary
+  parameter dict that ``export_model`` / ``segllm-jax merge-lora`` write as a model folder.
 """
 
 from __future__ import annotations
@@ -31,42 +54,8 @@ from segllm_jax.errors import ConfigError
 from segllm_jax.models.layers import Linear
 from segllm_jax.train.config import LoraConfig
 
-LORA_A, LORA_B = "lora_a", "lora_b"
-NF4_BLOCK = 64  # nf4 scales: one per 64 input rows of each output column (QLoRA's block size)
-
-
-class LoraDropoutKey(nnx.Variable):
-    """The step's dropout key of one adapter (set inside the traced step only; never stored)."""
-
-
-class LoraLinear(nnx.Module):
-    """A :class:`~segllm_jax.models.layers.Linear` plus a low-rank adapter (same ``kernel``/``bias`` paths)."""
-
-    def __init__(self, base: Linear, cfg: LoraConfig, key: jax.Array):
-        self.kernel, self.bias, self.dtype = base.kernel, base.bias, base.dtype
-        d_in, d_out = base.kernel.shape
-        in_axis, out_axis = base.kernel.get_metadata().get("logical_axes") or (None, None)
-        pdt = base.kernel.dtype
-        self.lora_a = nnx.LoRAParam(nnx.initializers.he_uniform()(key, (d_in, cfg.rank), pdt),
-                                    logical_axes=(in_axis, None))
-        self.lora_b = nnx.LoRAParam(jnp.zeros((cfg.rank, d_out), pdt), logical_axes=(None, out_axis))
-        self.scale = cfg.scale
-        self.dropout = cfg.dropout
-        self.dropout_key = None
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        dtype = jnp.dtype(self.dtype)
-        x = x.astype(dtype)
-        y = jnp.dot(x, base_kernel(self.kernel.get_value()).astype(dtype), preferred_element_type=jnp.float32)
-        h = x
-        if self.dropout and self.dropout_key is not None:
-            keep = jax.random.bernoulli(self.dropout_key.get_value(), 1.0 - self.dropout, x.shape)
-            h = jnp.where(keep, x / (1.0 - self.dropout), 0).astype(dtype)
-        ha = jnp.dot(h, self.lora_a[...].astype(dtype), preferred_element_type=jnp.float32).astype(dtype)
-        y = y + self.scale * jnp.dot(ha, self.lora_b[...].astype(dtype), preferred_element_type=jnp.float32)
-        if self.bias is not None:
-            y = y + self.bias[...].astype(jnp.float32)
-        return y.astype(dtype)
+LORA_A, LORA_B = "kernel_lora_a", "kernel_lora_b"  # qwix's names: the kernel's name + "_lora_a" / "_lora_b"
+QVALUE, QSCALE = "kernel/array/qvalue", "kernel/array/scale"  # a QLoRA kernel (qwix WithAux -> QArray fields)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -74,7 +63,7 @@ class LoraLinear(nnx.Module):
 
 
 def _linear_paths(model: nnx.Module) -> list[str]:
-    return ["/".join(map(str, p)) for p, m in nnx.iter_modules(model) if isinstance(m, (Linear, LoraLinear))]
+    return ["/".join(map(str, p)) for p, m in nnx.iter_modules(model) if isinstance(m, Linear)]
 
 
 def target_paths(model: nnx.Module, cfg: LoraConfig) -> list[str]:
@@ -91,82 +80,131 @@ def target_paths(model: nnx.Module, cfg: LoraConfig) -> list[str]:
     return sorted(chosen)
 
 
-def add_adapters(model: nnx.Module, cfg: LoraConfig, seed: int) -> nnx.Module:
-    """Replaces the targeted ``Linear`` layers of ``model`` by :class:`LoraLinear` (in place; returns it)."""
-    for i, path in enumerate(target_paths(model, cfg)):
-        *parents, name = path.split("/")
-        owner = model
-        for part in parents:
-            owner = owner[int(part)] if part.isdigit() else getattr(owner, part)
+def _providers(cfg: LoraConfig, qtype: str):
+    """``linear -> qwix.LoraProvider``: one rule per target pattern; QLoRA rules quantize the kernel too (their
+    tiling depends on the input width, so there is one provider per width)."""
+    import qwix
+
+    from segllm_jax.quantize import weight_rule_fields
+
+    cache: dict[int, Any] = {}
+
+    def provider_for(linear: Linear):
+        d_in = linear.kernel.shape[0]
+        if d_in not in cache:
+            base = weight_rule_fields(qtype, d_in) if qtype not in ("none", "bf16") else {}
+            cache[d_in] = qwix.LoraProvider([qwix.LoraRule(module_path=pattern, rank=cfg.rank, alpha=cfg.alpha,
+                                                           dropout=cfg.dropout, **base) for pattern in cfg.targets])
+        return cache[d_in]
+
+    return provider_for
+
+
+def add_adapters(model: nnx.Module, cfg: LoraConfig, qtype: str, seed: int) -> nnx.Module:
+    """qwix LoRA (and, for ``qtype`` int8 / nf4, a quantized kernel) on the targeted Linears of ``model``, in place."""
+    from segllm_jax.quantize import apply_to_linears
+
+    def rngs_for(i: int) -> nnx.Rngs:  # the i-th adapter's init (qwix's first call also draws a dropout mask)
         key = jax.random.fold_in(jax.random.PRNGKey(seed), i)
-        lora = LoraLinear(owner[int(name)] if name.isdigit() else getattr(owner, name), cfg, key)
-        if name.isdigit():
-            owner[int(name)] = lora
-        else:
-            setattr(owner, name, lora)
+        return nnx.Rngs(params=key, dropout=key)
+
+    paths = apply_to_linears(model, _providers(cfg, qtype), target_paths(model, cfg), rngs_for=rngs_for,
+                             init_in_param_dtype=True)
+    for path in paths:  # the adapters shard like the kernel's rows (A) and columns (B)
+        layer = _module(model, path)
+        in_axis, out_axis = _kernel_axes(layer)
+        getattr(layer, LORA_A).set_metadata("logical_axes", (in_axis, None))
+        getattr(layer, LORA_B).set_metadata("logical_axes", (None, out_axis))
     return model
+
+
+def _module(model: nnx.Module, path: str) -> nnx.Module:
+    for part in path.split("/"):
+        model = model[int(part)] if part.isdigit() else getattr(model, part)
+    return model
+
+
+def _kernel_axes(layer: Linear) -> tuple:
+    kernel = layer.kernel
+    if not isinstance(kernel, nnx.Variable):  # QLoRA: qwix's WithAux, whose values carry the kernel's metadata
+        kernel = kernel.array.qvalue
+    return kernel.get_metadata().get("logical_axes") or (None, None)
+
+
+def adapted_layers(model: nnx.Module) -> list[nnx.Module]:
+    return [m for _, m in nnx.iter_modules(model) if isinstance(m, Linear) and hasattr(m, LORA_A)]
 
 
 def is_adapter(path: str) -> bool:
     return path.endswith("/" + LORA_A) or path.endswith("/" + LORA_B)
 
 
+def is_quantized(path: str) -> bool:
+    return path.endswith("/" + QVALUE) or path.endswith("/" + QSCALE)
+
+
 def is_trainable_lora(path: str, cfg: LoraConfig, frozen_rule) -> bool:
-    """Adapters, and the ``cfg.train`` parameters that ``frozen_rule(path)`` (architecture.md §T12) lets train."""
-    return is_adapter(path) or (any(re.search(p, path) for p in cfg.train) and frozen_rule(path))
+    """Adapters, and the ``cfg.train`` parameters that ``frozen_rule(path)`` (architecture.md §T12) lets train
+    (a QLoRA kernel never: it is integer values)."""
+    return is_adapter(path) or (not is_quantized(path) and any(re.search(p, path) for p in cfg.train)
+                                and frozen_rule(path))
 
 
 def adapted_kernels(keys: Sequence[str]) -> list[str]:
-    """Kernel paths of the adapted layers (those that have a ``lora_a`` next to them)."""
+    """Kernel paths (as in a plain model) of the adapted layers (those that have a ``kernel_lora_a``)."""
     owners = {k[: -len(LORA_A) - 1] for k in keys if k.endswith("/" + LORA_A)}
     return sorted(o + "/kernel" for o in owners)
 
 
-def set_dropout_keys(model: nnx.Module, key: jax.Array) -> None:
-    """One dropout key per adapter for this step (inside the traced step)."""
-    for i, (_, m) in enumerate((p, m) for p, m in nnx.iter_modules(model) if isinstance(m, LoraLinear)):
-        m.dropout_key = LoraDropoutKey(jax.random.fold_in(key, i))
+def plain_key(key: str) -> str | None:
+    """Where a training parameter comes from in a plain checkpoint: a QLoRA kernel's values from the kernel
+    (``.../kernel/array/qvalue`` -> ``.../kernel``); adapters and quantization scales from nowhere (None)."""
+    if is_adapter(key) or key.endswith("/" + QSCALE):
+        return None
+    return key[: -len(QVALUE)] + "kernel" if key.endswith("/" + QVALUE) else key
 
 
-# ---------------------------------------------------------------------------------------------
-# quantized base (qwix)
+def set_dropout_rngs(model: nnx.Module, key: jax.Array) -> None:
+    """The step's dropout stream of every adapter (inside the traced step): qwix reads ``qwix_rngs``."""
+    for i, layer in enumerate(adapted_layers(model)):
+        layer.qwix_rngs = nnx.data(nnx.Rngs(dropout=jax.random.fold_in(key, i)))
 
 
-def quantize_kernel(kernel: jax.Array, qtype: str):
-    """A frozen kernel ``[in, out]`` as a qwix ``QArray``: int8 per output channel, nf4 per 64-input block."""
-    import qwix
-
-    tiled = {0: NF4_BLOCK} if qtype == "nf4" and kernel.shape[0] % NF4_BLOCK == 0 else None
-    return qwix.quantize(kernel, "nf4" if qtype == "nf4" else jnp.int8, channelwise_axes=(1,), tiled_axes=tiled)
-
-
-def base_kernel(value) -> jax.Array:
-    """A kernel's value for compute: dequantized if it is a ``QArray``."""
-    import qwix
-
-    return qwix.dequantize(value) if isinstance(value, qwix.QArray) else value
-
-
-def quantize_frozen(frozen: Mapping[str, Any], keys: Sequence[str], qtype: str) -> dict[str, Any]:
-    """``frozen`` with the adapted layers' kernels quantized to ``qtype`` (``"none"``: unchanged)."""
-    if qtype == "none":
+def store_frozen(frozen: Mapping[str, Any], qtype: str) -> dict[str, Any]:
+    """The frozen leaves as a ``qtype`` run stores them: ``"bf16"`` casts every float leaf to bfloat16; int8 / nf4
+    kernels are already quantized by qwix and everything else stays as it is."""
+    if qtype != "bf16":
         return dict(frozen)
-    targets = set(adapted_kernels(keys))
-    return {k: quantize_kernel(v, qtype) if k in targets else v for k, v in frozen.items()}
+    return {k: v.astype(jnp.bfloat16) if jnp.issubdtype(v.dtype, jnp.floating) else v for k, v in frozen.items()}
 
 
 # ---------------------------------------------------------------------------------------------
 # merging
 
 
-def merge(values: Mapping[str, Any], scale: float) -> dict[str, jax.Array]:
-    """Plain parameters: every adapted kernel becomes ``dequant(W) + scale * A @ B`` (float32), adapters dropped."""
-    out = {k: v for k, v in values.items() if not is_adapter(k)}
+def base_kernel(values: Mapping[str, Any], kernel: str, qtype: str) -> jax.Array:
+    """The float32 value of a (possibly QLoRA-quantized) kernel of ``values``, as the forward sees it."""
+    import qwix
+
+    from segllm_jax.quantize import QTYPE_TABLE
+
+    owner = kernel[: -len("kernel")]
+    if owner + QVALUE not in values:
+        return jnp.asarray(values[kernel], jnp.float32)
+    q = qwix.QArray(qvalue=jnp.asarray(values[owner + QVALUE]), scale=jnp.asarray(values[owner + QSCALE]),
+                    qtype=QTYPE_TABLE[qtype].qwix_qtype)
+    return jnp.asarray(qwix.dequantize(q), jnp.float32)
+
+
+def merge(values: Mapping[str, Any], scale: float, qtype: str = "none") -> dict[str, jax.Array]:
+    """Plain parameters: every adapted kernel becomes ``dequant(W) + scale * A @ B`` (float32), adapters dropped;
+    ``qtype`` is the run's ``base_weights_qtype``."""
+    out = {k: v for k, v in values.items() if not is_adapter(k) and not is_quantized(k)}
     for kernel in adapted_kernels(list(values)):
-        owner = kernel[: -len("/kernel")]
-        a = jnp.asarray(values[f"{owner}/{LORA_A}"], jnp.float32)
-        b = jnp.asarray(values[f"{owner}/{LORA_B}"], jnp.float32)
-        w = jnp.asarray(base_kernel(values[kernel]), jnp.float32)
+        owner = kernel[: -len("kernel")]
+        a = jnp.asarray(values[owner + LORA_A], jnp.float32)
+        b = jnp.asarray(values[owner + LORA_B], jnp.float32)
+        w = base_kernel(values, kernel, qtype)
         out[kernel] = w + scale * jnp.dot(a, b, precision=jax.lax.Precision.HIGHEST)
     return out
 
@@ -197,7 +235,8 @@ def merge_to_folder(checkpoint: str | Path, out: str | Path, base: str | Path | 
                     overwrite: bool = False) -> Path:
     """``segllm-jax merge-lora``: a plain model folder (what ``segllm_jax.load``, ``chat`` and ``export`` read)
     from a LoRA run (``RUN/adapters``) or an adapters folder, and the base model folder (``base``, default the
-    run's ``init_checkpoint``). A QLoRA run's base kernels are quantized as in training before merging."""
+    run's ``init_checkpoint``). The base goes through the same qwix adapters as in training (a QLoRA kernel is
+    quantized as training quantized it, a bf16 base rounded to bfloat16) before merging."""
     import json
 
     from segllm_jax import checkpoint as ckpt_lib
@@ -216,17 +255,19 @@ def merge_to_folder(checkpoint: str | Path, out: str | Path, base: str | Path | 
                          "pass --base MODEL_FOLDER.")
     out = check_destination(out, [folder, base], overwrite)
     lora_cfg = LoraConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["lora"].items()})
+    qtype = meta["base_weights_qtype"]
     loaded = ckpt_lib.load(base)
-    values = {k: jnp.asarray(v, jnp.float32) for k, v in ckpt_lib.flat_arrays(loaded.model).items()}
+    model = loaded.model  # float32 parameters, as training restores them, then the run's adapters
+    nnx.update(model, jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), nnx.state(model, nnx.Param)))
+    add_adapters(model, lora_cfg, qtype, seed=0)
+    values = {"/".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     with np.load(folder / ADAPTERS_FILE) as npz:
         trained = {k.replace(".", "/"): npz[k] for k in npz.files}
-    unknown = sorted(k for k in trained if not is_adapter(k) and k not in values)
+    unknown = sorted(k for k in trained if k not in values)
     if unknown:
         raise InputError(f"the adapters do not fit the base {base}: it has no {', '.join(unknown[:5])}.")
-    frozen = quantize_frozen({k: v for k, v in values.items() if k not in trained}, list(trained),
-                             meta["base_weights_qtype"])  # the base as training saw it
-    values = {**frozen, **{k: jnp.asarray(v) for k, v in trained.items()}}
-    merged = merge(values, lora_cfg.scale)
+    frozen = store_frozen({k: v for k, v in values.items() if k not in trained}, qtype)  # the base as training saw it
+    merged = merge({**frozen, **{k: jnp.asarray(v) for k, v in trained.items()}}, lora_cfg.scale, qtype)
     dtype = jnp.dtype(loaded.config.llm.param_dtype)
     arrays = {k: np.asarray(jnp.asarray(v, dtype)) for k, v in merged.items()}
     with written_atomically(out) as tmp:

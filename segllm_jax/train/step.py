@@ -262,7 +262,7 @@ def make_train_step(structure: ModelStructure, cfg: TrainConfig,
         def objective(params):
             model = structure.merge({**params, **state.frozen})
             if cfg.lora is not None and cfg.lora.dropout > 0:
-                lora_lib.set_dropout_keys(model, jax.random.fold_in(key, 1 << 20))
+                lora_lib.set_dropout_rngs(model, jax.random.fold_in(key, 1 << 20))
             model = apply_remat(model, cfg.remat)
             return loss_fn(model, batch, key, prompt_l2_weight=cfg.prompt_l2_weight, hipie_term=hipie_term)
 
@@ -297,31 +297,32 @@ def state_shardings(structure: ModelStructure, cfg: TrainConfig, mesh: Mesh) -> 
     opt_abstract = jax.eval_shape(tx.init, abstract)
     opt_sh = optax.tree_map_params(tx, lambda _, s: s, opt_abstract, trainable,
                                    transform_non_params=lambda _: replicated)
-    if cfg.base_weights_qtype != "none":  # QLoRA: adapted kernels are QArrays (qvalue like the kernel)
-        shapes, axes = structure.abstract(), structure.logical_axes()
-        for k in (k for k in lora_lib.adapted_kernels(structure.keys) if k in frozen):
-            q = jax.eval_shape(lambda x: lora_lib.quantize_kernel(x, cfg.base_weights_qtype),
-                               jax.ShapeDtypeStruct(shapes[k].shape, jnp.float32))
-            scale = (replicated if axes[k] is None
-                     else NamedSharding(mesh, logical_to_spec(axes[k], q.scale.shape, mesh)))
-            frozen[k] = q.replace(qvalue=frozen[k], scale=scale)
-    return TrainState(step=replicated, params=trainable,
-                      frozen=frozen,
-                      opt_state=opt_sh, rng=replicated)
+    return TrainState(step=replicated, params=trainable, frozen=frozen, opt_state=opt_sh, rng=replicated)
 
 
 def param_array_shardings(shardings: TrainState) -> dict[str, NamedSharding]:
-    """Where each parameter's float array goes (a QLoRA kernel, a ``QArray``, keeps its values' sharding)."""
-    return {k: getattr(v, "qvalue", v) for k, v in {**shardings.params, **shardings.frozen}.items()}
+    """Where each parameter of a plain checkpoint goes (``init_checkpoint``, ``init_state(init_params=...)``): a
+    QLoRA kernel where its quantized values go; adapters and quantization scales have no plain counterpart."""
+    flat = {**shardings.params, **shardings.frozen}
+    return {lora_lib.plain_key(k): v for k, v in flat.items() if lora_lib.plain_key(k) is not None}
 
 
-def build_training_model(cfg: TrainConfig, seed: int | None = None) -> SegLLM:
+def build_training_model(cfg: TrainConfig, seed: int | None = None,
+                         values: Mapping[str, jax.Array] | None = None) -> SegLLM:
     """The model a training step differentiates: ``SegLLM``, with its DN label encoder
-    (``segmentator_dn_resizer``) when the HIPIE term is on (the term is its only user)."""
+    (``segmentator_dn_resizer``) when the HIPIE term is on (the term is its only user), and with ``cfg.lora`` the
+    qwix adapters (:mod:`segllm_jax.train.lora`). ``values`` (plain parameter paths, e.g. a checkpoint's) replace
+    the random weights before the adapters are added, so a QLoRA base is quantized from them."""
     seed = cfg.seed if seed is None else seed
     model = SegLLM(training_model_config(cfg.model, cfg.compute_dtype), rngs=nnx.Rngs(seed),
                    dn_rngs=nnx.Rngs(seed + 1) if cfg.use_hipie_loss else None)
-    return model if cfg.lora is None else lora_lib.add_adapters(model, cfg.lora, seed + 2)
+    if values:
+        flat = [(p, v.replace(jnp.asarray(values[k], v.get_value().dtype)) if (k := _key(p)) in values else v)
+                for p, v in nnx.to_flat_state(nnx.state(model))]
+        nnx.update(model, nnx.from_flat_state(flat))
+    if cfg.lora is None:
+        return model
+    return lora_lib.add_adapters(model, cfg.lora, cfg.base_weights_qtype, seed + 2)
 
 
 def abstract_structure(cfg: TrainConfig) -> ModelStructure:
@@ -340,18 +341,18 @@ def init_state(cfg: TrainConfig, mesh: Mesh, structure: ModelStructure | None = 
     tx = make_optimizer(cfg)
 
     def init(given: Mapping[str, jax.Array] | None) -> TrainState:
-        values = structure.values(build_training_model(cfg))
-        if given is not None:  # keys the source lacks (e.g. the DN label encoder) keep their fresh init
-            values.update(given)
-        params, frozen = split_trainable({k: jnp.asarray(v, jnp.float32) for k, v in values.items()}, cfg)
-        frozen = lora_lib.quantize_frozen(frozen, structure.keys, cfg.base_weights_qtype)
+        # keys the source lacks (e.g. the DN label encoder) keep their fresh init
+        values = structure.values(build_training_model(cfg, values=given))
+        params, frozen = split_trainable(values, cfg)
+        params = {k: jnp.asarray(v, jnp.float32) for k, v in params.items()}
+        frozen = lora_lib.store_frozen(frozen, cfg.base_weights_qtype)
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, frozen=frozen, opt_state=tx.init(params),
                           rng=jax.random.PRNGKey(cfg.seed))
 
     if init_params is None:
         state = jax.jit(lambda: init(None), out_shardings=shardings)()
     else:
-        known = set(structure.keys)
+        known = {lora_lib.plain_key(k) for k in structure.keys}
         unknown = sorted(set(init_params) - known)
         if unknown:
             raise ValueError(f"init parameters not in the model: {', '.join(unknown[:10])}")

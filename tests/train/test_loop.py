@@ -1,4 +1,5 @@
-"""The training loop: SIGKILL-and-resume is bit-exact, a NaN loss stops with step and conversations named."""
+"""The training loop: SIGKILL-and-resume is bit-exact (full fine-tune, and LoRA on an nf4 base with adapter dropout),
+a NaN loss stops with step and conversations named."""
 
 from __future__ import annotations
 
@@ -26,6 +27,10 @@ from segllm_jax.train.config import tiny_cpu
 REPO = Path(__file__).resolve().parents[2]
 STEPS, EVERY = 8, 2
 TIMING = ("step_time_s", "tokens_per_s")
+# variant -> (extra environment of configs/tiny_train.py, steps, the checkpoints after which the run is killed;
+# the first kill lands in a save in progress if one is caught, and a later kill or an earlier checkpoint leaves
+# something to resume from). LoRA is kept short: one kill, one resume.
+VARIANTS = {"full": ({}, STEPS, (4, 6)), "lora": ({"SEGLLM_TINY_LORA": "nf4"}, 4, (2,))}
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +81,10 @@ def _params(workdir: Path, cfg) -> dict:
     return jax.device_get(state), data
 
 
-def test_sigkill_and_resume_is_bit_exact(env, tmp_path, monkeypatch):
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_sigkill_and_resume_is_bit_exact(env, tmp_path, monkeypatch, variant):
+    extra, steps, kills = VARIANTS[variant]
+    env = {**env, **extra, "SEGLLM_TINY_STEPS": str(steps)}
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     done = subprocess.run(_command(straight), env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -87,35 +95,45 @@ def test_sigkill_and_resume_is_bit_exact(env, tmp_path, monkeypatch):
     caught_saving = []
 
     def first_kill(w):
-        if saving(w):
+        if saving(w) and (kills[1:] or _complete_steps(w)):
             caught_saving.append(sorted(p.name for p in (w / "checkpoints").iterdir()))
             return True
-        return _complete_steps(w)[-1:] >= [4]
+        return _complete_steps(w)[-1:] >= [kills[0]]
 
     _run_and_kill(killed, env, first_kill)
-    print("first SIGKILL during a save:", caught_saving or "no (after checkpoint 4)")
-    # 2) kill right after a later checkpoint is complete
-    _run_and_kill(killed, env, lambda w: _complete_steps(w)[-1:] >= [6])
-    assert _complete_steps(killed)[-1] < STEPS
+    print("first SIGKILL during a save:", caught_saving or f"no (after checkpoint {kills[0]})")
+    # 2) kill right after later checkpoints are complete
+    for after in kills[1:]:
+        _run_and_kill(killed, env, lambda w, after=after: _complete_steps(w)[-1:] >= [after])
+    assert 0 < _complete_steps(killed)[-1] < steps  # resumes from a checkpoint
     resumed = subprocess.run(_command(killed), env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
     strip = lambda rs: [{k: v for k, v in r.items() if k not in TIMING} for r in rs]  # noqa: E731
     a = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
     b = [json.loads(x) for x in (killed / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in b] == list(range(STEPS))
+    assert [r["step"] for r in b] == list(range(steps))
     assert strip(a) == strip(b)  # every loss term, lr and grad norm, bit for bit
-    monkeypatch.setenv("SEGLLM_TINY_DATA", env["SEGLLM_TINY_DATA"])
+    for name, value in {"SEGLLM_TINY_DATA": env["SEGLLM_TINY_DATA"], **extra}.items():
+        monkeypatch.setenv(name, value)
     cfg = loop.load_config(REPO / "configs/tiny_train.py")
-    cfg = dataclasses.replace(cfg, steps=STEPS, checkpoint_every=EVERY)
+    cfg = dataclasses.replace(cfg, steps=steps, checkpoint_every=EVERY)
     (sa, da), (sb, db) = _params(straight, cfg), _params(killed, cfg)
-    assert int(sa.step) == int(sb.step) == STEPS and da == db
+    assert int(sa.step) == int(sb.step) == steps and da == db
     for tree_a, tree_b in ((sa.params, sb.params), (sa.frozen, sb.frozen)):
         for k in tree_a:
             np.testing.assert_array_equal(tree_a[k], tree_b[k], err_msg=k)
     for x, y in zip(jax.tree.leaves(sa.opt_state), jax.tree.leaves(sb.opt_state), strict=True):
         np.testing.assert_array_equal(x, y)
 
+    if variant == "lora":  # no frozen base in LoRA checkpoints; the adapters written at the end are the state's
+        assert not sa.frozen and not sb.frozen
+        for run in (straight, killed):
+            with np.load(run / "adapters/adapters.npz") as npz:
+                assert sorted(npz.files) == sorted(k.replace("/", ".") for k in sa.params)
+                for k, v in sa.params.items():
+                    np.testing.assert_array_equal(npz[k.replace("/", ".")], v, err_msg=k)
+        return
     # the exported model folder loads like a converted checkpoint, with the trained weights
     from segllm_jax.checkpoint import flat_arrays, load
 

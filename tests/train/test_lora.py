@@ -1,5 +1,6 @@
-"""LoRA / QLoRA training (issue 17): only adapters (and ``lora.train``) change, the loss falls, merging
-equals the adapter forward, bad configs give one clear error."""
+"""LoRA / QLoRA training through qwix (issue 17): only adapters (and ``lora.train``) change, the loss falls, the
+frozen base (float32, bfloat16, int8 / nf4) stays bit-identical, merging equals the adapter forward, bad configs
+give one clear error."""
 
 from __future__ import annotations
 
@@ -39,12 +40,13 @@ def _batch(cfg, tokenizer):
 
 
 def _run(cfg, tokenizer, steps):
-    mesh = make_mesh((1, 1, 1), jax.devices()[:1])
+    mesh = make_mesh(cfg.mesh_shape, jax.devices()[:math.prod(cfg.mesh_shape)])
     structure = S.abstract_structure(cfg)
     state, _ = S.init_state(cfg, mesh, structure)
     before = jax.device_get(state)
-    step = jax.jit(S.make_train_step(structure, cfg))
+    step = jax.jit(S.make_train_step(structure, cfg), out_shardings=(S.state_shardings(structure, cfg, mesh), None))
     batch = _batch(cfg, tokenizer)
+    batch = jax.device_put(batch, B.batch_shardings(batch, mesh))
     losses = []
     for _ in range(steps):
         state, metrics = step(state, batch)
@@ -52,10 +54,26 @@ def _run(cfg, tokenizer, steps):
     return structure, before, jax.device_get(state), losses
 
 
-@pytest.mark.parametrize("qtype", ["none", "nf4"])
-def test_only_adapters_train_and_loss_falls(tiny, qtype):
-    cfg = _cfg(tiny, base_weights_qtype=qtype)
-    structure, before, after, losses = _run(cfg, tiny[3], 6)
+@pytest.fixture(scope="module")
+def trained(tiny):
+    """``qtype -> (cfg, structure, state before, state after, losses)`` of 6 steps on one batch, each run once.
+    The nf4 run is also sharded (FSDP 2 x TP 2), rematerialised and uses adapter dropout."""
+    runs = {}
+
+    def get(qtype):
+        if qtype not in runs:
+            extra = dict(mesh_shape=(1, 2, 2), remat="full", lora=LoraConfig(rank=4, alpha=8.0, dropout=0.1)) \
+                if qtype == "nf4" else {}
+            cfg = _cfg(tiny, base_weights_qtype=qtype, **extra)
+            runs[qtype] = (cfg, *_run(cfg, tiny[3], 6))
+        return runs[qtype]
+
+    return get
+
+
+@pytest.mark.parametrize("qtype", ["none", "bf16", "nf4"])
+def test_only_adapters_train_and_loss_falls(trained, qtype):
+    cfg, structure, before, after, losses = trained(qtype)
     print(f"lora ({qtype} base) losses:", [round(x, 4) for x in losses])
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0] - 0.1
     adapters = [k for k in structure.keys if L.is_adapter(k)]
@@ -63,24 +81,31 @@ def test_only_adapters_train_and_loss_falls(tiny, qtype):
     assert set(after.params) == set(adapters) | {k for k in structure.keys
                                                  if k.startswith(("segmentator_predictor/", "mask_enc_head/"))}
     assert any(not np.array_equal(after.params[k], before.params[k]) for k in adapters if k.endswith("lora_b"))
-    for k, v in before.frozen.items():  # bit-identical frozen base (QArray leaves included)
-        leaves = zip(jax.tree.leaves(v), jax.tree.leaves(after.frozen[k]), strict=True)
-        assert all(np.array_equal(x, y) for x, y in leaves), k
-    if qtype == "nf4":
-        kernel = after.frozen["llm/layers/0/self_attn/q_proj/kernel"]
-        assert type(kernel).__name__ == "QArray" and kernel.qtype == "nf4"
+    for k, v in before.frozen.items():  # bit-identical frozen base, as stored
+        assert v.dtype == after.frozen[k].dtype and np.array_equal(v, after.frozen[k]), k
+    # adapters, trained heads and Adam moments stay float32 whatever the base
+    assert {x.dtype for x in jax.tree.leaves((after.params, after.opt_state)) if x.ndim} == {np.dtype("float32")}
+    q = "llm/layers/0/self_attn/q_proj/"
+    if qtype == "bf16":  # every frozen float leaf in bfloat16
+        assert {v.dtype for v in after.frozen.values()} == {np.dtype(jax.numpy.bfloat16)}
+    if qtype == "nf4":  # qwix's QArray: nf4 codes, one float32 scale per 64 inputs of each output column
+        codes, scale = after.frozen[q + "kernel/array/qvalue"], after.frozen[q + "kernel/array/scale"]
+        assert codes.dtype == jax.numpy.uint4 and scale.shape == (codes.shape[0] // 64, codes.shape[1])
+        assert q + "kernel" not in structure.keys
+        placed = S.state_shardings(structure, cfg, make_mesh(cfg.mesh_shape, jax.devices()[:4])).params
+        assert tuple(placed[q + "kernel_lora_a"].spec) == ("fsdp", None)  # adapters shard like their kernel
+        assert tuple(placed[q + "kernel_lora_b"].spec) == (None, "tensor")
     # Adam moments exist only for trainable leaves
     n_opt = sum(x.size for x in jax.tree.leaves(after.opt_state))
     assert n_opt <= 2 * sum(v.size for v in after.params.values()) + 16
 
 
-def test_merge_equals_adapter_forward(tiny):
-    cfg = _cfg(tiny)
-    structure, _, after, _ = _run(cfg, tiny[3], 2)
+def test_merge_equals_adapter_forward(tiny, trained):
+    cfg, structure, _, after, _ = trained("none")
     values = {**after.params, **after.frozen}
     plain_cfg = dataclasses.replace(cfg, lora=None)
     plain = S.ModelStructure(S.build_training_model(plain_cfg))
-    merged = L.merge(values, cfg.lora.scale)
+    merged = L.merge(values, cfg.lora.scale, cfg.base_weights_qtype)
     assert set(merged) == set(plain.keys)
     batch = _batch(cfg, tiny[3])
     from segllm_jax.batch import forward
@@ -95,8 +120,9 @@ def test_merge_equals_adapter_forward(tiny):
 def test_bad_configs_give_one_clear_error(tiny):
     with pytest.raises(ConfigError, match="rank"):
         LoraConfig(rank=0)
-    with pytest.raises(ConfigError, match="base_weights_qtype='fp3'"):
-        _cfg(tiny, base_weights_qtype="fp3")
+    for bad in ("fp3", "int4", "float16"):  # int4 is an inference qtype (segllm_jax.quantize.QTYPE_TABLE) only
+        with pytest.raises(ConfigError, match=f"base_weights_qtype='{bad}'.*none, bf16, int8, nf4"):
+            _cfg(tiny, base_weights_qtype=bad)
     with pytest.raises(ConfigError, match="set lora="):
         _cfg(tiny, lora=None, base_weights_qtype="nf4")
     cfg = _cfg(tiny, lora=LoraConfig(targets=(r"llm/layers/\d+/self_attn/qkv_fused",)))
