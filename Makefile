@@ -37,7 +37,7 @@ lint: $(VENV)/.installed-test
 	$(VENV)/bin/lint-imports
 
 test: $(VENV)/.installed-test lint browser
-	$(PY) -m pytest -m "not slow" -n 2 --dist loadfile -q --durations=30 $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow" -n 2 --dist loadfile --no-loadscope-reorder -q --durations=30 $(PYTEST_ARGS)
 
 test-slow: $(VENV)/.installed-test
 	$(PY) -m pytest -m slow -q $(PYTEST_ARGS)
