@@ -185,15 +185,20 @@ def single_card_config(lora: LoraConfig | None, qtype: str, layers: int | None =
                        base_weights_qtype=qtype, mesh_shape=(1, 1, 1))
 
 
+def _abstract_state(cfg: TrainConfig) -> tuple[S.ModelStructure, dict, dict]:
+    """(structure, trainable leaves, frozen leaves as the train state stores them): shapes only."""
+    structure = S.abstract_structure(cfg)
+    params, frozen = S.split_trainable(structure.abstract(), cfg)
+    return structure, params, jax.eval_shape(lambda f: lora_lib.store_frozen(f, cfg.base_weights_qtype), frozen)
+
+
 def llm_training_temp(cfg: TrainConfig, batches: tuple[int, ...]) -> dict[int, int]:
     """XLA temp bytes of the compiled CPU program of ``cfg``'s LLM training pass, per batch size: the gradients of
     the LLM's trainable parameters (float32, the program's outputs) of next-token cross-entropy, over
     ``context_length`` input embeddings of the compute dtype, with the train step's parameter handling (the
     state's trainable / stored frozen leaves, ``ModelStructure.merge``) and remat (``apply_remat``). Not in it:
     CLIP, HIPIE, the projector and predictor, the embeddings' gradient, the optimizer update."""
-    structure = S.abstract_structure(cfg)
-    params, frozen = S.split_trainable(structure.abstract(), cfg)
-    frozen = jax.eval_shape(lambda f: lora_lib.store_frozen(f, cfg.base_weights_qtype), frozen)
+    structure, params, frozen = _abstract_state(cfg)
     llm = {k: v for k, v in params.items() if k.startswith("llm/")}
     rest = {k: v for k, v in params.items() if k not in llm}
 
@@ -255,30 +260,12 @@ def validate_extrapolation(measured: dict[str, dict[int, dict]]) -> None:
         print(f"| {name} | {full / gib:.3f} GiB | {guess / gib:.3f} GiB | {(guess - full) / 2 ** 20:+.1f} MiB |")
 
 
-def _stored_bytes(dtype, qtype: str) -> float:
-    """Bytes per element of a frozen leaf as the train state stores it (nf4 codes packed two per byte)."""
-    dtype = np.dtype(dtype)
-    if dtype == np.dtype(jnp.uint4):  # qwix's nf4 codes
-        return 0.5
-    if qtype == "bf16" and np.issubdtype(dtype, np.floating):  # lora.store_frozen
-        return 2.0
-    return float(dtype.itemsize)
-
-
 def single_card_bytes(cfg: TrainConfig) -> dict[str, float]:
-    """Parameters (trainable + frozen as stored), gradients and AdamW moments of one card, from shapes only (a
-    QLoRA kernel is qwix's quantized values + float32 scales in the model's structure already)."""
-    structure = S.abstract_structure(cfg)
-    out = {"params": 0.0, "grads": 0.0, "adam": 0.0}
-    for key, v in structure.abstract().items():
-        n = int(np.prod(v.shape))
-        if S.trains(key, cfg):
-            out["params"] += 4 * n
-            out["grads"] += 4 * n
-            out["adam"] += 8 * n
-        else:
-            out["params"] += _stored_bytes(v.dtype, cfg.base_weights_qtype) * n
-    return out
+    """Parameters (trainable in float32 + frozen as the train state stores them), gradients and AdamW moments of
+    one card, from shapes only (a QLoRA kernel is qwix's quantized values + float32 scales, nf4 packed)."""
+    _, params, frozen = _abstract_state(cfg)
+    trainable = sum(int(np.prod(v.shape)) for v in params.values())
+    return {"params": 4 * trainable + _bytes(frozen), "grads": 4 * trainable, "adam": 8 * trainable}
 
 
 def single_card_table(validate: bool = False) -> None:

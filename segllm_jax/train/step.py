@@ -304,7 +304,7 @@ def param_array_shardings(shardings: TrainState) -> dict[str, NamedSharding]:
     """Where each parameter of a plain checkpoint goes (``init_checkpoint``, ``init_state(init_params=...)``): a
     QLoRA kernel where its quantized values go; adapters and quantization scales have no plain counterpart."""
     flat = {**shardings.params, **shardings.frozen}
-    return {lora_lib.plain_key(k): v for k, v in flat.items() if lora_lib.plain_key(k) is not None}
+    return {plain: v for k, v in flat.items() if (plain := lora_lib.plain_key(k)) is not None}
 
 
 def build_training_model(cfg: TrainConfig, seed: int | None = None,
