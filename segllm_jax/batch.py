@@ -165,12 +165,14 @@ def collate(conversations: Sequence[EncodedConversation], clip_images: np.ndarra
 
 
 def forward(model: SegLLM, batch: ConversationBatch, cache: KVCache | None = None,
-            image_embeds: jax.Array | None = None) -> tuple[LlamaOutput, jax.Array]:
+            image_embeds: jax.Array | None = None, *,
+            return_layer_outputs: bool = False) -> tuple[LlamaOutput, jax.Array]:
     """One teacher-forced pass: LLM outputs and the HIPIE prompts ``[N, 8, 768]`` of every ``<seg>``.
 
     ``cache``: keys/values of the tokens before each row (rows collated with ``starts``); None: a fresh one.
     ``image_embeds [I, P, D]``: the images' projected patch features, if computed already (else from
-    ``batch.clip_images``, and only when the batch has image slots).
+    ``batch.clip_images``, and only when the batch has image slots). ``return_layer_outputs``: the LLM
+    output keeps every layer's output (the training step's attention aid reads them).
     """
     slots = []  # (rows, cols, values) to add to the token embeddings
     if batch.image_slot_rows.shape[0]:  # static; a later round on top of a cache has no image slots
@@ -186,5 +188,5 @@ def forward(model: SegLLM, batch: ConversationBatch, cache: KVCache | None = Non
         embeds = model.inputs_embeds(batch.input_ids, rows, cols, values)
     else:  # nothing to add
         embeds = model.llm.embed(batch.input_ids)
-    out = model.run_llm(embeds, batch.token_mask, cache)
+    out = model.run_llm(embeds, batch.token_mask, cache, return_layer_outputs)
     return out, model.seg_prompts(out.hidden, batch.seg_rows, batch.seg_cols - 1)

@@ -224,6 +224,22 @@ def clip_image(image: Image.Image | np.ndarray, size: int = CLIP_IMAGE_SIZE) -> 
     return (scaled - np.asarray(CLIP_MEAN, np.float32)) / np.asarray(CLIP_STD, np.float32)
 
 
+def clip_patch_cover(mask_frame: np.ndarray, hipie_size: tuple[int, int], grid: int) -> np.ndarray:
+    """Fraction of each CLIP patch ``[grid * grid]`` (row-major, the vision tower's token order) that a mask in
+    HIPIE's frame covers.
+
+    The two preprocessors see different parts of an image: HIPIE the whole image resized into the frame's
+    top-left ``hipie_size = (h, w)`` corner, CLIP (:func:`clip_image`) only its centred square. So the mask's
+    centred ``min(h, w)`` square is cut out and box-averaged onto the patch grid; a mask outside that square
+    covers nothing."""
+    h, w = (int(v) for v in hipie_size)
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    crop = np.asarray(mask_frame[top:top + side, left:left + side], np.float32)
+    cover = Image.fromarray(crop).resize((grid, grid), resample=Image.BOX)
+    return np.clip(np.asarray(cover, np.float32), 0.0, 1.0).reshape(grid * grid)
+
+
 def mask_box(mask: np.ndarray) -> np.ndarray | None:
     """Extent box ``[x0, y0, x1, y1]`` of a 2-D mask in pixel-edge coordinates (x1, y1 exclusive,
     like detectron2's ``BitMasks.get_bounding_boxes``), or None for an empty mask."""

@@ -86,8 +86,8 @@ class SegLLM(nnx.Module):
 
     # ---- what leaves the LLM -------------------------------------------------------------------
     def run_llm(self, inputs_embeds: jax.Array, token_mask: jax.Array | None = None,
-                cache: KVCache | None = None) -> LlamaOutput:
-        return self.llm(inputs_embeds, token_mask=token_mask, cache=cache)
+                cache: KVCache | None = None, return_layer_outputs: bool = False) -> LlamaOutput:
+        return self.llm(inputs_embeds, token_mask=token_mask, cache=cache, return_layer_outputs=return_layer_outputs)
 
     def seg_prompts(self, hidden: jax.Array, rows: jax.Array, cols: jax.Array) -> jax.Array:
         """HIPIE prompts ``[N, 8, 768]`` from the hidden states at ``(rows, cols)`` (= ``<seg>`` position - 1)."""

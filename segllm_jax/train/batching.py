@@ -21,6 +21,7 @@ from segllm_jax.batch import ConversationBatch, collate, pad_axis
 from segllm_jax.data.example import Example, collate_inputs
 from segllm_jax.errors import ConfigError
 from segllm_jax.sharding import logical_to_spec
+from segllm_jax.train import aids
 from segllm_jax.train.config import TrainConfig
 
 
@@ -42,6 +43,7 @@ class TrainBatch:
     target_masks: jax.Array | None = None  # [M, S, S] bool
     aux_masks: jax.Array | None = None  # [M, S, S] bool (the reference mask of that round)
     has_aux: jax.Array | None = None  # [M] bool
+    target_patches: jax.Array | None = None  # [M, P] bool, CLIP patches of each target (attention aid only)
 
 
 def _round_up(n: int, k: int) -> int:
@@ -49,14 +51,12 @@ def _round_up(n: int, k: int) -> int:
 
 
 def make_train_batch(examples: Sequence[Example], cfg: TrainConfig, step: int, *,
-                     row_offset: int = 0,
-                     with_hipie: bool | None = None) -> TrainBatch:
+                     row_offset: int = 0) -> TrainBatch:
     """Host side: collate pipeline examples, pick the HIPIE prompts, pad to bucketed shapes.
 
     The prompt choice of a conversation is seeded by ``(seed, step, global row)``: independent of how
     the global batch is split over hosts (``row_offset`` = this host's first global row) and of resumes.
     """
-    with_hipie = cfg.use_hipie_loss if with_hipie is None else with_hipie
     conversations, clip_images, image_of_row, references = collate_inputs(examples)
     t = _round_up(max(c.num_tokens for c in conversations), cfg.pad_multiple)
     conv = collate(conversations, clip_images, image_of_row, references, gate=1.0, pad_to=t)
@@ -79,12 +79,17 @@ def make_train_batch(examples: Sequence[Example], cfg: TrainConfig, step: int, *
     seg_weight = np.zeros(n_seg_pad, np.float32)
     seg_weight[hipie_index] = 1.0
     extra: dict[str, Any] = {}
-    if with_hipie:
+    if cfg.needs_masks:
+        target_masks = np.concatenate([e.target_masks for e in examples])[hipie_index]
         extra = dict(
             hipie_images=jnp.asarray(np.stack([e.hipie_image for e in examples])),
-            target_masks=jnp.asarray(np.concatenate([e.target_masks for e in examples])[hipie_index]),
+            target_masks=jnp.asarray(target_masks),
             aux_masks=jnp.asarray(np.concatenate([e.aux_masks for e in examples])[hipie_index]),
             has_aux=jnp.asarray(np.concatenate([e.has_aux for e in examples])[hipie_index]))
+    if cfg.attention_aid_weight > 0:
+        sizes = np.stack([e.hipie_size for e in examples])[np.asarray(conv.seg_rows)[hipie_index]]
+        grid = cfg.model.vision.image_size // cfg.model.vision.patch_size
+        extra["target_patches"] = jnp.asarray(aids.target_patches(target_masks, sizes, grid))
     return TrainBatch(conv=conv, seg_weight=jnp.asarray(seg_weight), hipie_index=jnp.asarray(hipie_index),
                       hipie_round=jnp.asarray(rounds), **extra)
 

@@ -103,6 +103,11 @@ class TrainConfig:
     mask_points: int = 112 * 112  # point-sampled mask loss: points per mask (TRAIN_NUM_POINTS, §T8)
     class_loss_weight: float = 2.0  # CLASS_WEIGHT of the HIPIE criterion (every loss_ce* term, §T9)
     ranking_loss_weight: float = 0.0  # training aid (not in the original): hipie_loss.target_ranking_loss
+    # training aids for the LLM's image reading (not in the original; segllm_jax.train.aids): an L1 box head on each
+    # supervised prompt's halves (the target's box from the last 4 tokens, the reference's from the first 4), and a
+    # cross-entropy putting head 0 of the LLM's last layer, at the prompt's position, on the target's CLIP patches
+    box_aid_weight: float = 0.0
+    attention_aid_weight: float = 0.0
     # what trains
     freeze_pretrained: bool = True  # architecture.md §T12; False trains all but FrozenBN buffers (from-scratch runs)
     lora: LoraConfig | None = None  # LoRA / QLoRA fine-tuning (segllm_jax.train.lora); None = full fine-tune
@@ -142,9 +147,19 @@ class TrainConfig:
             raise ConfigError(f"base_weights_qtype={self.base_weights_qtype!r} is not supported for a LoRA base; "
                               f"use one of {', '.join(BASE_QTYPES)} (none: float32, bf16: bfloat16, "
                               f"{' / '.join(LORA_BASE_QTYPES)}: QLoRA kernels quantized by qwix).")
+        if min(self.box_aid_weight, self.attention_aid_weight, self.ranking_loss_weight) < 0:
+            raise ConfigError("box_aid_weight, attention_aid_weight and ranking_loss_weight must be >= 0.")
+        if self.attention_aid_weight and self.model.llm.num_layers < 2:
+            raise ConfigError("attention_aid_weight needs an LLM of at least 2 layers (it supervises the last "
+                              "layer's attention from the previous layer's output).")
         if self.base_weights_qtype != "none" and self.lora is None:
             raise ConfigError(f"base_weights_qtype={self.base_weights_qtype!r} stores the frozen base of a LoRA "
                               "run; set lora=LoraConfig(...) too (a full fine-tune trains float32 weights).")
+
+    @property
+    def needs_masks(self) -> bool:
+        """Whether training batches carry each prompt's target and reference masks (HIPIE's loss or an aid)."""
+        return self.use_hipie_loss or self.box_aid_weight > 0 or self.attention_aid_weight > 0
 
     @property
     def clip_size(self) -> int:

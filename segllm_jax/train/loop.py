@@ -34,7 +34,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from segllm_jax.errors import ConfigError, SegLLMError
 from segllm_jax.models.segllm import DN_RESIZER
 from segllm_jax.sharding import make_mesh
-from segllm_jax.train import batching
+from segllm_jax.train import aids, batching
 from segllm_jax.train import lora as lora_lib
 from segllm_jax.train import step as train_step_lib
 from segllm_jax.train.checkpointing import Checkpointer
@@ -295,9 +295,9 @@ def restore_init_params(directory: str | Path, structure: train_step_lib.ModelSt
         raise ConfigError(f"init_checkpoint {directory} holds a {kind!r} model; training starts from a "
                           "'segllm' checkpoint (`segllm-jax convert` of a release, or of --llava --clip --hipie).")
     where = train_step_lib.param_array_shardings(shardings)
-    targets = {}  # adapters start fresh; a QLoRA kernel is read as the plain float kernel it is quantized from
-    for k, v in structure.abstract().items():
-        if (source := lora_lib.plain_key(k)) is not None:
+    targets = {}  # adapters and aid heads start fresh; a QLoRA kernel is read as the plain float kernel it is
+    for k, v in structure.abstract().items():  # quantized from
+        if (source := lora_lib.plain_key(k)) is not None and not aids.is_aid_param(k):
             targets[source] = jax.ShapeDtypeStruct(v.shape, np.float32, sharding=where[source])
     prefix = DN_RESIZER + "/"
     dn = {k: v for k, v in targets.items() if k.startswith(prefix)}
@@ -313,15 +313,17 @@ def restore_init_params(directory: str | Path, structure: train_step_lib.ModelSt
 def export_model(state, cfg: TrainConfig, tokenizer, directory: Path) -> Path:
     """The trained weights as a segllm-jax checkpoint folder (``segllm_jax.load``, ``segllm-jax chat``):
     the model's own parameters in its ``param_dtype``; the DN label encoder goes to
-    ``training_params/`` (inference never reads it, a later ``init_checkpoint`` does). A LoRA run exports
+    ``training_params/`` (inference never reads it, a later ``init_checkpoint`` does); the training aids' heads
+    are left out (:mod:`segllm_jax.train.aids`). A LoRA run exports
     the merged weights (a plain model) and its adapters apart, in ``adapters/`` next to ``directory``."""
     import shutil
 
     from segllm_jax.checkpoint import save
 
-    values = jax.device_get({**state.params, **state.frozen})
+    params = {k: v for k, v in jax.device_get(state.params).items() if not aids.is_aid_param(k)}
+    values = {**params, **jax.device_get(state.frozen)}
     if cfg.lora is not None:
-        lora_lib.write_adapters(directory.with_name("adapters"), jax.device_get(state.params), cfg)
+        lora_lib.write_adapters(directory.with_name("adapters"), params, cfg)
         values = jax.device_get(lora_lib.merge(values, cfg.lora.scale, cfg.base_weights_qtype))
     dtype = jnp.dtype(cfg.model.llm.param_dtype)  # the loader casts each parameter to its module's dtype
     arrays = {k: np.asarray(jnp.asarray(v, dtype)) for k, v in values.items()}

@@ -36,6 +36,7 @@ from segllm_jax.config import SegLLMConfig
 from segllm_jax.models.segllm import SegLLM
 from segllm_jax.prompt import IGNORE_INDEX
 from segllm_jax.sharding import logical_to_spec
+from segllm_jax.train import aids
 from segllm_jax.train import lora as lora_lib
 from segllm_jax.train.batching import TrainBatch
 from segllm_jax.train.config import TrainConfig
@@ -67,7 +68,10 @@ def is_trainable(path: str, freeze_pretrained: bool = True) -> bool:
 
 
 def trains(path: str, cfg: TrainConfig) -> bool:
-    """``cfg``'s freezing rule: :func:`is_trainable`, or with ``cfg.lora`` only the adapters and ``lora.train``."""
+    """``cfg``'s freezing rule: :func:`is_trainable`, or with ``cfg.lora`` only the adapters and ``lora.train``;
+    the training aids' heads (:data:`segllm_jax.train.aids.BOX_AID`) always train."""
+    if aids.is_aid_param(path):
+        return True
     if cfg.lora is None:
         return is_trainable(path, cfg.freeze_pretrained)
     return lora_lib.is_trainable_lora(path, cfg.lora, lambda p: is_trainable(p, cfg.freeze_pretrained))
@@ -201,8 +205,10 @@ def round_ious(parts: np.ndarray, rounds: np.ndarray) -> dict[str, float]:
 
 
 def loss_fn(model: SegLLM, batch: TrainBatch, key: jax.Array, *, prompt_l2_weight: float = 1e-3,
-            hipie_term: HipieTerm | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """``CE_LM + HIPIE + w * mean(prompt²)`` (architecture.md §T10) and its terms; ``hipie_term=None`` skips HIPIE."""
+            hipie_term: HipieTerm | None = None, box_aid_weight: float = 0.0,
+            attention_aid_weight: float = 0.0) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """``CE_LM + HIPIE + w * mean(prompt²)`` (architecture.md §T10) and its terms; ``hipie_term=None`` skips HIPIE.
+    The image-reading aids (:mod:`segllm_jax.train.aids`) are added with their weights, when not 0."""
     k_gate, k_hipie = jax.random.split(key)
     conv = batch.conv
     # one key per reference from its (global row, column): the draw does not depend on padding or on
@@ -210,7 +216,8 @@ def loss_fn(model: SegLLM, batch: TrainBatch, key: jax.Array, *, prompt_l2_weigh
     ref_ids = conv.ref_rows * 1_000_003 + conv.ref_mask_cols  # [R]
     draws = jax.vmap(lambda i: jax.random.bernoulli(jax.random.fold_in(k_gate, i), 0.5, (2,)))(ref_ids)  # [R, 2]
     gates = conv.ref_gates * draws.astype(conv.ref_gates.dtype)
-    out, prompts = forward(model, dataclasses.replace(conv, ref_gates=gates))  # prompts [N, 8, 768]
+    out, prompts = forward(model, dataclasses.replace(conv, ref_gates=gates),  # prompts [N, 8, 768]
+                           return_layer_outputs=attention_aid_weight > 0)
     # next-token CE: logits at t predict the label at t + 1; mean over non-ignored tokens (HF)
     labels = conv.labels[:, 1:]  # [B, T-1]
     valid = labels != IGNORE_INDEX
@@ -224,6 +231,18 @@ def loss_fn(model: SegLLM, batch: TrainBatch, key: jax.Array, *, prompt_l2_weigh
     l2 = (per_prompt * w).sum() / jnp.maximum(w.sum(), 1.0)
     loss = ce + prompt_l2_weight * l2
     metrics = {"loss_lm": ce, "loss_prompt_l2": l2, "tokens": tokens.astype(jnp.float32)}
+    if box_aid_weight > 0:
+        box, box_metrics = aids.box_aid_loss(getattr(model, aids.BOX_AID), prompts[batch.hipie_index],
+                                             batch.target_masks, batch.aux_masks, batch.has_aux)
+        loss = loss + box_aid_weight * box
+        metrics.update({"loss_box_aid": box, **box_metrics})
+    if attention_aid_weight > 0:
+        rows = conv.seg_rows[batch.hipie_index]  # the prompt is read at the column before its <seg>
+        look, look_metrics = aids.attention_aid_loss(
+            model.llm, out, conv.token_mask, rows, conv.seg_cols[batch.hipie_index] - 1,
+            aids.image_patch_columns(conv, rows, batch.target_patches.shape[1]), batch.target_patches)
+        loss = loss + attention_aid_weight * look
+        metrics.update({"loss_attention_aid": look, **look_metrics})
     if hipie_term is not None:
         hipie, hipie_metrics = hipie_term(model, prompts[batch.hipie_index], batch, k_hipie)
         loss = loss + hipie
@@ -264,7 +283,8 @@ def make_train_step(structure: ModelStructure, cfg: TrainConfig,
             if cfg.lora is not None and cfg.lora.dropout > 0:
                 lora_lib.set_dropout_rngs(model, jax.random.fold_in(key, 1 << 20))
             model = apply_remat(model, cfg.remat)
-            return loss_fn(model, batch, key, prompt_l2_weight=cfg.prompt_l2_weight, hipie_term=hipie_term)
+            return loss_fn(model, batch, key, prompt_l2_weight=cfg.prompt_l2_weight, hipie_term=hipie_term,
+                           box_aid_weight=cfg.box_aid_weight, attention_aid_weight=cfg.attention_aid_weight)
 
         (_, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -311,8 +331,9 @@ def build_training_model(cfg: TrainConfig, seed: int | None = None,
                          values: Mapping[str, jax.Array] | None = None) -> SegLLM:
     """The model a training step differentiates: ``SegLLM``, with its DN label encoder
     (``segmentator_dn_resizer``) when the HIPIE term is on (the term is its only user), and with ``cfg.lora`` the
-    qwix adapters (:mod:`segllm_jax.train.lora`). ``values`` (plain parameter paths, e.g. a checkpoint's) replace
-    the random weights before the adapters are added, so a QLoRA base is quantized from them."""
+    qwix adapters (:mod:`segllm_jax.train.lora`), and with ``cfg.box_aid_weight`` the box aid's heads
+    (:mod:`segllm_jax.train.aids`). ``values`` (plain parameter paths, e.g. a checkpoint's) replace the random
+    weights before the adapters are added, so a QLoRA base is quantized from them."""
     seed = cfg.seed if seed is None else seed
     model = SegLLM(training_model_config(cfg.model, cfg.compute_dtype), rngs=nnx.Rngs(seed),
                    dn_rngs=nnx.Rngs(seed + 1) if cfg.use_hipie_loss else None)
@@ -320,6 +341,8 @@ def build_training_model(cfg: TrainConfig, seed: int | None = None,
         flat = [(p, v.replace(jnp.asarray(values[k], v.get_value().dtype)) if (k := _key(p)) in values else v)
                 for p, v in nnx.to_flat_state(nnx.state(model))]
         nnx.update(model, nnx.from_flat_state(flat))
+    if cfg.box_aid_weight > 0:
+        setattr(model, aids.BOX_AID, aids.BoxAidHeads(cfg.model.hipie.text_dim, rngs=nnx.Rngs(seed + 3)))
     if cfg.lora is None:
         return model
     return lora_lib.add_adapters(model, cfg.lora, cfg.base_weights_qtype, seed + 2)
