@@ -13,7 +13,14 @@ Variants: ``bf16`` (float weights, bfloat16 activations: the activation part of 
 ``int8`` and ``int4`` (``segllm_jax.load(DIR, quantize=...)``: LLM Linears quantized, activations bf16),
 and the same with the CLIP tower quantized too (``+clip``).
 
+``--trained`` asks the same of a *trained* checkpoint (default: the learning proof's shipped
+``checkpoints/tiny_mrshapes``): each variant answers the conversations of MR-Shapes test scenes (autoregressive
+references, its own session), and each round's mask is compared with the float session's. A random-weight
+model's answer can hinge on a near-tie between HIPIE's queries; a trained one shows whether quantization moves
+answers in practice.
+
     python benchmarks/quantized_quality.py            # prints the markdown table (docs/memory.md)
+    python benchmarks/quantized_quality.py --trained  # the trained-checkpoint table
 """
 
 from __future__ import annotations
@@ -114,10 +121,10 @@ def segllm_jax_load(directory: Path):
     return segllm_jax.load(directory)
 
 
-def run_session(loaded, texts):
+def run_session(loaded, texts, image: Path = IMAGE):
     from segllm_jax.session import MultiRoundSession
 
-    session = MultiRoundSession(loaded, IMAGE)
+    session = MultiRoundSession(loaded, image)
     for text in texts:
         session.ask(text)
     return session
@@ -143,21 +150,69 @@ def measure(directory: Path, golden, variants=VARIANTS, *, sessions: bool = True
     return rows
 
 
+def measure_trained(directory: Path, scenes: int, seed: int, variants=VARIANTS[1:5]) -> list[dict]:
+    """One row per variant: every round's mask IoU against the float session's, over the conversations of the
+    first ``scenes`` MR-Shapes test scenes of ``seed`` (each variant its own autoregressive session)."""
+    from PIL import Image
+
+    from segllm_jax.data import mrshapes
+
+    float_loaded = segllm_jax_load(directory)
+    per_variant = {name: [] for name, *_ in variants}
+    loaded = {name: load_variant(directory, *how) for name, *how in variants}
+    with tempfile.TemporaryDirectory() as tmp:
+        for index in range(scenes):
+            scene, conversation = mrshapes.scene_and_conversation(seed, "test", index, max_rounds=6)
+            image = Path(tmp) / f"scene_{index}.png"
+            Image.fromarray(scene.image).save(image)
+            texts = [r.tagged_question for r in conversation.rounds]
+            reference = run_session(float_loaded, texts, image).rounds
+            for name, model in loaded.items():
+                pairs = zip(run_session(model, texts, image).rounds, reference, strict=True)
+                per_variant[name] += [iou(r.mask_frame, f.mask_frame) for r, f in pairs]
+            print(f"scene {index + 1}/{scenes}: {len(texts)} rounds", file=sys.stderr, flush=True)
+    rows = []
+    for name, ious in per_variant.items():
+        ious = np.asarray(ious)
+        rows.append(dict(name=name, rounds=ious.size, mean=float(ious.mean()), min=float(ious.min()),
+                         share_099=float((ious >= 0.99).mean())))
+    return rows
+
+
+def print_table(title: str, columns: list[str], cells: list[list[str]]) -> None:
+    print(f"{title}, CPU (jax {jax.__version__})\n")
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+    for row in cells:
+        print("| " + " | ".join(row) + " |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variants", nargs="*", default=None, help="names from VARIANTS (default: all)")
+    parser.add_argument("--variants", nargs="*", default=None, help="names from VARIANTS (default: all; with "
+                        "--trained: the four bf16-activation ones)")
+    parser.add_argument("--trained", nargs="?", const=REPO / "checkpoints" / "tiny_mrshapes", type=Path,
+                        default=None, metavar="DIR", help="measure a trained checkpoint on MR-Shapes test scenes "
+                        "(default DIR: the shipped tiny_mrshapes) instead of the golden model")
+    parser.add_argument("--scenes", type=int, default=40, help="with --trained: how many test scenes")
+    parser.add_argument("--seed", type=int, default=4242, help="with --trained: the MR-Shapes seed of the scenes")
     args = parser.parse_args()
     variants = [v for v in VARIANTS if args.variants is None or v[0] in args.variants]
+    if args.trained is not None:
+        rows = measure_trained(args.trained, args.scenes, args.seed, variants if args.variants else VARIANTS[1:5])
+        print_table(f"Trained checkpoint {args.trained.name}, MR-Shapes test scenes 0-{args.scenes - 1} of seed "
+                    f"{args.seed}, {rows[0]['rounds']} rounds, autoregressive",
+                    ["variant", "mask IoU vs float: mean", "min", "rounds with IoU >= 0.99"],
+                    [[r["name"], f"{r['mean']:.4f}", f"{r['min']:.4f}", f"{100 * r['share_099']:.1f} %"]
+                     for r in rows])
+        return
     with tempfile.TemporaryDirectory() as tmp:
         directory, golden = golden_checkpoint(Path(tmp))
         rows = measure(directory, golden, variants)
-    print(f"Golden SegLLM seed 0, {len(golden['round_texts'])}-round conversation, {rows[0]['tokens']} tokens, CPU "
-          f"(jax {jax.__version__})\n")
-    print("| variant | KL mean (nats/token) | KL max | mask IoU vs float, per round |")
-    print("|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['name']} | {r['kl_mean']:.2e} | {r['kl_max']:.2e} | "
-              f"{' / '.join(f'{v:.4f}' for v in r['ious'])} |")
+    print_table(f"Golden SegLLM seed 0, {len(golden['round_texts'])}-round conversation, {rows[0]['tokens']} tokens",
+                ["variant", "KL mean (nats/token)", "KL max", "mask IoU vs float, per round"],
+                [[r["name"], f"{r['kl_mean']:.2e}", f"{r['kl_max']:.2e}", " / ".join(f"{v:.4f}" for v in r["ious"])]
+                 for r in rows])
 
 
 if __name__ == "__main__":
