@@ -21,6 +21,8 @@ def tiny(tmp_path_factory):
     return build_tiny(tmp_path_factory)
 
 
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+
 # The files that take minutes (mostly compiling the HIPIE training step), longest first (seconds of the
 # file's tests in `make test`'s --durations list, 2026-12-07). `make test` runs whole files on 2 xdist
 # workers (--dist loadfile) handed out in collection order; it passes --no-loadscope-reorder, since xdist
@@ -66,8 +68,7 @@ COMPILE_BOUND_FILES = frozenset({
 
 @pytest.fixture(scope="module", autouse=True)
 def _fewer_compiler_passes(request):
-    tests_dir = os.path.dirname(os.path.abspath(__file__))
-    if os.path.relpath(str(request.path), tests_dir) not in COMPILE_BOUND_FILES:
+    if os.path.relpath(str(request.path), TESTS_DIR) not in COMPILE_BOUND_FILES:
         yield
         return
     with pytest.MonkeyPatch.context() as patch:
@@ -81,5 +82,4 @@ def _fewer_compiler_passes(request):
 
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(SLOW_FILES_FIRST)}
-    tests_dir = os.path.dirname(os.path.abspath(__file__))
-    items.sort(key=lambda item: rank.get(os.path.relpath(str(item.path), tests_dir), len(rank)))  # stable
+    items.sort(key=lambda item: rank.get(os.path.relpath(str(item.path), TESTS_DIR), len(rank)))  # stable

@@ -86,10 +86,10 @@ def make_train_batch(examples: Sequence[Example], cfg: TrainConfig, step: int, *
             target_masks=jnp.asarray(target_masks),
             aux_masks=jnp.asarray(np.concatenate([e.aux_masks for e in examples])[hipie_index]),
             has_aux=jnp.asarray(np.concatenate([e.has_aux for e in examples])[hipie_index]))
-    if cfg.attention_aid_weight > 0:
-        sizes = np.stack([e.hipie_size for e in examples])[np.asarray(conv.seg_rows)[hipie_index]]
-        grid = cfg.model.vision.image_size // cfg.model.vision.patch_size
-        extra["target_patches"] = jnp.asarray(aids.target_patches(target_masks, sizes, grid))
+        if cfg.attention_aid_weight > 0:
+            sizes = np.stack([e.hipie_size for e in examples])[np.asarray(conv.seg_rows)[hipie_index]]
+            grid = cfg.model.vision.image_size // cfg.model.vision.patch_size
+            extra["target_patches"] = jnp.asarray(aids.target_patches(target_masks, sizes, grid))
     return TrainBatch(conv=conv, seg_weight=jnp.asarray(seg_weight), hipie_index=jnp.asarray(hipie_index),
                       hipie_round=jnp.asarray(rounds), **extra)
 

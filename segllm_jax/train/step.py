@@ -231,9 +231,10 @@ def loss_fn(model: SegLLM, batch: TrainBatch, key: jax.Array, *, prompt_l2_weigh
     l2 = (per_prompt * w).sum() / jnp.maximum(w.sum(), 1.0)
     loss = ce + prompt_l2_weight * l2
     metrics = {"loss_lm": ce, "loss_prompt_l2": l2, "tokens": tokens.astype(jnp.float32)}
+    selected = prompts[batch.hipie_index]  # [M, 8, C] the prompts HIPIE and the aids train on
     if box_aid_weight > 0:
-        box, box_metrics = aids.box_aid_loss(getattr(model, aids.BOX_AID), prompts[batch.hipie_index],
-                                             batch.target_masks, batch.aux_masks, batch.has_aux)
+        box, box_metrics = aids.box_aid_loss(getattr(model, aids.BOX_AID), selected, batch.target_masks,
+                                             batch.aux_masks, batch.has_aux)
         loss = loss + box_aid_weight * box
         metrics.update({"loss_box_aid": box, **box_metrics})
     if attention_aid_weight > 0:
@@ -244,7 +245,7 @@ def loss_fn(model: SegLLM, batch: TrainBatch, key: jax.Array, *, prompt_l2_weigh
         loss = loss + attention_aid_weight * look
         metrics.update({"loss_attention_aid": look, **look_metrics})
     if hipie_term is not None:
-        hipie, hipie_metrics = hipie_term(model, prompts[batch.hipie_index], batch, k_hipie)
+        hipie, hipie_metrics = hipie_term(model, selected, batch, k_hipie)
         loss = loss + hipie
         metrics.update({"loss_hipie": hipie, **{f"hipie/{k}": v for k, v in hipie_metrics.items()}})
     metrics["loss"] = loss

@@ -99,7 +99,7 @@ def test_clip_patch_cover_marks_the_patches_clip_sees_the_shape_in(size):
     shape = np.zeros((h, w), bool)
     shape[h // 2 - 50:h // 2 + 40, w // 2 - 30:w // 2 + 45] = True
     pixels[shape] = (255, 0, 0)
-    frame, hw = hipie_image(Image.fromarray(pixels), 128)
+    _, hw = hipie_image(Image.fromarray(pixels), 128)
     cover = clip_patch_cover(hipie_mask(shape, 128), hw, 8)
     clip = clip_image(Image.fromarray(pixels), 64)  # 8 x 8 patches of 8 pixels
     red = (clip[..., 1] < 0).reshape(8, 8, 8, 8).transpose(0, 2, 1, 3).reshape(64, 64).mean(-1)  # green channel low
