@@ -13,7 +13,7 @@
   (``tests/learning/test_shipped_checkpoint.py``);
 * ``demo``: the per-round IoUs of ``make demo``'s conversation.
 
-With ``--install DIR`` the model folder, the two stages' curves and metric logs and the test report are
+With ``--install DIR`` the model folder, every stage's curves and metric logs and the test report are
 copied to ``DIR`` (the shipped checkpoint), replacing what was there.
 """
 
@@ -36,10 +36,12 @@ from segllm_jax.data import mrshapes
 from segllm_jax.eval.evaluate import EvalData, evaluate
 
 CI_CONVERSATIONS = 20
-COMMAND = ("bash configs/tiny_mrshapes_recipe.sh RUN  (= segllm-jax train --config configs/tiny_mrshapes_stage1.py "
-           "--workdir RUN/stage1; segllm-jax train --config configs/tiny_mrshapes.py --workdir RUN/stage2; "
-           "segllm-jax eval --checkpoint RUN/stage2/model --data mrshapes:DATA:test --mode both --ablate-memory; "
-           "python configs/tiny_mrshapes_results.py RUN)")
+STAGES = ("clip", "reading", "reading_mix", "stage1", "stage2")  # the recipe's stages, in order (RUN_DIR/<stage>)
+COMMAND = ("bash configs/tiny_mrshapes_recipe.sh RUN  (= for each stage S, config C of (clip, tiny_mrshapes_clip.py), "
+           "(reading, tiny_mrshapes_reading.py), (reading_mix, tiny_mrshapes_reading_mix.py), "
+           "(stage1, tiny_mrshapes_stage1.py), (stage2, tiny_mrshapes.py): SEGLLM_MRSHAPES_RUN=RUN segllm-jax train "
+           "--config configs/C --workdir RUN/S; then segllm-jax eval --checkpoint RUN/stage2/model "
+           "--data mrshapes:DATA:test --mode both --ablate-memory; python configs/tiny_mrshapes_results.py RUN)")
 
 
 def _autoregressive(loaded, data: EvalData, limit: int | None = None) -> dict:
@@ -56,13 +58,14 @@ def results(run: Path, fresh_seed: int, fresh_scenes: int) -> dict:
     out: dict = {
         "command": COMMAND,
         "seed": 0,
-        "data": "MR-Shapes seed 0: 2000 train scenes (their conversations for stage 2, 6-round grounding "
-                "conversations for stage 1) / 100 val / 100 test scenes, up to 6 rounds; word-level tokenizer",
+        "data": "MR-Shapes seed 0: 2000 train scenes (the CLIP stage's images; 6-round attribute-only and grounding "
+                "conversations for the reading stages and stage 1; their benchmark conversations for stage 2) / "
+                "100 val / 100 test scenes, up to 6 rounds; word-level tokenizer",
         "machine": f"{platform.machine()} CPU, {jax.device_count()} JAX device(s), jax {jax.__version__}",
         "model": {"hipie": dataclasses.asdict(loaded.config.hipie),
                   "llm_hidden": loaded.config.llm.hidden_size, "llm_layers": loaded.config.llm.num_layers},
-        "train_wall_s": timings["stage1_with_data_s"] + timings["stage2_s"],
-        "train_wall_includes": "data generation, tokenizer, both stages' compilation and training",
+        "train_wall_s": round(sum(timings[f"{stage}_s"] for stage in STAGES), 1),
+        "train_wall_includes": "data generation, tokenizer, every stage's compilation and training",
         "timings_s": timings,
         "test": json.loads((run / "eval_test" / "metrics.json").read_text()),
     }
@@ -83,7 +86,7 @@ def install(run: Path, dest: Path) -> None:
     staging = dest.with_name(dest.name + ".installing")
     shutil.rmtree(staging, ignore_errors=True)
     shutil.copytree(run / "stage2" / "model", staging)
-    for stage in ("stage1", "stage2"):
+    for stage in STAGES:
         for name in ("loss.png", "iou_train.png"):
             if (run / stage / name).is_file():
                 shutil.copy(run / stage / name, staging / f"{stage}_{name}")
@@ -97,7 +100,7 @@ def install(run: Path, dest: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run", type=Path, help="the recipe's RUN_DIR (stage1/, stage2/, eval_test/, timings.json)")
+    parser.add_argument("run", type=Path, help="the recipe's RUN_DIR (a folder per stage, eval_test/, timings.json)")
     parser.add_argument("--fresh-seed", type=int, default=4242, help="seed of the unseen MR-Shapes split")
     parser.add_argument("--fresh-scenes", type=int, default=150)
     parser.add_argument("--install", type=Path, help="copy the model and its evidence here (the shipped checkpoint)")

@@ -1,32 +1,27 @@
-"""Learning recipe, stage 1 of 2: ground referring questions on MR-Shapes (the analogue of HIPIE's pretraining).
+"""Learning recipe, stage 1 ("ground"): HIPIE learns to segment what the frozen reading LLM's prompt names.
 
-    segllm-jax train --config configs/tiny_mrshapes_stage1.py --workdir runs/tiny_mrshapes_stage1
-    segllm-jax train --config configs/tiny_mrshapes.py --workdir runs/tiny_mrshapes      # stage 2
+    segllm-jax train --config configs/tiny_mrshapes_stage1.py --workdir runs/tiny_mrshapes_recipe/stage1
+    segllm-jax train --config configs/tiny_mrshapes.py --workdir runs/tiny_mrshapes_recipe/stage2   # stage 2
 
-The released SegLLM starts from a HIPIE already grounded on text and an LLM that already reads; ours
-starts from random weights, so stage 1 teaches grounding on its own: the whole tiny SegLLM (its LLaMA
-plays the text encoder HIPIE had in BERT) on the grounding conversations of the training scenes
-(``segllm_jax.data.mrshapes_grounding``: six independent questions per image, attribute and superlative
-questions and referring questions about a ground-truth instance handed over as [REF] inputs), with
-every round's prompt supervised. Stage 2 starts from this stage's ``model/`` folder.
-
-The data (2000 training scenes, 100 validation and 100 test scenes, seed 0, and the word-level tokenizer)
-is written by the ``train`` command on first use under ``$SEGLLM_MRSHAPES_DATA`` (default
-``~/.cache/segllm_jax/mrshapes``); ``SEGLLM_MRSHAPES_STEPS`` and ``SEGLLM_MRSHAPES_SCENES`` override the step
-count and the training scenes.
+The released SegLLM starts from a HIPIE already grounded on referring expressions by a text encoder; ours is
+grounded here, on the grounding conversations of the training scenes (``segllm_jax.data.mrshapes_grounding``:
+six independent questions per image, so different targets in one image are the contrastive signal; attribute
+and superlative questions, and referring questions about a ground-truth instance handed over as [REF] inputs),
+every round's prompt supervised. The text encoder is the LLM of the reading stages
+(``$SEGLLM_MRSHAPES_RUN/reading_mix/model``), frozen (``train_only=HIPIE_PARAMS``): its prompts already say
+where the target is, and a random HIPIE's early gradient cannot undo that; HIPIE, the ``<seg>`` predictor and the
+DN label encoder start from random weights and train. Stage 2 starts from this stage's ``model/`` folder.
 """
 
 import os
-from pathlib import Path
 
 from segllm_jax.data.mrshapes_grounding import GROUNDING_FILE
 from segllm_jax.data.mrshapes_prepare import MRShapesData
-from segllm_jax.train.config import mrshapes_cpu
+from segllm_jax.train.config import HIPIE_PARAMS, mrshapes_cpu
 
-DATA = MRShapesData(os.environ.get("SEGLLM_MRSHAPES_DATA", str(Path.home() / ".cache" / "segllm_jax" / "mrshapes")),
-                    n_scenes=int(os.environ.get("SEGLLM_MRSHAPES_SCENES", "2000")), seed=0, max_rounds=6,
-                    eval_scenes=100)
-
+DATA = MRShapesData.recipe()
+RUN = os.environ.get("SEGLLM_MRSHAPES_RUN", "runs/tiny_mrshapes_recipe")
 CONFIG = mrshapes_cpu(DATA.mixture(GROUNDING_FILE), DATA.tokenizer_dir, DATA.vocab_size, prepare_data=DATA,
+                      init_checkpoint=f"{RUN}/reading_mix/model", train_only=HIPIE_PARAMS,
                       steps=int(os.environ.get("SEGLLM_MRSHAPES_STEPS", "1500")), batch_size=4, max_rounds=6,
                       hipie_prompts=24)

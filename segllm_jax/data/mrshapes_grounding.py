@@ -31,6 +31,9 @@ from segllm_jax.data.mrshapes import DATASET_NAME, Query, Scene
 from segllm_jax.errors import InputError
 
 GROUNDING_FILE = f"{DATASET_NAME}_grounding.json"
+# the reading stage's curriculum start: the same scenes, attribute questions only ("the red circle"), whose answer
+# is one lookup in the image (a colour and a kind), before superlatives and relations
+ATTRIBUTE_FILE = f"{DATASET_NAME}_attribute.json"
 
 
 def grounding_rounds(scene: Scene, rng: np.random.Generator, n_rounds: int = 6, attribute_share: float = 0.5,
@@ -61,14 +64,16 @@ def grounding_rounds(scene: Scene, rng: np.random.Generator, n_rounds: int = 6, 
     return rounds
 
 
-def grounding_entry(seed: int, index: int, n_rounds: int = 6) -> dict:
-    """The grounding conversation of training scene ``index`` (JSON entry, released format)."""
+def grounding_entry(seed: int, index: int, n_rounds: int = 6, attribute_only: bool = False) -> dict:
+    """The grounding conversation of training scene ``index`` (JSON entry, released format); with
+    ``attribute_only`` every round is an attribute question (a scene without one gets superlatives)."""
     scene, _ = mrshapes.scene_and_conversation(seed, "train", index)
     rng = np.random.default_rng([seed, 101, index])  # its own stream: the train split is unchanged
     image = f"{DATASET_NAME}/train/{index:06d}.png"
     mask_id = [f"train_{index:06d}_{i}" for i in range(len(scene.shapes))].__getitem__
     turns = []
-    for k, (query, target, ref) in enumerate(grounding_rounds(scene, rng, n_rounds)):
+    shares = dict(attribute_share=1.0, referring_share=0.0) if attribute_only else {}
+    for k, (query, target, ref) in enumerate(grounding_rounds(scene, rng, n_rounds, **shares)):
         if ref is None:
             question = referring.question(rng, referring.describe(query))
             decode = DecodeTarget(image, DATASET_NAME, mask_id(target))
@@ -80,14 +85,15 @@ def grounding_entry(seed: int, index: int, n_rounds: int = 6) -> dict:
     return conversation_entry(f"{DATASET_NAME}_grounding_{index:06d}", turns)
 
 
-def write_grounding(out_dir: str | Path, n: int, seed: int, n_rounds: int = 6) -> Path:
-    """``<out>/conversations/mrshapes_grounding.json`` for the first ``n`` scenes of the ``train`` split
-    that ``mrshapes.write_split(out, "train", >= n, seed)`` wrote (its images and register are reused)."""
+def write_grounding(out_dir: str | Path, n: int, seed: int, n_rounds: int = 6, attribute_only: bool = False) -> Path:
+    """``<out>/conversations/mrshapes_grounding.json`` (``mrshapes_attribute.json`` with ``attribute_only``) for
+    the first ``n`` scenes of the ``train`` split that ``mrshapes.write_split(out, "train", >= n, seed)`` wrote
+    (its images and register are reused)."""
     if n < 0 or seed < 0 or n_rounds < 1:
         raise InputError(f"need n >= 0, seed >= 0 and n_rounds >= 1 (got {n}, {seed}, {n_rounds}).")
-    path = Path(out_dir) / "conversations" / GROUNDING_FILE
+    path = Path(out_dir) / "conversations" / (ATTRIBUTE_FILE if attribute_only else GROUNDING_FILE)
     path.parent.mkdir(parents=True, exist_ok=True)
-    entries = [grounding_entry(seed, i, n_rounds) for i in range(n)]
+    entries = [grounding_entry(seed, i, n_rounds, attribute_only) for i in range(n)]
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps([e for e in entries if e["conversations"]], indent=1) + "\n", encoding="utf-8")
     tmp.replace(path)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
 from pathlib import Path
 
 from segllm_jax.data.mixture import ConversationFile, MixtureConfig
@@ -40,8 +41,9 @@ def _vocab_size() -> int:
 
 @dataclasses.dataclass(frozen=True)
 class MRShapesData:
-    """MR-Shapes prepared under ``root``: the ``train`` split (``n_scenes``), the stage-1 grounding
-    conversations on the same scenes (``grounding_rounds`` each, :mod:`segllm_jax.data.mrshapes_grounding`)
+    """MR-Shapes prepared under ``root``: the ``train`` split (``n_scenes``), the grounding conversations on
+    the same scenes and their attribute-only variant (``grounding_rounds`` each,
+    :mod:`segllm_jax.data.mrshapes_grounding`)
     and, with ``eval_scenes > 0``, ``val`` and ``test`` splits of that size (same seed; a split is part of
     every scene's seed, so splits never share a scene), plus the word-level tokenizer."""
 
@@ -51,6 +53,17 @@ class MRShapesData:
     max_rounds: int = 3
     eval_scenes: int = 0
     grounding_rounds: int = 6
+
+    @classmethod
+    def recipe(cls) -> "MRShapesData":
+        """The learning recipe's folder (``configs/tiny_mrshapes*.py``): 2000 training scenes of seed 0 with up to
+        6 rounds, 100 validation and 100 test scenes, under ``$SEGLLM_MRSHAPES_DATA`` (default
+        ``~/.cache/segllm_jax/mrshapes``); ``$SEGLLM_MRSHAPES_SCENES`` changes the training scenes (smoke runs)."""
+        import os
+
+        root = os.environ.get("SEGLLM_MRSHAPES_DATA", str(Path.home() / ".cache" / "segllm_jax" / "mrshapes"))
+        return cls(root, n_scenes=int(os.environ.get("SEGLLM_MRSHAPES_SCENES", "2000")), seed=0, max_rounds=6,
+                   eval_scenes=100)
 
     @property
     def tokenizer_dir(self) -> str:
@@ -85,11 +98,15 @@ class MRShapesData:
         done = out / "READY.json"
         request = {"n_scenes": self.n_scenes, "seed": self.seed, "max_rounds": self.max_rounds,
                    "eval_scenes": self.eval_scenes, "grounding_rounds": self.grounding_rounds,
-                   "tokenizer": "word-level"}
+                   "tokenizer": "word-level", "attribute_conversations": True}
         if not done.exists():
+            logging.getLogger(__name__).info(
+                "writing MR-Shapes to %s: %d training scenes, their grounding conversations, %d val / test scenes "
+                "and the tokenizer (about a minute per 700 scenes)", out, self.n_scenes, self.eval_scenes)
             files = [mrshapes.write_split(out, "train", self.n_scenes, self.seed,
                                           max_rounds=self.max_rounds).conversations,
-                     write_grounding(out, self.n_scenes, self.seed, self.grounding_rounds)]
+                     write_grounding(out, self.n_scenes, self.seed, self.grounding_rounds),
+                     write_grounding(out, self.n_scenes, self.seed, self.grounding_rounds, attribute_only=True)]
             if self.eval_scenes:
                 for split in ("val", "test"):
                     mrshapes.write_split(out, split, self.eval_scenes, self.seed, max_rounds=self.max_rounds)

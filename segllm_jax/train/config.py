@@ -110,6 +110,9 @@ class TrainConfig:
     attention_aid_weight: float = 0.0
     # what trains
     freeze_pretrained: bool = True  # architecture.md §T12; False trains all but FrozenBN buffers (from-scratch runs)
+    # a stage that trains part of the model, e.g. the recipe's HIPIE grounding stage on a frozen, reading LLM: regular
+    # expressions (re.search on parameter paths) of what trains, still within freeze_pretrained's rule; None = all
+    train_only: tuple[str, ...] | None = None
     lora: LoraConfig | None = None  # LoRA / QLoRA fine-tuning (segllm_jax.train.lora); None = full fine-tune
     # how a LoRA run stores its frozen base (one of BASE_QTYPES): "none" float32; "bf16" every frozen float leaf
     # in bfloat16; "int8" / "nf4" (QLoRA) the adapted layers' kernels quantized by qwix, the rest float32
@@ -152,6 +155,17 @@ class TrainConfig:
         if self.attention_aid_weight and self.model.llm.num_layers < 2:
             raise ConfigError("attention_aid_weight needs an LLM of at least 2 layers (it supervises the last "
                               "layer's attention from the previous layer's output).")
+        if self.train_only is not None:
+            if isinstance(self.train_only, str) or not self.train_only or self.lora is not None:
+                raise ConfigError("train_only must be a non-empty tuple of regular expressions, and a LoRA run says "
+                                  "what trains with lora.train instead.")
+            import re
+
+            for pattern in self.train_only:
+                try:
+                    re.compile(pattern)
+                except re.error as e:
+                    raise ConfigError(f"train_only pattern {pattern!r} is not a regular expression: {e}.") from None
         if self.base_weights_qtype != "none" and self.lora is None:
             raise ConfigError(f"base_weights_qtype={self.base_weights_qtype!r} stores the frozen base of a LoRA "
                               "run; set lora=LoraConfig(...) too (a full fine-tune trains float32 weights).")
@@ -206,3 +220,20 @@ def mrshapes_cpu(data: MixtureConfig, tokenizer_dir: str, vocab_size: int, **ove
                 keep_checkpoints=2,
                 tensorboard=True)
     return TrainConfig(**{**base, **overrides})
+
+
+# The learning recipe's reading aids (segllm_jax.train.aids), on in each of its stages: the box head 10x heavier
+# than the aid's unit weight (at 1 the prompt did not carry what the supervised attention head found), and the
+# attention aid at 1 (docs/learning_proof.md has the runs behind both numbers)
+READING_AIDS: dict[str, float] = {"box_aid_weight": 10.0, "attention_aid_weight": 1.0}
+# HIPIE's side of the model (the segmentor, the <seg> predictor that writes its prompt, the DN label encoder): what the
+# recipe's grounding stage trains (TrainConfig.train_only) on top of the frozen reading LLM
+HIPIE_PARAMS: tuple[str, ...] = (r"^segmentator/", r"^segmentator_predictor/", r"^segmentator_dn_resizer/")
+
+
+def mrshapes_reading_cpu(data: MixtureConfig, tokenizer_dir: str, vocab_size: int, **overrides) -> TrainConfig:
+    """The recipe's LLM-only reading stages (``configs/tiny_mrshapes_reading*.py``): :func:`mrshapes_cpu` with
+    HIPIE's loss off and :data:`READING_AIDS` on, 8 conversations and 16 supervised prompts a step (a step
+    costs about a quarter of one with HIPIE, so twice the conversations of the HIPIE stages)."""
+    base = dict(use_hipie_loss=False, batch_size=8, max_rounds=6, hipie_prompts=16, **READING_AIDS)
+    return mrshapes_cpu(data, tokenizer_dir, vocab_size, **{**base, **overrides})

@@ -38,6 +38,7 @@ from segllm_jax.train import aids, batching
 from segllm_jax.train import lora as lora_lib
 from segllm_jax.train import step as train_step_lib
 from segllm_jax.train.checkpointing import Checkpointer
+from segllm_jax.train.clip_pretrain import ClipPretrainConfig
 from segllm_jax.train.config import TrainConfig
 from segllm_jax.train.state import TrainState
 
@@ -48,14 +49,15 @@ class NonFiniteLossError(SegLLMError):
     """The loss became NaN or infinite; names the step and the conversations of its batch."""
 
 
-def load_config(path: str | Path) -> TrainConfig:
-    """A config file is Python exposing ``CONFIG`` (a :class:`TrainConfig`)."""
+def load_config(path: str | Path) -> TrainConfig | ClipPretrainConfig:
+    """A config file is Python exposing ``CONFIG``: a :class:`TrainConfig`, or the learning recipe's CLIP stage
+    (:class:`segllm_jax.train.clip_pretrain.ClipPretrainConfig`, trained by its own ``train``)."""
     try:
         namespace = runpy.run_path(str(path))
     except OSError as e:
         raise ConfigError(f"cannot read the config file {path}: {e.strerror}.") from None
     config = namespace.get("CONFIG")
-    if not isinstance(config, TrainConfig):
+    if not isinstance(config, (TrainConfig, ClipPretrainConfig)):
         raise ConfigError(f"{path} must define CONFIG = TrainConfig(...) (e.g. segllm_jax.train.config.tiny_cpu).")
     return config
 
@@ -178,10 +180,14 @@ def make_pipeline(cfg: TrainConfig, tokenizer, num_epochs: int | None = None):
     return build(num_epochs)
 
 
-def train(config: TrainConfig, workdir: str | Path) -> list[dict[str, Any]]:
+def train(config: TrainConfig | ClipPretrainConfig, workdir: str | Path) -> list[dict[str, Any]]:
     """Runs (or resumes) training to ``config.steps``; returns this invocation's metric records."""
     from segllm_jax.tokenizer import SegTokenizer
 
+    if isinstance(config, ClipPretrainConfig):
+        from segllm_jax.train import clip_pretrain
+
+        return clip_pretrain.train(config, workdir)
     cfg = config
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)

@@ -68,12 +68,14 @@ def is_trainable(path: str, freeze_pretrained: bool = True) -> bool:
 
 
 def trains(path: str, cfg: TrainConfig) -> bool:
-    """``cfg``'s freezing rule: :func:`is_trainable`, or with ``cfg.lora`` only the adapters and ``lora.train``;
-    the training aids' heads (:data:`segllm_jax.train.aids.BOX_AID`) always train."""
+    """``cfg``'s freezing rule: :func:`is_trainable` (within ``cfg.train_only`` when set), or with ``cfg.lora``
+    only the adapters and ``lora.train``; the training aids' heads (:data:`segllm_jax.train.aids.BOX_AID`) always
+    train."""
     if aids.is_aid_param(path):
         return True
     if cfg.lora is None:
-        return is_trainable(path, cfg.freeze_pretrained)
+        return is_trainable(path, cfg.freeze_pretrained) and (
+            cfg.train_only is None or any(re.search(p, path) for p in cfg.train_only))
     return lora_lib.is_trainable_lora(path, cfg.lora, lambda p: is_trainable(p, cfg.freeze_pretrained))
 
 

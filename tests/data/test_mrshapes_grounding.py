@@ -10,9 +10,15 @@ from collections import Counter
 
 import numpy as np
 
-from segllm_jax.data import mrshapes
+from segllm_jax.data import mrshapes, referring
 from segllm_jax.data.conversations import parse_decode, parse_placeholders
-from segllm_jax.data.mrshapes_grounding import GROUNDING_FILE, grounding_entry, grounding_rounds, write_grounding
+from segllm_jax.data.mrshapes_grounding import (
+    ATTRIBUTE_FILE,
+    GROUNDING_FILE,
+    grounding_entry,
+    grounding_rounds,
+    write_grounding,
+)
 
 
 def test_rounds_are_unique_and_reference_dependent():
@@ -56,3 +62,22 @@ def test_benchmark_splits_are_unchanged_by_grounding():
     entries = [mrshapes.scene_record(0, "test", i).entry for i in range(30)]
     digest = hashlib.sha256(json.dumps(entries).encode()).hexdigest()
     assert digest == "d65684ebdf70adb9a90e38dafcb9dd2daec6fa26d49a2a49c5d75705386ec265"
+
+
+def test_attribute_only_conversations_ask_one_lookup(tmp_path):
+    """The reading stage's file: the same scenes and targets' register, every round a direct attribute question
+    (no superlative, no reference) wherever the scene has one, in its own file next to the grounding mix."""
+    mrshapes.write_split(tmp_path, "train", 6, seed=5)
+    path = write_grounding(tmp_path, 6, seed=5, attribute_only=True)
+    assert path == tmp_path / "conversations" / ATTRIBUTE_FILE
+    assert json.loads(path.read_text()) == [grounding_entry(5, i, attribute_only=True) for i in range(6)]
+    shares = dict(attribute_share=1.0, referring_share=0.0)
+    asked = Counter()
+    for index in range(12):
+        scene, _ = mrshapes.scene_and_conversation(5, "train", index)
+        has_attribute = any(q.extreme is None for q, _ in referring.direct_options(scene))
+        for query, target, ref in grounding_rounds(scene, np.random.default_rng(index), 6, **shares):
+            assert ref is None and mrshapes.resolve(scene, query, None) == target
+            assert (query.extreme is None) == has_attribute
+            asked[query.extreme is None] += 1
+    assert asked[True] >= 48, asked  # most scenes have an attribute question

@@ -1,11 +1,13 @@
-"""The learning proof's training preset (``configs/tiny_mrshapes.py`` / ``mrshapes_cpu``): a short run of
-the real command with the HIPIE term learns, from-scratch training trains the parts architecture.md §T12 freezes,
-and a data folder prepared with other arguments is refused."""
+"""The learning proof's training presets (``configs/tiny_mrshapes*.py`` / ``mrshapes_cpu``): a short run of
+every stage of the recipe, with the real command, learns; from-scratch training trains the parts
+architecture.md §T12 freezes; ``train_only`` trains what it names; a data folder prepared with other arguments
+is refused."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,10 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from segllm_jax.checkpoint import flat_arrays, load_model
 from segllm_jax.data.mrshapes_prepare import prepare_tiny_mrshapes
 from segllm_jax.errors import ConfigError
 from segllm_jax.train import step as S
-from segllm_jax.train.config import mrshapes_cpu
+from segllm_jax.train.config import HIPIE_PARAMS, mrshapes_cpu
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -31,6 +34,19 @@ def test_from_scratch_trains_what_spec_5_1_freezes_but_not_frozen_bn(tmp_path):
     assert frozen and all("/norm/" in k and k.startswith("segmentator/backbone/") for k in frozen)
     spec_trainable, _ = S.split_trainable(dict.fromkeys(keys), cfg.replace(freeze_pretrained=True))
     assert set(spec_trainable) < set(trainable)
+
+
+def test_train_only_trains_what_it_names_within_the_freezing_rule(tmp_path):
+    mixture, tokenizer_dir, vocab = prepare_tiny_mrshapes(str(tmp_path), n_scenes=4)
+    cfg = mrshapes_cpu(mixture, tokenizer_dir, vocab, train_only=HIPIE_PARAMS, box_aid_weight=1.0)
+    keys = S.abstract_structure(cfg).keys
+    trainable, frozen = S.split_trainable(dict.fromkeys(keys), cfg)
+    hipie = {k for k in keys if any(re.search(p, k) for p in HIPIE_PARAMS) and S.is_trainable(k, False)}
+    assert set(trainable) == hipie | {k for k in keys if k.startswith("box_aid/")}  # aid heads always train
+    assert any(k.startswith("llm/layers/") for k in frozen) and any(k.startswith("vision_tower/") for k in frozen)
+    for bad, match in ((("(",), "regular expression"), ((), "non-empty"), ("^segmentator/", "tuple")):
+        with pytest.raises(ConfigError, match=match):
+            cfg.replace(train_only=bad)
 
 
 def test_prepared_folder_with_other_arguments_is_refused(tmp_path):
@@ -58,24 +74,36 @@ def _train(config: str, workdir: Path, env: dict) -> list[dict]:
     return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_short_run_of_both_stages_learns(tmp_path):
-    """The recipe's two commands, shortened: stage 1 (grounding conversations) for 30 steps, then stage 2
-    (the benchmark's conversations) from stage 1's exported model for 30 steps. Stage 1's total loss
-    falls well below its start; stage 2 starts from it, not from scratch (its first HIPIE losses are
-    below stage 1's first ones) and keeps falling."""
-    env = {**os.environ, "SEGLLM_MRSHAPES_DATA": str(tmp_path / "data"), "SEGLLM_MRSHAPES_STEPS": "30",
-           "SEGLLM_MRSHAPES_SCENES": "48", "SEGLLM_MRSHAPES_STAGE1": str(tmp_path / "stage1" / "model")}
+def test_short_run_of_every_stage_learns(tmp_path):
+    """The recipe's five commands, shortened and chained through ``$SEGLLM_MRSHAPES_RUN`` as the recipe script
+    chains them: the CLIP stage (its patch loss falls), the two LLM-only reading stages (their reading aids are
+    trained, HIPIE is not), stage 1 (grounding: HIPIE's loss falls) and stage 2 (the benchmark's conversations,
+    from stage 1's exported model: its first HIPIE losses are below stage 1's first ones, and it keeps falling)."""
+    env = {**os.environ, "SEGLLM_MRSHAPES_DATA": str(tmp_path / "data"), "SEGLLM_MRSHAPES_STEPS": "24",
+           "SEGLLM_MRSHAPES_SCENES": "48", "SEGLLM_MRSHAPES_RUN": str(tmp_path)}
+    clip = _train("tiny_mrshapes_clip.py", tmp_path / "clip", env)
+    assert np.mean([r["loss"] for r in clip[-4:]]) < 0.8 * np.mean([r["loss"] for r in clip[:4]])
+
+    for stage, config in (("reading", "tiny_mrshapes_reading.py"), ("reading_mix", "tiny_mrshapes_reading_mix.py")):
+        reading = _train(config, tmp_path / stage, env)
+        assert [r["step"] for r in reading] == list(range(24))
+        assert "loss_hipie" not in reading[0] and {"loss_box_aid", "loss_attention_aid"} <= reading[0].keys()
+        assert np.mean([r["loss"] for r in reading[-6:]]) < np.mean([r["loss"] for r in reading[:6]]), stage
+        assert (tmp_path / stage / "model" / "config.json").is_file()
+
     stage1 = _train("tiny_mrshapes_stage1.py", tmp_path / "stage1", env)
-    assert [r["step"] for r in stage1] == list(range(30))
-    first, last = np.mean([r["loss"] for r in stage1[:8]]), np.mean([r["loss"] for r in stage1[-8:]])
-    assert last < 0.8 * first, (first, last)
-    assert np.mean([r["loss_hipie"] for r in stage1[-8:]]) < np.mean([r["loss_hipie"] for r in stage1[:8]])
+    assert [r["step"] for r in stage1] == list(range(24))
+    assert np.mean([r["loss_hipie"] for r in stage1[-6:]]) < np.mean([r["loss_hipie"] for r in stage1[:6]])
     assert (tmp_path / "stage1" / "model" / "training_params").is_dir()  # the DN label encoder travels on
+    before, after = (flat_arrays(load_model(tmp_path / stage / "model")[2]) for stage in ("reading_mix", "stage1"))
+    moved = {k for k in before if not np.array_equal(before[k], after[k])}
+    assert moved and all(any(re.search(p, k) for p in HIPIE_PARAMS) for k in moved), sorted(moved)[:5]
+    assert any(k.startswith("segmentator_predictor/") for k in moved)  # the reading LLM is frozen, its prompt not
 
     stage2 = _train("tiny_mrshapes.py", tmp_path / "stage2", env)
-    assert [r["step"] for r in stage2] == list(range(30))
-    assert np.mean([r["loss_hipie"] for r in stage2[:8]]) < np.mean([r["loss_hipie"] for r in stage1[:8]])
-    assert np.mean([r["loss"] for r in stage2[-8:]]) < np.mean([r["loss"] for r in stage2[:8]])
+    assert [r["step"] for r in stage2] == list(range(24))
+    assert np.mean([r["loss_hipie"] for r in stage2[:6]]) < np.mean([r["loss_hipie"] for r in stage1[:6]])
+    assert np.mean([r["loss"] for r in stage2[-6:]]) < np.mean([r["loss"] for r in stage2[:6]])
     assert (tmp_path / "stage2" / "model" / "config.json").is_file()
     for curve in ("loss.png", "iou_train.png"):  # the run's smoothed curves, written when it ends
         assert (tmp_path / "stage2" / curve).stat().st_size > 0, curve
