@@ -413,7 +413,7 @@ class SegLLMConfig:
     def tiny_mrshapes(cls, vocab_size: int, **overrides: Any) -> "SegLLMConfig":
         """The learning-proof model (``configs/tiny_mrshapes*.py``): every part of the real architecture at
         toy widths, HIPIE on a 128 px frame (MR-Shapes scenes are 128-256 px), CLIP at 64 px in 8 px patches (an
-        8 x 8 grid: at 32 px a patch spans a quarter of a small scene, too coarse to tell its shapes apart)."""
+        8 x 8 grid: at 32 px a patch spans a quarter of the image's side, too coarse to tell small shapes apart)."""
         return cls.tiny(vocab_size, **{"hipie_image_size": 128, "vision": VisionConfig.tiny(image_size=64),
                                        **overrides})
 

@@ -1,7 +1,7 @@
 """``make demo`` / ``segllm-jax demo``: a scripted 4-round conversation on a generated MR-Shapes scene.
 
 It runs the real path end to end with the trained tiny checkpoint that ships with the repository
-(``checkpoints/tiny_mrshapes``, trained from scratch on MR-Shapes on a 2-core CPU by the two-stage
+(``checkpoints/tiny_mrshapes``, trained from scratch on MR-Shapes on a 2-core CPU by the five-stage
 recipe ``configs/tiny_mrshapes_recipe.sh``): the folder is loaded with ``segllm_jax.load``, a test
 scene the model never saw goes through both image pipelines, each round's question (later rounds name an earlier answer
 with ``[REF:k]``) through the tokenizer and ``MultiRoundSession`` (incremental KV cache, reference
