@@ -110,7 +110,7 @@ class TrainConfig:
     attention_aid_weight: float = 0.0
     # what trains
     freeze_pretrained: bool = True  # architecture.md §T12; False trains all but FrozenBN buffers (from-scratch runs)
-    # a stage that trains part of the model, e.g. the recipe's HIPIE grounding stage on a frozen, reading LLM: regular
+    # a stage that trains part of the model, e.g. HIPIE's side (HIPIE_PARAMS) behind a frozen, reading LLM: regular
     # expressions (re.search on parameter paths) of what trains, still within freeze_pretrained's rule; None = all
     train_only: tuple[str, ...] | None = None
     lora: LoraConfig | None = None  # LoRA / QLoRA fine-tuning (segllm_jax.train.lora); None = full fine-tune
@@ -226,8 +226,9 @@ def mrshapes_cpu(data: MixtureConfig, tokenizer_dir: str, vocab_size: int, **ove
 # than the aid's unit weight (at 1 the prompt did not carry what the supervised attention head found), and the
 # attention aid at 1 (docs/learning_proof.md has the runs behind both numbers)
 READING_AIDS: dict[str, float] = {"box_aid_weight": 10.0, "attention_aid_weight": 1.0}
-# HIPIE's side of the model (the segmentor, the <seg> predictor that writes its prompt, the DN label encoder): what the
-# recipe's grounding stage trains (TrainConfig.train_only) on top of the frozen reading LLM
+# HIPIE's side of the model (the segmentor, the <seg> predictor that writes its prompt, the DN label encoder), for
+# TrainConfig.train_only: a grounding stage behind a frozen LLM (a variant of the recipe's stage 1; see
+# docs/learning_proof.md)
 HIPIE_PARAMS: tuple[str, ...] = (r"^segmentator/", r"^segmentator_predictor/", r"^segmentator_dn_resizer/")
 
 

@@ -77,8 +77,9 @@ def _train(config: str, workdir: Path, env: dict) -> list[dict]:
 def test_short_run_of_every_stage_learns(tmp_path):
     """The recipe's five commands, shortened and chained through ``$SEGLLM_MRSHAPES_RUN`` as the recipe script
     chains them: the CLIP stage (its patch loss falls), the two LLM-only reading stages (their reading aids are
-    trained, HIPIE is not), stage 1 (grounding: HIPIE's loss falls) and stage 2 (the benchmark's conversations,
-    from stage 1's exported model: its first HIPIE losses are below stage 1's first ones, and it keeps falling)."""
+    trained, HIPIE is not), stage 1 (grounding, from the reading LLM: HIPIE's loss falls) and stage 2 (the
+    benchmark's conversations, from stage 1's exported model: its first HIPIE losses are below stage 1's first
+    ones, and it keeps falling)."""
     env = {**os.environ, "SEGLLM_MRSHAPES_DATA": str(tmp_path / "data"), "SEGLLM_MRSHAPES_STEPS": "24",
            "SEGLLM_MRSHAPES_SCENES": "48", "SEGLLM_MRSHAPES_RUN": str(tmp_path)}
     clip = _train("tiny_mrshapes_clip.py", tmp_path / "clip", env)
@@ -96,9 +97,8 @@ def test_short_run_of_every_stage_learns(tmp_path):
     assert np.mean([r["loss_hipie"] for r in stage1[-6:]]) < np.mean([r["loss_hipie"] for r in stage1[:6]])
     assert (tmp_path / "stage1" / "model" / "training_params").is_dir()  # the DN label encoder travels on
     before, after = (flat_arrays(load_model(tmp_path / stage / "model")[2]) for stage in ("reading_mix", "stage1"))
-    moved = {k for k in before if not np.array_equal(before[k], after[k])}
-    assert moved and all(any(re.search(p, k) for p in HIPIE_PARAMS) for k in moved), sorted(moved)[:5]
-    assert any(k.startswith("segmentator_predictor/") for k in moved)  # the reading LLM is frozen, its prompt not
+    moved = {k.split("/")[0] for k in before if not np.array_equal(before[k], after[k])}
+    assert {"segmentator", "segmentator_predictor", "llm"} <= moved, moved  # it starts from the reading LLM
 
     stage2 = _train("tiny_mrshapes.py", tmp_path / "stage2", env)
     assert [r["step"] for r in stage2] == list(range(24))
