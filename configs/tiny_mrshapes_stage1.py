@@ -11,7 +11,7 @@ every round's prompt supervised. HIPIE, the ``<seg>`` predictor and the DN label
 weights; the LLM (and CLIP) from the reading stages (``$SEGLLM_MRSHAPES_RUN/reading_mix/model``): its tiny LLaMA
 plays the text encoder HIPIE had in BERT, and its prompts already say where the target is. Everything trains,
 with the reading aids still on (``READING_AIDS``) so that a random HIPIE's early gradient does not undo the
-reading. (Freezing the LLM here, ``train_only=HIPIE_PARAMS``, was measured too: the same round-1 cIoU, 3-9
+reading. (Freezing the LLM here, ``train_only=HIPIE_PARAMS``, was measured too: the same round-1 cIoU, 1-10
 points less at the referring rounds and no memory gap; ``docs/learning_proof.md``.) Stage 2 starts from this
 stage's ``model/`` folder.
 """
