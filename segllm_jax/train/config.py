@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Literal
 
 from segllm_jax.config import SegLLMConfig
@@ -35,6 +36,15 @@ LLM_TARGETS: tuple[str, ...] = (r"llm/layers/\d+/self_attn/[qkvo]_proj", r"llm/l
 PREDICTOR_TARGETS: tuple[str, ...] = (r"segmentator_predictor/linear_[12]",)
 HIPIE_TRANSFORMER_TARGETS: tuple[str, ...] = (r"segmentator/decoder/layers/\d+/.+",
                                               r"segmentator/encoder/layers/\d+/.+")
+
+
+def _check_patterns(field: str, patterns: tuple[str, ...]) -> None:
+    """Every pattern of a config field compiles as a regular expression, or a ConfigError names the bad one."""
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ConfigError(f"{field} pattern {pattern!r} is not a regular expression: {e}.") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,13 +71,7 @@ class LoraConfig:
             raise ConfigError(f"lora.dropout={self.dropout!r} must be in [0, 1).")
         if isinstance(self.targets, str) or isinstance(self.train, str) or not self.targets:
             raise ConfigError("lora.targets (non-empty) and lora.train must be tuples of regular expressions.")
-        import re
-
-        for pattern in (*self.targets, *self.train):
-            try:
-                re.compile(pattern)
-            except re.error as e:
-                raise ConfigError(f"lora pattern {pattern!r} is not a regular expression: {e}.") from None
+        _check_patterns("lora", (*self.targets, *self.train))
 
     @property
     def scale(self) -> float:
@@ -159,13 +163,7 @@ class TrainConfig:
             if isinstance(self.train_only, str) or not self.train_only or self.lora is not None:
                 raise ConfigError("train_only must be a non-empty tuple of regular expressions, and a LoRA run says "
                                   "what trains with lora.train instead.")
-            import re
-
-            for pattern in self.train_only:
-                try:
-                    re.compile(pattern)
-                except re.error as e:
-                    raise ConfigError(f"train_only pattern {pattern!r} is not a regular expression: {e}.") from None
+            _check_patterns("train_only", self.train_only)
         if self.base_weights_qtype != "none" and self.lora is None:
             raise ConfigError(f"base_weights_qtype={self.base_weights_qtype!r} stores the frozen base of a LoRA "
                               "run; set lora=LoraConfig(...) too (a full fine-tune trains float32 weights).")

@@ -34,7 +34,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from segllm_jax.errors import ConfigError, SegLLMError
 from segllm_jax.models.segllm import DN_RESIZER
 from segllm_jax.sharding import make_mesh
-from segllm_jax.train import aids, batching
+from segllm_jax.train import aids, batching, clip_pretrain
 from segllm_jax.train import lora as lora_lib
 from segllm_jax.train import step as train_step_lib
 from segllm_jax.train.checkpointing import Checkpointer
@@ -58,7 +58,8 @@ def load_config(path: str | Path) -> TrainConfig | ClipPretrainConfig:
         raise ConfigError(f"cannot read the config file {path}: {e.strerror}.") from None
     config = namespace.get("CONFIG")
     if not isinstance(config, (TrainConfig, ClipPretrainConfig)):
-        raise ConfigError(f"{path} must define CONFIG = TrainConfig(...) (e.g. segllm_jax.train.config.tiny_cpu).")
+        raise ConfigError(f"{path} must define CONFIG = TrainConfig(...) (e.g. segllm_jax.train.config.tiny_cpu) "
+                          "or ClipPretrainConfig(...).")
     return config
 
 
@@ -185,8 +186,6 @@ def train(config: TrainConfig | ClipPretrainConfig, workdir: str | Path) -> list
     from segllm_jax.tokenizer import SegTokenizer
 
     if isinstance(config, ClipPretrainConfig):
-        from segllm_jax.train import clip_pretrain
-
         return clip_pretrain.train(config, workdir)
     cfg = config
     workdir = Path(workdir)
