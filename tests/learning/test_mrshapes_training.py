@@ -15,13 +15,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from segllm_jax.checkpoint import flat_arrays, load_model
+from segllm_jax.checkpoint import build_model, flat_arrays, load_model
 from segllm_jax.data.mrshapes_prepare import prepare_tiny_mrshapes
 from segllm_jax.errors import ConfigError
+from segllm_jax.train import clip_pretrain
 from segllm_jax.train import step as S
 from segllm_jax.train.config import HIPIE_PARAMS, mrshapes_cpu
+from segllm_jax.train.loop import load_config
 
 REPO = Path(__file__).resolve().parents[2]
+STEPS = 16  # per stage of the smoke run: enough for every loss to fall, see test_short_run_of_every_stage_learns
 
 
 def test_from_scratch_trains_what_spec_5_1_freezes_but_not_frozen_bn(tmp_path):
@@ -59,8 +62,6 @@ def test_prepared_folder_with_other_arguments_is_refused(tmp_path):
 def test_a_config_describes_its_data_and_the_train_command_writes_it(tmp_path, monkeypatch):
     """Loading a config generates nothing; preparing its ``prepare_data`` (what ``train`` does first) writes
     the tokenizer the config's model was sized for."""
-    from segllm_jax.train.loop import load_config
-
     monkeypatch.setenv("SEGLLM_TINY_DATA", str(tmp_path / "data"))
     config = load_config(REPO / "configs" / "tiny_train.py")
     assert not (tmp_path / "data").exists()
@@ -74,26 +75,38 @@ def _train(config: str, workdir: Path, env: dict) -> list[dict]:
     return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_short_run_of_every_stage_learns(tmp_path):
+def test_short_run_of_every_stage_learns(tmp_path, monkeypatch):
     """The recipe's five commands, shortened and chained through ``$SEGLLM_MRSHAPES_RUN`` as the recipe script
-    chains them: the CLIP stage (its patch loss falls), the two LLM-only reading stages (their reading aids are
-    trained, HIPIE is not), stage 1 (grounding, from the reading LLM: HIPIE's loss falls) and stage 2 (the
-    benchmark's conversations, from stage 1's exported model: its first HIPIE losses are below stage 1's first
-    ones, and it keeps falling)."""
-    env = {**os.environ, "SEGLLM_MRSHAPES_DATA": str(tmp_path / "data"), "SEGLLM_MRSHAPES_STEPS": "24",
+    chains them: the CLIP stage (its patch loss falls; its export moved the vision tower only, and a finished
+    stage is not run twice), the two LLM-only reading stages (their reading aids are trained, HIPIE is not),
+    stage 1 (grounding, from the reading LLM: HIPIE's loss falls) and stage 2 (the benchmark's conversations,
+    from stage 1's exported model: its first HIPIE losses are below stage 1's first ones, and it keeps
+    falling)."""
+    env = {"SEGLLM_MRSHAPES_DATA": str(tmp_path / "data"), "SEGLLM_MRSHAPES_STEPS": str(STEPS),
            "SEGLLM_MRSHAPES_SCENES": "48", "SEGLLM_MRSHAPES_RUN": str(tmp_path)}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    env = dict(os.environ)
     clip = _train("tiny_mrshapes_clip.py", tmp_path / "clip", env)
     assert np.mean([r["loss"] for r in clip[-4:]]) < 0.8 * np.mean([r["loss"] for r in clip[:4]])
+    summary = json.loads((tmp_path / "clip" / "summary.json").read_text())
+    assert set(summary["val_accuracy"]) == {"color", "kind", "background", "row", "col"}
+    _, model_config, exported = load_model(tmp_path / "clip" / "model")
+    init, trained = flat_arrays(build_model("segllm", model_config, seed=0)), flat_arrays(exported)
+    assert init.keys() == trained.keys()
+    moved = {k for k in init if not np.array_equal(init[k], trained[k])}
+    assert moved and all(k.startswith("vision_tower/") for k in moved), sorted(moved)[:5]
+    assert clip_pretrain.train(load_config(REPO / "configs" / "tiny_mrshapes_clip.py"), tmp_path / "clip") == []
 
     for stage, config in (("reading", "tiny_mrshapes_reading.py"), ("reading_mix", "tiny_mrshapes_reading_mix.py")):
         reading = _train(config, tmp_path / stage, env)
-        assert [r["step"] for r in reading] == list(range(24))
+        assert [r["step"] for r in reading] == list(range(STEPS))
         assert "loss_hipie" not in reading[0] and {"loss_box_aid", "loss_attention_aid"} <= reading[0].keys()
         assert np.mean([r["loss"] for r in reading[-6:]]) < np.mean([r["loss"] for r in reading[:6]]), stage
         assert (tmp_path / stage / "model" / "config.json").is_file()
 
     stage1 = _train("tiny_mrshapes_stage1.py", tmp_path / "stage1", env)
-    assert [r["step"] for r in stage1] == list(range(24))
+    assert [r["step"] for r in stage1] == list(range(STEPS))
     assert np.mean([r["loss_hipie"] for r in stage1[-6:]]) < np.mean([r["loss_hipie"] for r in stage1[:6]])
     assert (tmp_path / "stage1" / "model" / "training_params").is_dir()  # the DN label encoder travels on
     before, after = (flat_arrays(load_model(tmp_path / stage / "model")[2]) for stage in ("reading_mix", "stage1"))
@@ -101,7 +114,7 @@ def test_short_run_of_every_stage_learns(tmp_path):
     assert {"segmentator", "segmentator_predictor", "llm"} <= moved, moved  # it starts from the reading LLM
 
     stage2 = _train("tiny_mrshapes.py", tmp_path / "stage2", env)
-    assert [r["step"] for r in stage2] == list(range(24))
+    assert [r["step"] for r in stage2] == list(range(STEPS))
     assert np.mean([r["loss_hipie"] for r in stage2[:6]]) < np.mean([r["loss_hipie"] for r in stage1[:6]])
     assert np.mean([r["loss"] for r in stage2[-6:]]) < np.mean([r["loss"] for r in stage2[:6]])
     assert (tmp_path / "stage2" / "model" / "config.json").is_file()

@@ -1,15 +1,13 @@
 """The recipe's CLIP stage (``segllm_jax.train.clip_pretrain``): its patch labels equal a direct count of the
-instance map, a short run lowers its loss, and it exports a whole segllm checkpoint in which only the vision
-tower moved from the seed's init."""
+instance map, and bad configs are refused. A short run (its loss falls; it exports a whole segllm checkpoint in
+which only the vision tower moved from the seed's init) is the first stage of the learning smoke run,
+``tests/learning/test_mrshapes_training.py``."""
 
 from __future__ import annotations
-
-import json
 
 import numpy as np
 import pytest
 
-from segllm_jax.checkpoint import build_model, flat_arrays, load_model
 from segllm_jax.config import SegLLMConfig
 from segllm_jax.data import mrshapes
 from segllm_jax.data.mrshapes_prepare import MRShapesData
@@ -38,25 +36,6 @@ def test_patch_labels_equal_a_direct_count_of_the_instance_map():
             if counts[owner] >= COVER_MIN else (0, 0)
         assert tuple(labels[p]) == (*want, r, c), p
     assert (labels[:, 0] > 0).any() and (labels[:, 0] == 0).any()
-
-
-def test_short_stage_learns_and_exports_the_tower_only(tmp_path):
-    data = MRShapesData(str(tmp_path / "data"), n_scenes=16, eval_scenes=4)
-    model = SegLLMConfig.tiny_mrshapes(data.vocab_size)
-    cfg = clip_pretrain.ClipPretrainConfig(model=model, data=data, steps=60, batch_size=8, learning_rate=3e-3)
-    records = clip_pretrain.train(cfg, tmp_path / "clip")
-    assert [r["step"] for r in records] == list(range(60))
-    first, last = np.mean([r["loss"] for r in records[:5]]), np.mean([r["loss"] for r in records[-5:]])
-    assert last < 0.7 * first, (first, last)
-    summary = json.loads((tmp_path / "clip" / "summary.json").read_text())
-    assert set(summary["val_accuracy"]) == {"color", "kind", "background", "row", "col"}
-
-    init = flat_arrays(build_model("segllm", model, seed=0))
-    trained = flat_arrays(load_model(tmp_path / "clip" / "model")[2])
-    assert init.keys() == trained.keys()
-    moved = {k for k in init if not np.array_equal(init[k], trained[k])}
-    assert moved and all(k.startswith("vision_tower/") for k in moved), sorted(moved)[:5]
-    assert clip_pretrain.train(cfg, tmp_path / "clip") == []  # a finished stage is not run twice
 
 
 def test_config_errors_are_specific(tmp_path):
