@@ -236,11 +236,15 @@ def merge_to_folder(checkpoint: str | Path, out: str | Path, base: str | Path | 
     """``segllm-jax merge-lora``: a plain model folder (what ``segllm_jax.load``, ``chat`` and ``export`` read)
     from a LoRA run (``RUN/adapters``) or an adapters folder, and the base model folder (``base``, default the
     run's ``init_checkpoint``). The base goes through the same qwix adapters as in training (a QLoRA kernel is
-    quantized as training quantized it, a bf16 base rounded to bfloat16) before merging."""
+    quantized as training quantized it, a bf16 base rounded to bfloat16) before merging. Like ``export_model``,
+    the folder keeps HIPIE's DN label encoder in ``training_params/``: the run's when it trained it, else the
+    base's."""
     import json
+    import shutil
 
     from segllm_jax import checkpoint as ckpt_lib
     from segllm_jax.errors import InputError
+    from segllm_jax.models.segllm import DN_RESIZER
     from segllm_jax.outputs import check_destination, written_atomically
 
     folder = Path(checkpoint)
@@ -263,6 +267,9 @@ def merge_to_folder(checkpoint: str | Path, out: str | Path, base: str | Path | 
     values = {"/".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     with np.load(folder / ADAPTERS_FILE) as npz:
         trained = {k.replace(".", "/"): npz[k] for k in npz.files}
+    # HIPIE's DN label encoder, trained when lora.train names it, is no inference parameter: like export_model,
+    # the merged folder keeps it in training_params/ (else the base's, unchanged), where init_checkpoint reads it
+    dn = {k: trained.pop(k) for k in list(trained) if k.startswith(DN_RESIZER + "/")}
     unknown = sorted(k for k in trained if k not in values)
     if unknown:
         raise InputError(f"the adapters do not fit the base {base}: it has no {', '.join(unknown[:5])}.")
@@ -271,7 +278,10 @@ def merge_to_folder(checkpoint: str | Path, out: str | Path, base: str | Path | 
     dtype = jnp.dtype(loaded.config.llm.param_dtype)
     arrays = {k: np.asarray(jnp.asarray(v, dtype)) for k, v in merged.items()}
     with written_atomically(out) as tmp:
-        ckpt_lib.save(tmp, loaded.kind, loaded.config, arrays)
+        ckpt_lib.save(tmp, loaded.kind, loaded.config, arrays,
+                      training_arrays={k: np.asarray(v, dtype) for k, v in dn.items()})
+        if not dn and (Path(base) / ckpt_lib.TRAINING_PARAMS).is_dir():
+            shutil.copytree(Path(base) / ckpt_lib.TRAINING_PARAMS, tmp / ckpt_lib.TRAINING_PARAMS)
         if loaded.tokenizer is not None:
             loaded.tokenizer.save(tmp)
     return out

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 
 import jax
 import numpy as np
@@ -173,3 +174,40 @@ def test_resume_merge_lora_and_load(tiny, tmp_path, monkeypatch):
     for k in a:
         np.testing.assert_allclose(m[k], a[k], rtol=1e-5, atol=1e-6, err_msg=k)
     assert main(["merge-lora", "--checkpoint", str(tmp_path / "killed"), "--out", str(tmp_path / "merged")]) != 0
+
+
+def test_merge_keeps_the_dn_label_encoder_for_training(tiny, tmp_path):
+    """``merge-lora`` of a run whose ``lora.train`` trains HIPIE (its DN label encoder included, a training-only
+    module): the merged folder keeps the trained encoder in ``training_params/`` as ``export_model`` does, and a
+    run that did not train it keeps the base's."""
+    import orbax.checkpoint as ocp
+
+    from segllm_jax import checkpoint as C
+    from segllm_jax.models.segllm import DN_RESIZER
+
+    mixture, tokenizer_dir, vocab, tokenizer = tiny
+    plain = tiny_cpu(mixture, tokenizer_dir, vocab, use_hipie_loss=True)
+    values = {k: np.asarray(v) for k, v in S.ModelStructure(S.build_training_model(plain)).values(
+        S.build_training_model(plain)).items()}
+    dn = {k: values.pop(k) for k in list(values) if k.startswith(DN_RESIZER + "/")}
+    assert dn
+    C.save(tmp_path / "base", "segllm", plain.model, values, training_arrays=dn)
+    tokenizer.save(tmp_path / "base")
+
+    def training_params(folder):
+        with ocp.PyTreeCheckpointer() as ckptr:
+            return C.flatten_tree(ckptr.restore((tmp_path / folder / C.TRAINING_PARAMS).absolute()))
+
+    for name, train in (("with_dn", (r"^segmentator_dn_resizer/",)), ("without_dn", (r"^mask_enc_head/",))):
+        cfg = plain.replace(lora=LoraConfig(rank=4, alpha=8.0, train=train), init_checkpoint=str(tmp_path / "base"))
+        keys = S.abstract_structure(cfg).keys
+        trained = {k: np.full(s.shape, 0.5, np.float32) for k, s in S.abstract_structure(cfg).abstract().items()
+                   if L.is_adapter(k) or any(re.search(p, k) for p in train)}
+        assert any(k.startswith(DN_RESIZER) for k in trained) == (name == "with_dn") and len(keys) > len(trained)
+        L.write_adapters(tmp_path / name / "adapters", trained, cfg)
+        L.merge_to_folder(tmp_path / name, tmp_path / f"{name}_merged")
+        assert C.load(tmp_path / f"{name}_merged").tokenizer is not None
+        got, want = training_params(f"{name}_merged"), {**dn, **{k: v for k, v in trained.items() if k in dn}}
+        assert got.keys() == want.keys()
+        for k in want:
+            np.testing.assert_array_equal(got[k], want[k], err_msg=k)
