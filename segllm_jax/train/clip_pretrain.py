@@ -6,7 +6,9 @@ CLIP starts from random weights, and a tiny LLM trained from scratch on top of i
 feature the LLM reads (``hidden_states[select_layer]``, CLS dropped) classify the patch's shape colour and kind
 (or background) and the patch's own row and column, so the features carry appearance *and* place. The labels
 come from the scenes' instance maps: a patch belongs to the instance covering most of it when that covers at
-least :data:`segllm_jax.train.aids.COVER_MIN` of it, else to the background.
+least :data:`segllm_jax.train.aids.COVER_MIN` of it, else to the background. With ``crop_weight`` > 0 the
+tower also learns what the [REF] memory reads: the CLS feature of each shape's masked crop (the input of
+``SegLLM.mask_encode``, cut as the training data cuts it) classifies the shape's colour and kind.
 
 It is a ``segllm-jax train`` stage like the others (a config file exposing ``CONFIG = ClipPretrainConfig(...)``),
 and writes ``WORKDIR/model``, a whole segllm checkpoint (the pretrained tower, every other part at its seed's
@@ -22,7 +24,7 @@ import logging
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -30,18 +32,19 @@ import numpy as np
 import optax
 from flax import nnx
 
+from segllm_jax import preprocess
 from segllm_jax.config import SegLLMConfig
 from segllm_jax.data import mrshapes
 from segllm_jax.data.mrshapes_prepare import MRShapesData
 from segllm_jax.errors import ConfigError
 from segllm_jax.models.layers import Linear
-from segllm_jax.preprocess import clip_image, clip_patch_cover
 from segllm_jax.train.aids import COVER_MIN
 
 log = logging.getLogger(__name__)
 
 COLORS: tuple[str, ...] = tuple(mrshapes.PALETTE)
 HEADS = ("color", "kind", "row", "col")  # what each patch feature is asked; label 0 of color / kind = background
+CROP_HEADS = ("crop_color", "crop_kind")  # what the CLS feature of a shape's masked crop is asked (crop_weight > 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,10 +59,14 @@ class ClipPretrainConfig:
     learning_rate: float = 1e-3
     warmup_ratio: float = 0.03
     seed: int = 0
+    # weight of the masked-crop objective (CLS of each shape's crop -> its colour and kind; batch_size crops a
+    # step); 0 = patches only, the CLIP stage of the checkpoint that ships
+    crop_weight: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.batch_size < 1 or not self.learning_rate > 0:
-            raise ConfigError("ClipPretrainConfig needs steps >= 1, batch_size >= 1 and learning_rate > 0.")
+        if self.steps < 1 or self.batch_size < 1 or not self.learning_rate > 0 or not self.crop_weight >= 0:
+            raise ConfigError("ClipPretrainConfig needs steps >= 1, batch_size >= 1, learning_rate > 0 and "
+                              "crop_weight >= 0.")
         if self.batch_size > self.data.n_scenes:
             raise ConfigError(f"batch_size={self.batch_size} is more than the {self.data.n_scenes} training scenes.")
 
@@ -71,8 +78,8 @@ def patch_labels(scene: mrshapes.Scene, grid: int) -> np.ndarray:
     """``[grid * grid, 4]`` int32 labels of the CLIP patches of ``scene`` (row-major, the tower's token order):
     colour and kind (0 = background, else 1 + the index in :data:`COLORS` / ``mrshapes.KINDS``), row, column."""
     p = grid * grid
-    covers = np.stack([clip_patch_cover(scene.mask(i), scene.image_hw, grid) for i in range(len(scene.shapes))]
-                      or [np.zeros(p, np.float32)])  # [N, P]
+    covers = np.stack([preprocess.clip_patch_cover(scene.mask(i), scene.image_hw, grid)
+                       for i in range(len(scene.shapes))] or [np.zeros(p, np.float32)])  # [N, P]
     owner = covers.argmax(0)
     present = covers.max(0) >= COVER_MIN
     color = np.where(present, [1 + COLORS.index(scene.shapes[i].color) for i in owner], 0)
@@ -81,54 +88,117 @@ def patch_labels(scene: mrshapes.Scene, grid: int) -> np.ndarray:
     return np.stack([color, kind, rows, cols], axis=1).astype(np.int32)
 
 
-def scene_arrays(data: MRShapesData, split: str, n: int, image_size: int, grid: int,
-                 ) -> tuple[np.ndarray, np.ndarray]:
-    """CLIP pixels ``[n, S, S, 3]`` and patch labels ``[n, grid * grid, 4]`` of the first ``n`` scenes of ``split``
-    (regenerated from the seed: exactly the scenes the prepared folder holds)."""
-    pixels, labels = [], []
+class SceneArrays(NamedTuple):
+    """What the stage trains on, for the first scenes of a split."""
+
+    pixels: np.ndarray  # [n, S, S, 3] the scenes' CLIP pixels
+    labels: np.ndarray  # [n, P, 4] their patch labels (:func:`patch_labels`)
+    crops: np.ndarray  # [m, S, S, 3] CLIP pixels of every shape's masked crop (m = 0 when not asked for)
+    crop_labels: np.ndarray  # [m, 2] the cropped shape's colour and kind (indices in COLORS / mrshapes.KINDS)
+
+
+def shape_crop(scene: mrshapes.Scene, index: int, image_size: int) -> np.ndarray:
+    """CLIP pixels of shape ``index``'s masked crop, cut as the training data cuts a [REF] crop: the image under
+    the mask, cropped to the mask's extent at the scene's own resolution, pasted top-left in a zero square."""
+    mask = scene.mask(index)
+    x0, y0, x1, y1 = (int(v) for v in preprocess.mask_box(mask))
+    return preprocess.clip_image(preprocess.masked_crop(np.asarray(scene.image), mask, (x0, y0, x1, y1)), image_size)
+
+
+def scene_arrays(data: MRShapesData, split: str, n: int, image_size: int, grid: int, *,
+                 crops: bool = False) -> SceneArrays:
+    """The first ``n`` scenes of ``split`` (regenerated from the seed: exactly the scenes the prepared folder
+    holds) as CLIP pixels and patch labels, and with ``crops`` the masked crops of their shapes."""
+    pixels, labels, crop_pixels, crop_labels = [], [], [], []
     for i in range(n):
         scene, _ = mrshapes.scene_and_conversation(data.seed, split, i, data.max_rounds)
-        pixels.append(clip_image(scene.image, image_size))
+        pixels.append(preprocess.clip_image(scene.image, image_size))
         labels.append(patch_labels(scene, grid))
-    return np.stack(pixels), np.stack(labels)
+        for k, shape in enumerate(scene.shapes if crops else ()):
+            if scene.mask(k).any():
+                crop_pixels.append(shape_crop(scene, k, image_size))
+                crop_labels.append((COLORS.index(shape.color), mrshapes.KINDS.index(shape.kind)))
+    side = (image_size, image_size, 3)
+    return SceneArrays(np.stack(pixels), np.stack(labels),
+                       np.stack(crop_pixels) if crop_pixels else np.zeros((0, *side), np.float32),
+                       np.asarray(crop_labels, np.int32).reshape(-1, 2))
 
 
 class PatchProbe(nnx.Module):
-    """The vision tower with one linear head per :data:`HEADS` entry on its patch features."""
+    """The vision tower with one linear head per :data:`HEADS` entry on its patch features, and with ``crops``
+    one per :data:`CROP_HEADS` entry on its CLS feature."""
 
-    def __init__(self, tower: nnx.Module, grid: int, rngs: nnx.Rngs):
+    def __init__(self, tower: nnx.Module, grid: int, rngs: nnx.Rngs, *, crops: bool = False):
         d, axes = tower.cfg.hidden_size, ("vision_embed", None)
         self.tower = tower
         self.color = Linear(d, 1 + len(COLORS), axes=axes, rngs=rngs)
         self.kind = Linear(d, 1 + len(mrshapes.KINDS), axes=axes, rngs=rngs)
         self.row = Linear(d, grid, axes=axes, rngs=rngs)
         self.col = Linear(d, grid, axes=axes, rngs=rngs)
+        self.crop_color = Linear(d, len(COLORS), axes=axes, rngs=rngs) if crops else None
+        self.crop_kind = Linear(d, len(mrshapes.KINDS), axes=axes, rngs=rngs) if crops else None
 
     def __call__(self, pixels: jax.Array) -> dict[str, jax.Array]:
         feats = self.tower.patch_features(pixels)  # [B, P, D]
         return {name: getattr(self, name)(feats) for name in HEADS}  # each [B, P, classes]
 
+    def crop_logits(self, crops: jax.Array) -> dict[str, jax.Array]:
+        feats = self.tower.cls_feature(crops)  # [M, D]: what SegLLM.mask_encode projects
+        return {name: getattr(self, name)(feats) for name in CROP_HEADS}  # each [M, classes]
 
-def _loss(probe: PatchProbe, pixels: jax.Array, labels: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+
+def _loss(probe: PatchProbe, pixels: jax.Array, labels: jax.Array, crops: jax.Array | None,
+          crop_labels: jax.Array | None, crop_weight: float) -> tuple[jax.Array, dict[str, jax.Array]]:
     logits = probe(pixels)
     terms = {name: optax.softmax_cross_entropy_with_integer_labels(logits[name], labels[..., k]).mean()
              for k, name in enumerate(HEADS)}
-    return sum(terms.values()), terms
+    loss = sum(terms.values())
+    if crops is not None:
+        crop_logits = probe.crop_logits(crops)
+        crop_terms = {name: optax.softmax_cross_entropy_with_integer_labels(crop_logits[name],
+                                                                              crop_labels[:, k]).mean()
+                      for k, name in enumerate(CROP_HEADS)}
+        loss = loss + crop_weight * sum(crop_terms.values())
+        terms.update(crop_terms)
+    return loss, terms
 
 
-def accuracies(probe: PatchProbe, pixels: np.ndarray, labels: np.ndarray, batch: int = 64) -> dict[str, float]:
-    """Per-head accuracy over held-out patches; colour and kind on shape patches, plus the background call."""
+def accuracies(probe: PatchProbe, arrays: SceneArrays, batch: int = 64) -> dict[str, float]:
+    """Per-head accuracy over held-out patches (colour and kind on shape patches, plus the background call) and,
+    when the probe has crop heads, over held-out crops."""
     preds = []
-    for s in range(0, len(pixels), batch):
-        out = probe(jnp.asarray(pixels[s:s + batch]))
+    for s in range(0, len(arrays.pixels), batch):
+        out = probe(jnp.asarray(arrays.pixels[s:s + batch]))
         preds.append(np.stack([np.asarray(out[name].argmax(-1)) for name in HEADS], axis=-1))
-    pred = np.concatenate(preds)  # [n, P, 4]
+    pred, labels = np.concatenate(preds), arrays.labels  # [n, P, 4]
     shape = labels[..., 0] > 0
-    return {"color": float((pred[..., 0] == labels[..., 0])[shape].mean()),
-            "kind": float((pred[..., 1] == labels[..., 1])[shape].mean()),
-            "background": float(((pred[..., 0] == 0) == ~shape).mean()),
-            "row": float((pred[..., 2] == labels[..., 2]).mean()),
-            "col": float((pred[..., 3] == labels[..., 3]).mean())}
+    result = {"color": float((pred[..., 0] == labels[..., 0])[shape].mean()),
+              "kind": float((pred[..., 1] == labels[..., 1])[shape].mean()),
+              "background": float(((pred[..., 0] == 0) == ~shape).mean()),
+              "row": float((pred[..., 2] == labels[..., 2]).mean()),
+              "col": float((pred[..., 3] == labels[..., 3]).mean())}
+    if probe.crop_color is not None and len(arrays.crops):
+        crop_preds = []
+        for s in range(0, len(arrays.crops), batch):
+            out = probe.crop_logits(jnp.asarray(arrays.crops[s:s + batch]))
+            crop_preds.append(np.stack([np.asarray(out[name].argmax(-1)) for name in CROP_HEADS], axis=-1))
+        hits = np.concatenate(crop_preds) == arrays.crop_labels  # [m, 2]
+        result.update({name: float(hits[:, k].mean()) for k, name in enumerate(CROP_HEADS)})
+    return result
+
+
+class _Batches:
+    """Indices of ``batch`` items a step, in a permutation of ``n`` drawn anew each epoch."""
+
+    def __init__(self, n: int, batch: int, rng: np.random.Generator):
+        self.n, self.batch, self.rng = n, batch, rng
+        self.order, self.at = rng.permutation(n), 0
+
+    def next(self) -> np.ndarray:
+        if self.at + self.batch > len(self.order):  # a new epoch, reshuffled
+            self.order, self.at = self.rng.permutation(self.n), 0
+        self.at += self.batch
+        return self.order[self.at - self.batch:self.at]
 
 
 def train(config: ClipPretrainConfig, workdir: str | Path) -> list[dict[str, Any]]:
@@ -147,38 +217,43 @@ def train(config: ClipPretrainConfig, workdir: str | Path) -> list[dict[str, Any
     vision = cfg.model.vision
     grid = vision.image_size // vision.patch_size
     t0 = time.perf_counter()
-    pixels, labels = scene_arrays(cfg.data, "train", cfg.data.n_scenes, vision.image_size, grid)
-    val = scene_arrays(cfg.data, "val", cfg.data.eval_scenes, vision.image_size, grid) if cfg.data.eval_scenes \
-        else None
-    log.info("CLIP stage: %d training scenes (%d patches each) in %.0f s", len(pixels), grid * grid,
-             time.perf_counter() - t0)
+    with_crops = cfg.crop_weight > 0
+    train_set = scene_arrays(cfg.data, "train", cfg.data.n_scenes, vision.image_size, grid, crops=with_crops)
+    val = scene_arrays(cfg.data, "val", cfg.data.eval_scenes, vision.image_size, grid, crops=with_crops) \
+        if cfg.data.eval_scenes else None
+    log.info("CLIP stage: %d training scenes (%d patches each) and %d shape crops in %.0f s", len(train_set.pixels),
+             grid * grid, len(train_set.crops), time.perf_counter() - t0)
 
     model = build_model("segllm", cfg.model, seed=cfg.seed)
-    probe = PatchProbe(model.vision_tower, grid, nnx.Rngs(cfg.seed + 1))
+    probe = PatchProbe(model.vision_tower, grid, nnx.Rngs(cfg.seed + 1), crops=with_crops)
     warmup = int(np.ceil(cfg.steps * cfg.warmup_ratio))
     schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, warmup, max(cfg.steps, warmup + 1), 0.0)
     optimizer = nnx.Optimizer(probe, optax.adamw(schedule, weight_decay=0.0), wrt=nnx.Param)
 
     @nnx.jit
-    def step(probe: PatchProbe, optimizer: nnx.Optimizer, x: jax.Array, y: jax.Array) -> dict[str, jax.Array]:
-        (loss, terms), grads = nnx.value_and_grad(_loss, has_aux=True)(probe, x, y)
+    def step(probe: PatchProbe, optimizer: nnx.Optimizer, x: jax.Array, y: jax.Array, crops: jax.Array | None,
+             crop_labels: jax.Array | None) -> dict[str, jax.Array]:
+        (loss, terms), grads = nnx.value_and_grad(_loss, has_aux=True)(probe, x, y, crops, crop_labels,
+                                                                       cfg.crop_weight)
         optimizer.update(probe, grads)
         return {"loss": loss, **{f"loss_{k}": v for k, v in terms.items()}}
 
     from tqdm import tqdm
 
-    rng = np.random.default_rng(cfg.seed)
-    records, order, at = [], rng.permutation(len(pixels)), 0
+    scenes = _Batches(len(train_set.pixels), cfg.batch_size, np.random.default_rng(cfg.seed))
+    crops = _Batches(len(train_set.crops), cfg.batch_size, np.random.default_rng(cfg.seed + 2)) if with_crops \
+        else None
+    records = []
     metrics_path = workdir / "metrics.jsonl"
     with metrics_path.open("w") as log_file, tqdm(total=cfg.steps, unit="step", dynamic_ncols=True) as bar:
         for s in range(cfg.steps):
-            if at + cfg.batch_size > len(order):  # a new epoch, reshuffled
-                order, at = rng.permutation(len(pixels)), 0
-            idx = order[at:at + cfg.batch_size]
-            at += cfg.batch_size
+            idx = scenes.next()
+            c = crops.next() if crops is not None else None
             t = time.perf_counter()
-            metrics = {k: float(v) for k, v in step(probe, optimizer, jnp.asarray(pixels[idx]),
-                                                    jnp.asarray(labels[idx])).items()}
+            out = step(probe, optimizer, jnp.asarray(train_set.pixels[idx]), jnp.asarray(train_set.labels[idx]),
+                       None if c is None else jnp.asarray(train_set.crops[c]),
+                       None if c is None else jnp.asarray(train_set.crop_labels[c]))
+            metrics = {k: float(v) for k, v in out.items()}
             record = {"step": s, **metrics, "lr": float(schedule(s)), "step_time_s": time.perf_counter() - t}
             log_file.write(json.dumps(record) + "\n")
             records.append(record)
@@ -186,8 +261,8 @@ def train(config: ClipPretrainConfig, workdir: str | Path) -> list[dict[str, Any
             bar.update(1)
     summary = {"steps": cfg.steps, "final_loss": records[-1]["loss"]}
     if val is not None:
-        summary["val_accuracy"] = accuracies(probe, *val)
-        log.info("CLIP stage, held-out patch accuracy: %s", summary["val_accuracy"])
+        summary["val_accuracy"] = accuracies(probe, val)
+        log.info("CLIP stage, held-out accuracy: %s", summary["val_accuracy"])
     (workdir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
 
     tmp = workdir / "model.tmp"

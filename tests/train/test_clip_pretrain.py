@@ -45,3 +45,44 @@ def test_config_errors_are_specific(tmp_path):
         clip_pretrain.ClipPretrainConfig(model=model, data=data, batch_size=8)
     with pytest.raises(ConfigError, match="steps"):
         clip_pretrain.ClipPretrainConfig(model=model, data=data, steps=0, batch_size=2)
+
+
+def test_shape_crops_are_cut_from_the_instance_map_and_their_heads_learn():
+    """``crop_weight`` > 0: each shape gives one crop, labelled with its colour and kind, holding the shape's
+    pixels on black, cut to its extent and pasted top-left in a square (cut here from the instance map directly);
+    heads on the tower's CLS feature of the crop (what ``SegLLM.mask_encode`` projects) learn both labels."""
+    import optax
+    from flax import nnx
+
+    from segllm_jax.checkpoint import build_model
+    from segllm_jax.preprocess import clip_image
+
+    vision = SegLLMConfig.tiny_mrshapes(100).vision
+    grid = vision.image_size // vision.patch_size
+    data = MRShapesData("unused", n_scenes=6)  # scene_arrays regenerates the scenes from the seed
+    arrays = clip_pretrain.scene_arrays(data, "train", 6, vision.image_size, grid, crops=True)
+    scenes = [mrshapes.scene_and_conversation(0, "train", i, data.max_rounds)[0] for i in range(6)]
+    assert arrays.crop_labels.tolist() == [[clip_pretrain.COLORS.index(c), mrshapes.KINDS.index(k)]
+                                           for s in scenes for c, k in zip(s.colors, s.kinds, strict=True)]
+    scene, at = scenes[1], len(scenes[0].shapes)
+    for k in range(len(scene.shapes)):
+        inside = scene.instance_map == k
+        rows, cols = np.nonzero(inside)
+        cut = np.where(inside[..., None], scene.image, 0)[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+        square = np.zeros((max(cut.shape[:2]),) * 2 + (3,), np.uint8)
+        square[:cut.shape[0], :cut.shape[1]] = cut
+        np.testing.assert_array_equal(arrays.crops[at + k], clip_image(square, vision.image_size))
+
+    probe = clip_pretrain.PatchProbe(build_model("clip_vision", vision), grid, nnx.Rngs(1), crops=True)
+    optimizer = nnx.Optimizer(probe, optax.adam(3e-3), wrt=nnx.Param)
+
+    @nnx.jit
+    def step(probe, optimizer, *batch):
+        (_, terms), grads = nnx.value_and_grad(clip_pretrain._loss, has_aux=True)(probe, *batch, 1.0)
+        optimizer.update(probe, grads)
+        return terms
+
+    batch = [np.asarray(a[:8]) for a in arrays]
+    curve = [step(probe, optimizer, *batch) for _ in range(40)]
+    for name in clip_pretrain.CROP_HEADS:
+        assert float(curve[-1][name]) < 0.5 * float(curve[0][name]), name
