@@ -4,6 +4,14 @@ import os
 
 # Must happen before JAX initialises its backend: sharding tests need a 2x2x2 mesh of CPU devices.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# JAX's persistent compilation cache, shared by both xdist workers and every process the tests start: the
+# training CLIs that the resume, multi-host and learning tests run one after another compile the same random
+# init and train step (about 11 s and 4 s each for tiny_train), which later processes now load. A cache entry is
+# keyed by the program, the compile options and the jax/XLA versions, so it cannot change a result; the size cap
+# also makes JAX lock the folder, so concurrent processes never read a half-written entry.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))), ".pytest_cache", "xla"))
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
